@@ -1,0 +1,67 @@
+"""What Lamb and Lamb16 share: hyperparameter checks and the walk over parameters."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def check_hyperparameters(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
+    """Raise ValueError naming the first invalid hyperparameter."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+
+
+def check_float32_params(group: dict[str, Any], optimizer: str) -> None:
+    """Both optimizers do their arithmetic in float32 and update in place, so they
+    take float32 parameters only; a half-precision model keeps float32 master
+    weights, as it would for any other optimizer without AMP."""
+    for param in group["params"]:
+        if param.dtype != torch.float32:
+            raise ValueError(
+                f"{optimizer} supports float32 parameters only, got {param.dtype} "
+                f"(shape {tuple(param.shape)}); keep float32 weights, e.g. model.float()"
+            )
+
+
+def params_with_grad(group: dict[str, Any], optimizer: str) -> Iterator[Tensor]:
+    """The parameters of a group that have a gradient and at least one element."""
+    for param in group["params"]:
+        if param.grad is None or param.numel() == 0:
+            continue
+        if param.grad.is_sparse:
+            raise RuntimeError(
+                f"{optimizer} does not support sparse gradients; "
+                "use dense gradients (e.g. nn.Embedding(sparse=False))"
+            )
+        yield param
+
+
+class CheckedOptimizer(Optimizer):
+    """An Optimizer that validates every param group as it is added, whether by
+    the constructor or by `add_param_group`, and keeps none that fails."""
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_float32_params(group, type(self).__name__)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self.check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise

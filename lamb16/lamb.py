@@ -1,0 +1,124 @@
+"""LAMB: Adam's per-element step rescaled per tensor by a trust ratio ||w|| / ||update||."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import CheckedOptimizer, check_hyperparameters, params_with_grad
+
+# The paper's phi: the weight norm enters the trust ratio clamped at this value.
+MAX_WEIGHT_NORM = 10.0
+
+
+def trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
+    """||w|| / ||u||, or 1 where either norm is zero (nothing to scale against)."""
+    both_positive = (weight_norm > 0) & (update_norm > 0)
+    return torch.where(both_positive, weight_norm / update_norm, torch.ones_like(weight_norm))
+
+
+def lamb_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adam: bool,
+    bias_correction: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`.
+
+    Returns (weight_norm, adam_norm, trust_ratio) as 0-dim tensors, for logging.
+    """
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m, v = exp_avg, exp_avg_sq
+    if bias_correction:
+        m = m / (1 - beta1**step)
+        v = v / (1 - beta2**step)
+
+    update = m / (v.sqrt() + eps)
+    if weight_decay != 0:
+        update.add_(param, alpha=weight_decay)
+
+    weight_norm = param.norm().clamp(max=MAX_WEIGHT_NORM)
+    adam_norm = update.norm()
+    trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
+    param.add_(update.mul_(trust), alpha=-lr)
+    return weight_norm, adam_norm, trust
+
+
+class Lamb(CheckedOptimizer):
+    """LAMB (You et al. 2019, arXiv 1904.00962), as the widely used PyTorch port computes it.
+
+    Adam's update m / (sqrt(v) + eps) plus decoupled weight decay, scaled per
+    tensor by min(||w||, 10) / ||update|| so that every layer moves by a similar
+    fraction of its weights. Use it for large-batch training where Adam needs
+    its learning rate tuned per batch size; `adam=True` drops the trust ratio
+    (Adam with decoupled decay, for comparison). No bias correction unless
+    `bias_correction=True`. State: two float32 tensors per parameter (8 bytes
+    per element); see `Lamb16` for the same idea in 2 bytes.
+
+    After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
+    `trust_ratio` of that step as 0-dim tensors, for logging.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam: bool = False,
+        bias_correction: bool = False,
+    ) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            adam=adam,
+            bias_correction=bias_correction,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in params_with_grad(group, "Lamb"):
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = lamb_update(
+                    param,
+                    param.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    int(state["step"].item()),
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    adam=group["adam"],
+                    bias_correction=group["bias_correction"],
+                )
+        return loss

@@ -1,0 +1,180 @@
+"""LAMB16: LAMB with its per-element moments stored in float8, and a learning-rate-aware trust ratio."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import CheckedOptimizer, params_with_grad
+from .quantize import E4M3, E5M2, SCALINGS, dequantize, store_absmax, store_seed
+
+# Each squared element enters the weight and update norms clamped to [eps, MAX_SQUARE].
+MAX_SQUARE = 1.0
+# The learning rate the trust ratio is calibrated for: at lr = REFERENCE_LR the
+# lr-aware factor is 1, and it rescales the ratio when lr is far from it.
+REFERENCE_LR = 1e-3
+MAX_TRUST = 2.0
+
+
+def clamped_norm(x: Tensor, eps: float) -> Tensor:
+    """sqrt(sum(clamp(x*x, eps, 1))) / n: a per-element-average norm that one
+    huge or dead element cannot dominate."""
+    return x.square().clamp(eps, MAX_SQUARE).sum().sqrt() / x.numel()
+
+
+def lamb16_trust_ratio(weight_norm: Tensor, update_norm: Tensor, lr: float, trust_scale: float) -> Tensor:
+    """(w / u * 1e-3 / lr) ** trust_scale, clamped to [0, 2]. The factor 1e-3 / lr
+    keeps the step size sensible when lr is far from the usual 1e-3, and the
+    exponent softens the layer-wise ratio."""
+    return ((weight_norm / update_norm / lr * REFERENCE_LR) ** trust_scale).clamp(0, MAX_TRUST)
+
+
+def lamb16_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_scale: Tensor,
+    exp_avg_sq_scale: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_scale: float,
+    scaling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LAMB16 step on one tensor: the reference implementation.
+
+    Updates `param`, `exp_avg` (e4m3) and `exp_avg_sq` (e5m2) in place and
+    returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio).
+    """
+    m = dequantize(exp_avg, exp_avg_scale)
+    v = dequantize(exp_avg_sq, exp_avg_sq_scale)
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+    if scaling == "seed":
+        m_scale, v_scale = store_seed(m, v, exp_avg, exp_avg_sq, eps)
+    else:
+        m_scale, v_scale = store_absmax(m, v, exp_avg, exp_avg_sq)
+
+    # The update uses this step's float32 moments, not their stored fp8 form.
+    update = m.div_(v.sqrt_().add_(eps))
+    if weight_decay != 0:
+        update.add_(param, alpha=weight_decay)
+
+    weight_norm = clamped_norm(param, eps)
+    adam_norm = clamped_norm(update, eps)
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    param.add_(update.mul_(trust), alpha=-lr)
+    return m_scale, v_scale, weight_norm, adam_norm, trust
+
+
+class Lamb16(CheckedOptimizer):
+    """LAMB16: LAMB whose Adam moments take 16 bits per parameter instead of 64.
+
+    The first moment is stored as float8_e4m3fn and the second as float8_e5m2,
+    each with one float32 scale per tensor: a quarter of Adam's or LAMB's state
+    memory, with per-element adaptive learning rates kept (unlike factored
+    optimizers). The trust ratio is learning-rate aware:
+    clamp(((||w|| / ||u||) * 1e-3 / lr) ** trust_scale, 0, 2), with both norms
+    taken as sqrt(sum(clamp(x*x, eps, 1))) / n. No bias correction.
+
+    Use it in place of Adam or LAMB where optimizer state memory matters, and
+    for large batches with learning rates far from 1e-3. Parameters must be
+    float32 (no AMP needed).
+
+    scaling: "absmax" (default) maps each tensor's largest |m| and v to the top
+        of the fp8 range, so the stored moments stay within fp8's resolution;
+        "seed" is the original proof-of-concept's arithmetic, which saturates
+        the first moment of large tensors (kept to reproduce its figures).
+
+    After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
+    `trust_ratio` of that step as 0-dim tensors, for logging.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        trust_scale: float = 0.382,
+        scaling: str = "absmax",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            trust_scale=trust_scale,
+            scaling=scaling,
+        )
+        super().__init__(params, defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
+        if not 0.0 <= group["trust_scale"]:
+            raise ValueError(f"Invalid trust_scale value: {group['trust_scale']} (must be >= 0)")
+        if group["scaling"] not in SCALINGS:
+            raise ValueError(f"Invalid scaling: {group['scaling']!r} (choose one of {', '.join(SCALINGS)})")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict casts floating-point state to the parameter's
+        # dtype, which would turn the fp8 moments into float32 (4x the memory).
+        # fp8 -> float32 -> fp8 is exact, so casting back loses nothing.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"] = state["exp_avg"].to(E4M3)
+                state["exp_avg_sq"] = state["exp_avg_sq"].to(E5M2)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in params_with_grad(group, "Lamb16"):
+                state = self.state[param]
+                if not state:
+                    init_state(state, param)
+                state["step"] += 1
+                (
+                    state["exp_avg_scale"],
+                    state["exp_avg_sq_scale"],
+                    state["weight_norm"],
+                    state["adam_norm"],
+                    state["trust_ratio"],
+                ) = lamb16_update(
+                    param,
+                    param.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["exp_avg_scale"],
+                    state["exp_avg_sq_scale"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    trust_scale=group["trust_scale"],
+                    scaling=group["scaling"],
+                )
+        return loss
+
+
+def init_state(state: dict[str, Tensor], param: Tensor) -> None:
+    """Zero moments in fp8 and unit scales, as the first step expects."""
+    state["step"] = torch.tensor(0.0)
+    state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
+    state["exp_avg_scale"] = torch.ones((), device=param.device)
+    state["exp_avg_sq_scale"] = torch.ones((), device=param.device)

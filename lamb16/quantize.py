@@ -1,0 +1,63 @@
+"""How Lamb16 stores a moment in 8 bits: one float32 scale per tensor, fp8 elements.
+
+The first moment goes to float8_e4m3fn (3 mantissa bits, |x| <= 448), the
+second to float8_e5m2 (2 mantissa bits, up to 57344, down to 2**-16), whose
+wider exponent suits v, which spans the square of the gradient's range.
+Each `store_*` function takes this step's float32 moments `m` and `v`, writes
+their fp8 form into `exp_avg` and `exp_avg_sq`, and returns the two scales;
+`dequantize` reads them back.
+"""
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+E5M2_MAX = torch.finfo(E5M2).max  # 57344
+E5M2_SMALLEST = 2.0**-16  # smallest positive (subnormal) e5m2
+# Floor for a scale, so that an all-zero moment divides by it safely.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+# The proof-of-concept's bounds, kept exactly for scaling="seed".
+SEED_M_CLAMP = 15.0
+SEED_SQUARE_CLAMP = 10.0
+
+SCALINGS = ("absmax", "seed")
+
+
+def dequantize(stored: Tensor, scale: Tensor) -> Tensor:
+    """The float32 moment that an fp8 tensor and its scale stand for."""
+    return stored.float().mul_(scale)
+
+
+def store_absmax(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """The default scaling: each tensor's largest magnitude maps to the top of its
+    fp8 range, so no element saturates and small ones keep as much range as the
+    format has (e4m3 spans 2**-9 to 448, e5m2 2**-16 to 57344, relative to it).
+
+    v is floored at the smallest e5m2 value instead of flushing to zero: a zero
+    in v would turn that element's next update m / (sqrt(v) + eps) into m / eps.
+    """
+    m_scale = (m.abs().amax() / E4M3_MAX).clamp(min=MIN_SCALE)
+    v_scale = (v.amax() / E5M2_MAX).clamp(min=MIN_SCALE)
+    exp_avg.copy_((m / m_scale).clamp(-E4M3_MAX, E4M3_MAX))
+    exp_avg_sq.copy_((v / v_scale).clamp(E5M2_SMALLEST, E5M2_MAX))
+    return m_scale, v_scale
+
+
+def store_seed(
+    m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The proof-of-concept's scaling, exactly: scale = sqrt(sum(clamp(x*x, 0, 10))) / n + eps.
+
+    Dividing by n rather than sqrt(n) maps a typical element of m to about
+    sqrt(n), far past the clamp at 15, so large tensors lose most of their
+    first moment. Kept to reproduce the original figures, not for new work.
+    """
+    n = m.numel()
+    m_scale = m.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
+    v_scale = v.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
+    exp_avg.copy_((m / m_scale).clamp(-SEED_M_CLAMP, SEED_M_CLAMP))
+    exp_avg_sq.copy_(v.clamp(0, SEED_SQUARE_CLAMP) / v_scale)
+    return m_scale, v_scale
