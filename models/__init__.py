@@ -1,0 +1,5 @@
+"""The models the experiments train."""
+
+from .cnn import MnistCNN
+
+__all__ = ["MnistCNN"]

@@ -1,0 +1,269 @@
+"""The torch.optim.Optimizer contract, for Lamb and both scalings of Lamb16."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lamb16 import Lamb, Lamb16, state_nbytes
+from lamb16.quantize import E4M3, E5M2
+
+OPTIMIZERS = {
+    "lamb": Lamb,
+    "lamb16": Lamb16,
+    "lamb16-seed": lambda params, **kw: Lamb16(params, scaling="seed", **kw),
+}
+
+
+@pytest.fixture(params=list(OPTIMIZERS))
+def make(request):
+    return OPTIMIZERS[request.param]
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 6, generator=gen)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(lr=-1e-3), "Invalid learning rate: -0.001"),
+        (dict(eps=-1.0), "Invalid epsilon value: -1.0"),
+        (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+        (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+        (dict(weight_decay=-0.01), "Invalid weight_decay value: -0.01"),
+    ],
+)
+def test_invalid_hyperparameters_raise_naming_the_value(make, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        make(small_model().parameters(), **kwargs)
+
+
+def test_lamb16_specific_validation():
+    params = list(small_model().parameters())
+    with pytest.raises(ValueError, match="Invalid scaling: 'rms'"):
+        Lamb16(params, scaling="rms")
+    with pytest.raises(ValueError, match="Invalid trust_scale value: -0.5"):
+        Lamb16(params, trust_scale=-0.5)
+
+
+def test_invalid_group_added_later_raises_and_is_not_kept(make):
+    model = small_model()
+    optimizer = make(list(model[0].parameters()), lr=1e-2)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        optimizer.add_param_group({"params": list(model[2].parameters()), "lr": -1.0})
+    assert len(optimizer.param_groups) == 1
+    train(model, optimizer, steps=2)  # still usable
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_non_float32_parameters_are_refused(make, dtype):
+    param = nn.Parameter(torch.zeros(3, dtype=dtype))
+    with pytest.raises(ValueError, match=f"float32 parameters only, got {dtype}"):
+        make([param])
+
+
+def test_param_groups_keep_their_own_hyperparameters(make):
+    a, b = torch.randn(4, 3), torch.randn(5)
+    together = [nn.Parameter(a.clone()), nn.Parameter(b.clone())]
+    optimizer = make(
+        [{"params": [together[0]]}, {"params": [together[1]], "lr": 3e-2, "weight_decay": 0.1}],
+        lr=1e-2,
+    )
+    # The ground truth: each group on its own optimizer, fed the same gradients.
+    alone = [nn.Parameter(a.clone()), nn.Parameter(b.clone())]
+    alone_optimizers = [make([alone[0]], lr=1e-2), make([alone[1]], lr=3e-2, weight_decay=0.1)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in together]
+        for p, q, g, opt in zip(together, alone, grads, alone_optimizers):
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+        optimizer.step()
+    assert torch.equal(together[0], alone[0])
+    assert torch.equal(together[1], alone[1])
+    assert not torch.equal(together[1], b)
+
+
+def test_add_param_group_steps_the_new_group(make):
+    model = small_model()
+    optimizer = make(model[0].parameters(), lr=1e-2)
+    before = [p.clone() for p in model[2].parameters()]
+    optimizer.add_param_group({"params": model[2].parameters(), "lr": 5e-2})
+    train(model, optimizer, steps=3)
+    assert optimizer.param_groups[1]["lr"] == 5e-2
+    assert all(not torch.equal(p, b) for p, b in zip(model[2].parameters(), before))
+
+
+def test_step_returns_the_closure_loss_computed_with_grad(make):
+    model = small_model()
+    optimizer = make(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 6)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()  # fails if the closure ran under no_grad
+        return loss
+
+    loss = optimizer.step(closure)
+    assert torch.is_tensor(loss) and loss.item() == pytest.approx(closure().item(), rel=0.5)
+    assert optimizer.step() is None
+
+
+def test_parameters_without_grad_are_skipped(make):
+    model = small_model()
+    optimizer = make(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 6)).sum().backward()
+    model[2].bias.grad = None
+    before = model[2].bias.clone()
+    optimizer.step()
+    assert torch.equal(model[2].bias, before)
+    assert model[2].bias not in optimizer.state
+    assert model[2].weight in optimizer.state
+
+
+def test_sparse_gradients_raise_a_clear_error(make):
+    embedding = nn.Embedding(10, 4, sparse=True)
+    optimizer = make(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+
+
+def test_zero_size_and_zero_dim_parameters(make):
+    empty = nn.Parameter(torch.zeros(0, 5))
+    scalar = nn.Parameter(torch.tensor(0.5))
+    optimizer = make([empty, scalar], lr=1e-2)
+    for _ in range(3):
+        empty.grad = torch.zeros(0, 5)
+        scalar.grad = torch.tensor(0.25)
+        optimizer.step()
+    assert empty.shape == (0, 5)
+    assert torch.isfinite(scalar) and scalar.item() < 0.5
+    assert torch.isfinite(optimizer.state[scalar]["trust_ratio"])
+
+
+def test_a_frozen_group_does_not_move(make):
+    model = small_model()
+    optimizer = make(
+        [{"params": model[0].parameters(), "lr": 1e-12}, {"params": model[2].parameters()}],
+        lr=1e-2,
+    )
+    frozen = [p.clone() for p in model[0].parameters()]
+    moving = [p.clone() for p in model[2].parameters()]
+    train(model, optimizer, steps=5)
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+    assert all(not torch.equal(p, m) for p, m in zip(model[2].parameters(), moving))
+
+
+def test_trust_diagnostics_are_kept_per_parameter(make):
+    model = small_model()
+    optimizer = make(model.parameters(), lr=1e-2)
+    train(model, optimizer, steps=2)
+    for param in model.parameters():
+        state = optimizer.state[param]
+        for key in ("weight_norm", "adam_norm", "trust_ratio"):
+            assert state[key].dim() == 0 and torch.isfinite(state[key])
+        assert state["trust_ratio"] > 0
+
+
+def test_state_dict_round_trip_resumes_exactly(make):
+    """Training resumed from a checkpoint equals training that never stopped."""
+    model = small_model()
+    optimizer = make(model.parameters(), lr=1e-2, weight_decay=0.01)
+    train(model, optimizer, steps=5)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = small_model(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = make(resumed.parameters(), lr=1e-2, weight_decay=0.01)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+
+    for before, after in zip(optimizer.state.values(), resumed_optimizer.state.values()):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert after[key].dtype == before[key].dtype, key  # fp8 stays fp8
+            assert torch.equal(after[key].float(), before[key].float()), key
+
+    for seed in range(1, 6):  # several later steps, compared after each
+        train(model, optimizer, steps=1, seed=seed)
+        train(resumed, resumed_optimizer, steps=1, seed=seed)
+        assert params_equal(model, resumed)
+
+
+def test_lamb16_state_stays_float8_after_load():
+    model = small_model()
+    optimizer = Lamb16(model.parameters())
+    train(model, optimizer, steps=2)
+    fresh = Lamb16(model.parameters())
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for state in fresh.state.values():
+        assert state["exp_avg"].dtype == E4M3
+        assert state["exp_avg_sq"].dtype == E5M2
+    assert state_nbytes(fresh) == state_nbytes(optimizer)
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 5), nn.Flatten(), nn.Linear(8 * 24 * 24, 10))
+
+
+@pytest.mark.parametrize(
+    "make_optimizer, per_param, per_tensor_max",
+    [
+        (lambda ps: Lamb16(ps), 2, 32),
+        (lambda ps: Lamb16(ps, scaling="seed"), 2, 32),
+        (lambda ps: Lamb(ps), 8, 16),
+        (lambda ps: torch.optim.Adam(ps), 8, 16),
+    ],
+    ids=["lamb16", "lamb16-seed", "lamb", "adam"],
+)
+def test_state_nbytes_measures_bytes_per_parameter(make_optimizer, per_param, per_tensor_max):
+    model = conv_net()
+    optimizer = make_optimizer(model.parameters())
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    extra = state_nbytes(optimizer) - per_param * n
+    assert 0 < extra <= per_tensor_max * len(params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_matches_cpu(make):
+    cpu_model = small_model()
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    cpu_opt = make(cpu_model.parameters(), lr=1e-2, weight_decay=0.01)
+    cuda_opt = make(cuda_model.parameters(), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(32, 6, generator=gen)
+        for model, opt, data in ((cpu_model, cpu_opt, x), (cuda_model, cuda_opt, x.cuda())):
+            opt.zero_grad()
+            model(data).square().mean().backward()
+            opt.step()
+    for p, q in zip(cpu_model.parameters(), cuda_model.parameters()):
+        assert q.is_cuda
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-4, atol=1e-5)
+    for state in cuda_opt.state.values():
+        assert all(t.device.type == "cuda" for k, t in state.items() if k != "step")
