@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ._common import CheckedOptimizer, check_hyperparameters, params_with_grad
+from .compiled import can_compile, run_compiled
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
 MAX_WEIGHT_NORM = 10.0
@@ -23,35 +24,32 @@ def lamb_update(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    step: int,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    step: float | Tensor,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    weight_decay: float | Tensor,
     adam: bool,
     bias_correction: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`.
-
-    Returns (weight_norm, adam_norm, trust_ratio) as 0-dim tensors, for logging.
+    """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`:
+    the reference implementation. Returns (weight_norm, adam_norm, trust_ratio)
+    as 0-dim tensors, for logging. Numbers may be floats or 0-dim tensors.
     """
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg.mul_(beta1).add_(grad * (1 - beta1))
+    exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
     m, v = exp_avg, exp_avg_sq
     if bias_correction:
         m = m / (1 - beta1**step)
         v = v / (1 - beta2**step)
 
-    update = m / (v.sqrt() + eps)
-    if weight_decay != 0:
-        update.add_(param, alpha=weight_decay)
-
+    update = (m / (v.sqrt() + eps)).add_(param * weight_decay)
     weight_norm = param.norm().clamp(max=MAX_WEIGHT_NORM)
     adam_norm = update.norm()
     trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
-    param.add_(update.mul_(trust), alpha=-lr)
+    param.sub_(update.mul_(trust * lr))
     return weight_norm, adam_norm, trust
 
 
@@ -67,7 +65,8 @@ class Lamb(CheckedOptimizer):
     per element); see `Lamb16` for the same idea in 2 bytes.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
-    `trust_ratio` of that step as 0-dim tensors, for logging.
+    `trust_ratio` of that step as 0-dim tensors, for logging. `fused` as for
+    `Lamb16`: None or True compiles the update, False runs the eager reference.
     """
 
     def __init__(
@@ -79,6 +78,7 @@ class Lamb(CheckedOptimizer):
         weight_decay: float = 0.0,
         adam: bool = False,
         bias_correction: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
@@ -88,6 +88,7 @@ class Lamb(CheckedOptimizer):
             weight_decay=weight_decay,
             adam=adam,
             bias_correction=bias_correction,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -107,12 +108,9 @@ class Lamb(CheckedOptimizer):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
-                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = lamb_update(
-                    param,
-                    param.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    int(state["step"].item()),
+                tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+                hyper = dict(
+                    step=float(state["step"]),
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
@@ -121,4 +119,9 @@ class Lamb(CheckedOptimizer):
                     adam=group["adam"],
                     bias_correction=group["bias_correction"],
                 )
+                if group["fused"] is not False and can_compile(list(tensors)):
+                    result = run_compiled(lamb_update, tensors, **hyper)
+                else:
+                    result = lamb_update(*tensors, **hyper)
+                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = result
         return loss

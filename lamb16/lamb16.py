@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ._common import CheckedOptimizer, params_with_grad
+from .compiled import can_compile, run_compiled
 from .quantize import E4M3, E5M2, SCALINGS, dequantize, store_absmax, store_seed
 
 # Each squared element enters the weight and update norms clamped to [eps, MAX_SQUARE].
@@ -17,13 +18,15 @@ REFERENCE_LR = 1e-3
 MAX_TRUST = 2.0
 
 
-def clamped_norm(x: Tensor, eps: float) -> Tensor:
+def clamped_norm(x: Tensor, eps: float | Tensor) -> Tensor:
     """sqrt(sum(clamp(x*x, eps, 1))) / n: a per-element-average norm that one
     huge or dead element cannot dominate."""
-    return x.square().clamp(eps, MAX_SQUARE).sum().sqrt() / x.numel()
+    return x.square().clamp(min=eps).clamp(max=MAX_SQUARE).sum().sqrt() / x.numel()
 
 
-def lamb16_trust_ratio(weight_norm: Tensor, update_norm: Tensor, lr: float, trust_scale: float) -> Tensor:
+def lamb16_trust_ratio(
+    weight_norm: Tensor, update_norm: Tensor, lr: float | Tensor, trust_scale: float | Tensor
+) -> Tensor:
     """(w / u * 1e-3 / lr) ** trust_scale, clamped to [0, 2]. The factor 1e-3 / lr
     keeps the step size sensible when lr is far from the usual 1e-3, and the
     exponent softens the layer-wise ratio."""
@@ -38,23 +41,23 @@ def lamb16_update(
     exp_avg_scale: Tensor,
     exp_avg_sq_scale: Tensor,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_scale: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    weight_decay: float | Tensor,
+    trust_scale: float | Tensor,
     scaling: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LAMB16 step on one tensor: the reference implementation.
 
     Updates `param`, `exp_avg` (e4m3) and `exp_avg_sq` (e5m2) in place and
     returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio).
+    Hyperparameters may be floats or 0-dim tensors (the compiled path passes
+    tensors, so that a new learning rate does not recompile).
     """
-    m = dequantize(exp_avg, exp_avg_scale)
-    v = dequantize(exp_avg_sq, exp_avg_sq_scale)
-    m.mul_(beta1).add_(grad, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m = dequantize(exp_avg, exp_avg_scale).mul_(beta1).add_(grad * (1 - beta1))
+    v = dequantize(exp_avg_sq, exp_avg_sq_scale).mul_(beta2).add_(grad * grad * (1 - beta2))
 
     if scaling == "seed":
         m_scale, v_scale = store_seed(m, v, exp_avg, exp_avg_sq, eps)
@@ -62,14 +65,12 @@ def lamb16_update(
         m_scale, v_scale = store_absmax(m, v, exp_avg, exp_avg_sq)
 
     # The update uses this step's float32 moments, not their stored fp8 form.
-    update = m.div_(v.sqrt_().add_(eps))
-    if weight_decay != 0:
-        update.add_(param, alpha=weight_decay)
+    update = m.div_(v.sqrt_().add_(eps)).add_(param * weight_decay)
 
     weight_norm = clamped_norm(param, eps)
     adam_norm = clamped_norm(update, eps)
     trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
-    param.add_(update.mul_(trust), alpha=-lr)
+    param.sub_(update.mul_(trust * lr))
     return m_scale, v_scale, weight_norm, adam_norm, trust
 
 
@@ -91,6 +92,10 @@ class Lamb16(CheckedOptimizer):
         of the fp8 range, so the stored moments stay within fp8's resolution;
         "seed" is the original proof-of-concept's arithmetic, which saturates
         the first moment of large tensors (kept to reproduce its figures).
+    fused: None (default) or True runs the update compiled by torch.compile
+        (the same arithmetic, fused into a few passes; compiled once per process,
+        cached on disk), falling back to the reference with a warning where it
+        cannot compile; False always runs the eager reference.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
     `trust_ratio` of that step as 0-dim tensors, for logging.
@@ -105,6 +110,7 @@ class Lamb16(CheckedOptimizer):
         weight_decay: float = 0.0,
         trust_scale: float = 0.382,
         scaling: str = "absmax",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -113,6 +119,7 @@ class Lamb16(CheckedOptimizer):
             weight_decay=weight_decay,
             trust_scale=trust_scale,
             scaling=scaling,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -147,19 +154,15 @@ class Lamb16(CheckedOptimizer):
                 if not state:
                     init_state(state, param)
                 state["step"] += 1
-                (
-                    state["exp_avg_scale"],
-                    state["exp_avg_sq_scale"],
-                    state["weight_norm"],
-                    state["adam_norm"],
-                    state["trust_ratio"],
-                ) = lamb16_update(
+                tensors = (
                     param,
                     param.grad,
                     state["exp_avg"],
                     state["exp_avg_sq"],
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
+                )
+                hyper = dict(
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
@@ -168,6 +171,17 @@ class Lamb16(CheckedOptimizer):
                     trust_scale=group["trust_scale"],
                     scaling=group["scaling"],
                 )
+                if group["fused"] is not False and can_compile(list(tensors[:4])):
+                    result = run_compiled(lamb16_update, tensors, **hyper)
+                else:
+                    result = lamb16_update(*tensors, **hyper)
+                (
+                    state["exp_avg_scale"],
+                    state["exp_avg_sq_scale"],
+                    state["weight_norm"],
+                    state["adam_norm"],
+                    state["trust_ratio"],
+                ) = result
         return loss
 
 

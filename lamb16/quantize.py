@@ -47,7 +47,7 @@ def store_absmax(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> t
 
 
 def store_seed(
-    m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eps: float
+    m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eps: float | Tensor
 ) -> tuple[Tensor, Tensor]:
     """The proof-of-concept's scaling, exactly: scale = sqrt(sum(clamp(x*x, 0, 10))) / n + eps.
 

@@ -35,7 +35,8 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 
 
 def run_optimizer(optimizer_cls, param0, grads, **hyper) -> tuple[torch.Tensor, dict]:
     param = param0.clone().requires_grad_(True)
-    optimizer = optimizer_cls([param], **hyper)
+    # The reference path; test_fused.py holds the fused path to it.
+    optimizer = optimizer_cls([param], fused=False, **hyper)
     for g in grads:
         param.grad = g.clone()
         optimizer.step()

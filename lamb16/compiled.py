@@ -1,0 +1,65 @@
+"""The fast path: the reference per-tensor updates, compiled once by torch.compile.
+
+Each update runs on flat (1-D) views with dynamic shapes and with its
+hyperparameters as 0-dim tensors, so one compiled graph serves every tensor,
+every step and every learning rate: Inductor fuses the chain of eager ops into
+a few passes over memory (C++/OpenMP on the CPU, Triton on CUDA). Where it
+cannot compile (no C compiler, an unsupported device), the optimizer falls back
+to the reference with one warning.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_compiled: dict[Callable, Callable] = {}
+_unavailable: str | None = None  # why compilation failed, once it has
+
+
+def can_compile(tensors: list[Tensor]) -> bool:
+    """Whether these tensors can go through the compiled update: flat views of
+    them must alias them, and single elements are not worth a second graph
+    (torch.compile specializes sizes 0 and 1)."""
+    return _unavailable is None and all(t.is_contiguous() for t in tensors) and tensors[0].numel() > 1
+
+
+def as_input(value: Any, like: Tensor) -> Any:
+    """Numbers become 0-dim float32 tensors (graph inputs, not constants to guard on)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    return value
+
+
+def flat_alias(t: Tensor) -> Tensor:
+    """A 1-D tensor on the same memory as contiguous `t`. Not a view: torch.compile
+    would guard on a view's base shape and recompile for every parameter shape."""
+    if t.dim() == 0:
+        return t
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: Any) -> Any:
+    """Call `update` compiled, on flat views of its tensor arguments; `hyper`
+    holds floats (made 0-dim tensors) and static options (strings)."""
+    global _unavailable
+    flat = tuple(flat_alias(t) for t in reference_args)
+    like = reference_args[0]
+    kwargs = {k: as_input(v, like) for k, v in hyper.items()}
+    compiled = _compiled.get(update)
+    if compiled is None:
+        compiled = _compiled[update] = torch.compile(update, dynamic=True, fullgraph=True)
+    try:
+        return compiled(*flat, **kwargs)
+    except Exception as error:  # a compiler or device that torch.compile cannot use
+        _unavailable = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(
+            f"lamb16: compiling the fused step failed ({_unavailable}); using the reference "
+            "implementation (pass fused=False to silence this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return update(*reference_args, **hyper)
