@@ -455,6 +455,180 @@ def moment_quantization_table(
     return sorted(rows, key=lambda r: (r["elements"], r["scaling"] != "seed"))
 
 
+# ---------------------------------------------------------------- benchmarks
+
+
+def transformer_shapes(width: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-style transformer: realistic sizes and ranks for a step benchmark."""
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def bench_parameter_sets(names: list[str]) -> dict[str, list[tuple[int, ...]]]:
+    sets = {
+        "cnn": [tuple(p.shape) for p in MnistCNN().parameters()],
+        "10m": transformer_shapes(width=512, layers=3, vocab=800),  # 9.9 M
+        "100m": transformer_shapes(width=1024, layers=8, vocab=1536),  # 102 M
+    }
+    return {name: sets[name] for name in names}
+
+
+BENCH_OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+    "adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "lamb": lambda ps: Lamb(ps, lr=1e-3, weight_decay=0.01),
+    "lamb16": lambda ps: Lamb16(ps, lr=1e-3, weight_decay=0.01),
+    "lamb16 eager": lambda ps: Lamb16(ps, lr=1e-3, weight_decay=0.01, fused=False),
+}
+# Bytes per element a step must move at least: parameter read and write, gradient
+# read, state read and write (Adam, LAMB: two float32 moments; LAMB16: two fp8).
+MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step_times(
+    shapes: list[tuple[int, ...]], optimizers: list[str], device: torch.device, warmup: int, steps: int
+) -> list[dict]:
+    """Median step time of each optimizer on its own copy of the parameters,
+    sharing one set of gradients; the optimizers take turns, one step each per
+    round, so that a slow moment of a shared machine hits them all alike."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen).to(device) * 1e-2 for shape in shapes]
+    runs = {}
+    for name in optimizers:
+        params = [nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.05) for shape in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        runs[name] = (params, BENCH_OPTIMIZERS[name](params))
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    first_step: dict[str, float] = {}
+    for round_ in range(warmup + steps):
+        names = optimizers[round_ % len(optimizers) :] + optimizers[: round_ % len(optimizers)]
+        for name in names:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name][1].step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if round_ == 0:
+                first_step[name] = elapsed
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    n = sum(math.prod(shape) for shape in shapes)
+    rows = []
+    for name in optimizers:
+        params, optimizer = runs[name]
+        median = statistics.median(times[name])
+        row = dict(
+            optimizer=name,
+            parameters=n,
+            median_ms=1e3 * median,
+            first_step_s=first_step[name],
+            state_bytes_per_parameter=state_nbytes(optimizer) / n,
+            min_gb_per_s=MIN_BYTES_PER_ELEMENT[name.split()[0]] * n / median / 1e9,
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            optimizer.step()
+            synchronize(device)
+            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row["largest_tensor_mb"] = max(p.numel() for p in params) * 4 / 2**20
+        rows.append(row)
+        del runs[name]
+    adam = next((r["median_ms"] for r in rows if r["optimizer"] == "adam fused"), None)
+    for row in rows:
+        row["ratio_to_adam_fused"] = row["median_ms"] / adam if adam else None
+    return rows
+
+
+def training_step_breakdown(train_data: Split, batch_size: int, batches: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per batch spent on data (gather), forward, backward and the optimizer step."""
+    torch.manual_seed(0)
+    model = MnistCNN().to(device)
+    optimizer = Lamb16(model.parameters(), lr=0.01, weight_decay=0.01)
+    order = torch.randperm(len(train_data), device=device)
+    phases: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    for batch in range(batches + 3):
+        marks = [time.perf_counter()]
+        index = order[batch * batch_size % len(train_data) :][:batch_size]
+        images, labels = train_data.images[index], train_data.labels[index]
+        synchronize(device)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.nll_loss(model(images), labels)
+        synchronize(device)
+        marks.append(time.perf_counter())
+        loss.backward()
+        synchronize(device)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        synchronize(device)
+        marks.append(time.perf_counter())
+        if batch >= 3:  # after warm-up (and compilation)
+            for phase, begin, end in zip(phases, marks, marks[1:]):
+                phases[phase].append(end - begin)
+    return {phase: statistics.median(values) for phase, values in phases.items()}
+
+
+def throughput_tensor_loop(train_data: Split, batch_size: int, batches: int, device: torch.device) -> float:
+    """Samples per second of `train`'s loop: batches sliced from a tensor held on the device."""
+    torch.manual_seed(0)
+    model = MnistCNN().to(device)
+    optimizer = Lamb16(model.parameters(), lr=0.01, weight_decay=0.01)
+    order = torch.randperm(len(train_data), device=device)
+    start, seen = 0.0, 0
+    for batch in range(batches + 3):
+        if batch == 3:
+            synchronize(device)
+            start, seen = time.perf_counter(), 0
+        index = order[batch * batch_size % len(train_data) :][:batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        F.nll_loss(model(train_data.images[index]), train_data.labels[index]).backward()
+        optimizer.step()
+        seen += len(index)
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def throughput_dataloader(data_dir: Path, batch_size: int, batches: int, workers: int, device: torch.device) -> float:
+    """Samples per second of the common pipeline: a DataLoader over torchvision's
+    MNIST with ToTensor and Normalize, same model, optimizer and batch size."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    dataset = datasets.MNIST(str(data_dir), train=True, download=False, transform=transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
+    torch.manual_seed(0)
+    model = MnistCNN().to(device)
+    optimizer = Lamb16(model.parameters(), lr=0.01, weight_decay=0.01)
+    start, seen, batch = 0.0, 0, 0
+    while batch < batches + 3:
+        for images, labels in loader:
+            if batch == 3:
+                synchronize(device)
+                start, seen = time.perf_counter(), 0
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            F.nll_loss(model(images), labels).backward()
+            optimizer.step()
+            seen += len(labels)
+            batch += 1
+            if batch == batches + 3:
+                break
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------- commands
 
 data_dir_option = click.option(
@@ -648,6 +822,81 @@ def scaling(steps, batch_size, lr, seed, data_dir, download, device):
             f"{r['drift_m']:.3f} | {r['drift_v']:.3f} | {100 * r['saturated_m']:.1f}% | "
             f"{100 * r['flushed_m']:.2f}% | {100 * r['flushed_v']:.2f}% |"
         )
+
+
+@cli.command()
+@click.option("--sizes", default="cnn,10m", show_default=True, help="Parameter sets, from: cnn, 10m, 100m.")
+@click.option("--optimizers", default=",".join(BENCH_OPTIMIZERS), show_default=True, help="Optimizers to time.")
+@click.option("--steps", type=click.IntRange(min=3), default=30, show_default=True, help="Timed steps per optimizer.")
+@click.option("--warmup", type=click.IntRange(min=1), default=5, show_default=True, help="Untimed steps first (compilation).")
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True, help="Timed training batches.")
+@data_dir_option
+@device_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures to this JSON file.")
+def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path):
+    """Time optimizer steps (medians, optimizers interleaved in one process) and
+    state bytes per parameter on the MNIST CNN and on ~10 M / ~100 M parameter
+    transformer shapes, with ratios to Adam fused; then where a training step's
+    time goes, and the training throughput of `train` against a DataLoader.
+
+    \b
+    Example:
+      python cli.py bench --sizes cnn,10m --json bench.json
+    """
+    torch_device = resolve_device(device)
+    names = [n.strip() for n in optimizers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCH_OPTIMIZERS]
+    set_names = [n.strip() for n in sizes.split(",") if n.strip()]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown optimizer {', '.join(unknown) or '(none)'}; choose from {', '.join(BENCH_OPTIMIZERS)}", param_hint="--optimizers")
+    bad = [n for n in set_names if n not in ("cnn", "10m", "100m")]
+    if bad or not set_names:
+        raise click.BadParameter(f"unknown size {', '.join(bad) or '(none)'}; choose from cnn, 10m, 100m", param_hint="--sizes")
+    if json_path is not None:
+        writable_dir(json_path.parent)
+    train_data = load_mnist(data_dir, True, False, torch_device)
+    report: dict = dict(device=str(torch_device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={})
+
+    click.echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {torch_device} ({torch.get_num_threads()} threads)")
+    header = "| parameters | optimizer | step ms | x Adam fused | state bytes/param | GB/s (minimum traffic) | first step s |"
+    if torch_device.type == "cuda":
+        header += " peak extra MB | largest tensor MB |"
+    click.echo(header)
+    click.echo("|" + "---|" * (header.count("|") - 1))
+    for set_name, shapes in bench_parameter_sets(set_names).items():
+        n = sum(math.prod(shape) for shape in shapes)
+        # The eager reference is there to show what fusing buys; past 10 M it only costs time.
+        chosen = [o for o in names if not (o.endswith("eager") and n > 20_000_000 and torch_device.type == "cpu")]
+        rows = bench_step_times(shapes, chosen, torch_device, warmup, steps)
+        report["steps"][set_name] = rows
+        for r in rows:
+            line = (
+                f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | {r['median_ms']:.2f} | "
+                f"{r['ratio_to_adam_fused']:.2f} | {r['state_bytes_per_parameter']:.3f} | {r['min_gb_per_s']:.1f} | {r['first_step_s']:.1f} |"
+            )
+            if "peak_extra_mb" in r:
+                line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"
+            click.echo(line)
+
+    breakdown = training_step_breakdown(train_data, 128, batches, torch_device)
+    total = sum(breakdown.values())
+    report["breakdown_batch_128"] = breakdown
+    click.echo(f"\ntraining step of the MNIST CNN with LAMB16, batch 128: {1e3 * total:.1f} ms (medians per phase)")
+    click.echo("| phase | ms | share |\n|---|---|---|")
+    for phase, seconds in breakdown.items():
+        click.echo(f"| {phase} | {1e3 * seconds:.2f} | {100 * seconds / total:.1f}% |")
+
+    tensor_rate = throughput_tensor_loop(train_data, 1024, batches, torch_device)
+    loader_rates = {w: throughput_dataloader(data_dir, 1024, batches, w, torch_device) for w in (0, 2)}
+    report["throughput_batch_1024"] = dict(tensor_loop=tensor_rate, **{f"dataloader_{w}_workers": r for w, r in loader_rates.items()})
+    click.echo("\ntraining throughput, batch 1024, LAMB16")
+    click.echo("| pipeline | samples/s | x DataLoader (2 workers) |\n|---|---|---|")
+    click.echo(f"| train's loop (tensor on device) | {tensor_rate:.0f} | {tensor_rate / loader_rates[2]:.2f} |")
+    for workers, rate in loader_rates.items():
+        click.echo(f"| DataLoader, ToTensor + Normalize, {workers} workers | {rate:.0f} | {rate / loader_rates[2]:.2f} |")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"\nwritten to {json_path}")
 
 
 if __name__ == "__main__":

@@ -252,3 +252,25 @@ def test_real_mnist_loads_whole_and_normalized():
     assert test.images.shape == (10_000, 1, 28, 28) and test.labels.dtype == torch.int64
     assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(test.images.mean().item()) < 0.05  # normalized with the training set's mean and std
+
+
+def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke(
+        "bench", "--sizes", "cnn", "--optimizers", "adam fused,lamb16", "--steps", "3", "--warmup", "1",
+        "--batches", "1", "--data-dir", str(data_dir), "--json", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["optimizer"]: r for r in report["steps"]["cnn"]}
+    assert rows["adam fused"]["ratio_to_adam_fused"] == 1.0
+    assert rows["lamb16"]["median_ms"] > 0 and rows["lamb16"]["parameters"] == 431_080
+    assert 2.0 < rows["lamb16"]["state_bytes_per_parameter"] < 2.001
+    assert 8.0 < rows["adam fused"]["state_bytes_per_parameter"] < 8.001
+    assert set(report["breakdown_batch_128"]) == {"data", "forward", "backward", "optimizer"}
+    assert all(rate > 0 for rate in report["throughput_batch_1024"].values())
+
+
+def test_bench_rejects_unknown_sizes(data_dir):
+    result = invoke("bench", "--sizes", "1b", "--data-dir", str(data_dir))
+    assert result.exit_code == 2 and "unknown size 1b" in error_line(result)
