@@ -46,6 +46,8 @@ def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: 
     """Call `update` compiled, on flat views of its tensor arguments; `hyper`
     holds floats (made 0-dim tensors) and static options (strings)."""
     global _unavailable
+    if _unavailable is not None:  # already warned
+        return update(*reference_args, **hyper)
     flat = tuple(flat_alias(t) for t in reference_args)
     like = reference_args[0]
     kwargs = {k: as_input(v, like) for k, v in hyper.items()}

@@ -8,7 +8,16 @@ from torch import Tensor
 
 from ._common import CheckedOptimizer, params_with_grad
 from .compiled import can_compile, run_compiled
-from .quantize import E4M3, E5M2, SCALINGS, dequantize, store_absmax, store_seed
+from .quantize import (
+    E4M3,
+    E5M2,
+    SCALINGS,
+    absmax_scales,
+    dequantize,
+    seed_scales,
+    write_absmax,
+    write_seed,
+)
 
 # Each squared element enters the weight and update norms clamped to [eps, MAX_SQUARE].
 MAX_SQUARE = 1.0
@@ -33,45 +42,91 @@ def lamb16_trust_ratio(
     return ((weight_norm / update_norm / lr * REFERENCE_LR) ** trust_scale).clamp(0, MAX_TRUST)
 
 
+Number = float | Tensor  # hyperparameters: floats, or 0-dim tensors on the compiled path
+
+
+def new_moments(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    beta1: Number, beta2: Number,
+) -> tuple[Tensor, Tensor]:
+    """This step's float32 moments: the stored ones decompressed, then Adam's moving averages."""
+    m = dequantize(exp_avg, exp_avg_scale) * beta1 + grad * (1 - beta1)
+    v = dequantize(exp_avg_sq, exp_avg_sq_scale) * beta2 + grad * grad * (1 - beta2)
+    return m, v
+
+
+def adam_direction(m: Tensor, v: Tensor, param: Tensor, eps: Number, weight_decay: Number) -> Tensor:
+    """m / (sqrt(v) + eps) plus decoupled weight decay, from this step's float32 moments."""
+    return m / (v.sqrt() + eps) + param * weight_decay
+
+
+def lamb16_statistics(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    *, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, scaling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First pass: every reduction of the step, reading only the old state, the
+    gradient and the weights. Returns (new m scale, new v scale, weight_norm, adam_norm)."""
+    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
+    m_scale, v_scale = seed_scales(m, v, eps) if scaling == "seed" else absmax_scales(m, v)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    return m_scale, v_scale, clamped_norm(param, eps), clamped_norm(update, eps)
+
+
+def lamb16_apply(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    new_exp_avg_scale: Tensor, new_exp_avg_sq_scale: Tensor, weight_norm: Tensor, adam_norm: Tensor,
+    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
+) -> Tensor:
+    """Second pass: the same moments and update, recomputed from the old state
+    (cheaper than keeping them), stored in fp8 with the new scales; the weights
+    move by lr * trust * update. Returns the trust ratio."""
+    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    write = write_seed if scaling == "seed" else write_absmax
+    write(m, v, new_exp_avg_scale, new_exp_avg_sq_scale, exp_avg, exp_avg_sq)
+    param.sub_(update * (trust * lr))
+    return trust
+
+
 def lamb16_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    exp_avg_scale: Tensor,
-    exp_avg_sq_scale: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    eps: float | Tensor,
-    weight_decay: float | Tensor,
-    trust_scale: float | Tensor,
-    scaling: str,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One LAMB16 step on one tensor: the reference implementation.
+    """One LAMB16 step on one tensor: the reference implementation, in the two
+    passes over memory that the arithmetic needs (the fp8 scales and the trust
+    ratio are reductions over the whole tensor, known only after a first pass).
 
     Updates `param`, `exp_avg` (e4m3) and `exp_avg_sq` (e5m2) in place and
     returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio).
-    Hyperparameters may be floats or 0-dim tensors (the compiled path passes
-    tensors, so that a new learning rate does not recompile).
     """
-    m = dequantize(exp_avg, exp_avg_scale).mul_(beta1).add_(grad * (1 - beta1))
-    v = dequantize(exp_avg_sq, exp_avg_sq_scale).mul_(beta2).add_(grad * grad * (1 - beta2))
-
-    if scaling == "seed":
-        m_scale, v_scale = store_seed(m, v, exp_avg, exp_avg_sq, eps)
-    else:
-        m_scale, v_scale = store_absmax(m, v, exp_avg, exp_avg_sq)
-
-    # The update uses this step's float32 moments, not their stored fp8 form.
-    update = m.div_(v.sqrt_().add_(eps)).add_(param * weight_decay)
-
-    weight_norm = clamped_norm(param, eps)
-    adam_norm = clamped_norm(update, eps)
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
-    param.sub_(update.mul_(trust * lr))
+    m_scale, v_scale, weight_norm, adam_norm = lamb16_statistics(
+        param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling,
+    )
+    trust = lamb16_apply(
+        param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, m_scale, v_scale, weight_norm, adam_norm,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_scale=trust_scale, scaling=scaling,
+    )
     return m_scale, v_scale, weight_norm, adam_norm, trust
+
+
+def fused_lamb16_update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`lamb16_update` with each pass compiled into a single loop over memory:
+    the first reads the fp8 state, gradient and weights (10 bytes an element),
+    the second reads them again and writes state and weights (16 bytes)."""
+    tensors = (param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
+    statistics = run_compiled(
+        lamb16_statistics, tensors, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling
+    )
+    trust = run_compiled(
+        lamb16_apply, (*tensors, *statistics),
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_scale=trust_scale, scaling=scaling,
+    )
+    return (*statistics, trust)
 
 
 class Lamb16(CheckedOptimizer):
@@ -171,10 +226,8 @@ class Lamb16(CheckedOptimizer):
                     trust_scale=group["trust_scale"],
                     scaling=group["scaling"],
                 )
-                if group["fused"] is not False and can_compile(list(tensors[:4])):
-                    result = run_compiled(lamb16_update, tensors, **hyper)
-                else:
-                    result = lamb16_update(*tensors, **hyper)
+                fast = group["fused"] is not False and can_compile(list(tensors[:4]))
+                result = (fused_lamb16_update if fast else lamb16_update)(*tensors, **hyper)
                 (
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],

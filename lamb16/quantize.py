@@ -3,9 +3,10 @@
 The first moment goes to float8_e4m3fn (3 mantissa bits, |x| <= 448), the
 second to float8_e5m2 (2 mantissa bits, up to 57344, down to 2**-16), whose
 wider exponent suits v, which spans the square of the gradient's range.
-Each `store_*` function takes this step's float32 moments `m` and `v`, writes
-their fp8 form into `exp_avg` and `exp_avg_sq`, and returns the two scales;
-`dequantize` reads them back.
+A scaling is a pair of functions: `*_scales` reduces this step's float32
+moments `m` and `v` to their two scales, and `write_*` stores their fp8 form
+into `exp_avg` and `exp_avg_sq`; `store_*` does both, and `dequantize` reads
+a moment back.
 """
 
 import torch
@@ -31,24 +32,24 @@ def dequantize(stored: Tensor, scale: Tensor) -> Tensor:
     return stored.float().mul_(scale)
 
 
-def store_absmax(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+def absmax_scales(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """The default scaling: each tensor's largest magnitude maps to the top of its
     fp8 range, so no element saturates and small ones keep as much range as the
     format has (e4m3 spans 2**-9 to 448, e5m2 2**-16 to 57344, relative to it).
-
-    v is floored at the smallest e5m2 value instead of flushing to zero: a zero
-    in v would turn that element's next update m / (sqrt(v) + eps) into m / eps.
-    """
+    The floor keeps an all-zero moment from dividing by zero."""
     m_scale = (m.abs().amax() / E4M3_MAX).clamp(min=MIN_SCALE)
     v_scale = (v.amax() / E5M2_MAX).clamp(min=MIN_SCALE)
-    exp_avg.copy_((m / m_scale).clamp(-E4M3_MAX, E4M3_MAX))
-    exp_avg_sq.copy_((v / v_scale).clamp(E5M2_SMALLEST, E5M2_MAX))
     return m_scale, v_scale
 
 
-def store_seed(
-    m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eps: float | Tensor
-) -> tuple[Tensor, Tensor]:
+def write_absmax(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    """v is floored at the smallest e5m2 value instead of flushing to zero: a zero
+    in v would turn that element's next update m / (sqrt(v) + eps) into m / eps."""
+    exp_avg.copy_((m / m_scale).clamp(-E4M3_MAX, E4M3_MAX))
+    exp_avg_sq.copy_((v / v_scale).clamp(E5M2_SMALLEST, E5M2_MAX))
+
+
+def seed_scales(m: Tensor, v: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     """The proof-of-concept's scaling, exactly: scale = sqrt(sum(clamp(x*x, 0, 10))) / n + eps.
 
     Dividing by n rather than sqrt(n) maps a typical element of m to about
@@ -58,6 +59,25 @@ def store_seed(
     n = m.numel()
     m_scale = m.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
     v_scale = v.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
+    return m_scale, v_scale
+
+
+def write_seed(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
     exp_avg.copy_((m / m_scale).clamp(-SEED_M_CLAMP, SEED_M_CLAMP))
     exp_avg_sq.copy_(v.clamp(0, SEED_SQUARE_CLAMP) / v_scale)
+
+
+def store_absmax(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Store m and v in fp8 with the absmax scaling; returns the scales."""
+    m_scale, v_scale = absmax_scales(m, v)
+    write_absmax(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
+    return m_scale, v_scale
+
+
+def store_seed(
+    m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Store m and v in fp8 with the seed scaling; returns the scales."""
+    m_scale, v_scale = seed_scales(m, v, eps)
+    write_seed(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
     return m_scale, v_scale
