@@ -69,6 +69,8 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
     assert config["optimizer"] == "lamb16" and config["batch_size"] == 64 and config["lr"] == 0.01
     assert config["seed"] == 1 and config["scaling"] == "absmax" and config["device"] == "cpu"
     assert config["torch_version"] == torch.__version__ and config["lamb16_version"]
+    assert config["cpu_flush_denormal"] is True and config["channels_last"] is True
+    assert (torch.tensor(1e-38) * 0.1).item() != 0  # flush-to-zero was switched back off
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
