@@ -111,24 +111,6 @@ def lamb16_update(
     return m_scale, v_scale, weight_norm, adam_norm, trust
 
 
-def fused_lamb16_update(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
-    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`lamb16_update` with each pass compiled into a single loop over memory:
-    the first reads the fp8 state, gradient and weights (10 bytes an element),
-    the second reads them again and writes state and weights (16 bytes)."""
-    tensors = (param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
-    statistics = run_compiled(
-        lamb16_statistics, tensors, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling
-    )
-    trust = run_compiled(
-        lamb16_apply, (*tensors, *statistics),
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_scale=trust_scale, scaling=scaling,
-    )
-    return (*statistics, trust)
-
-
 class Lamb16(CheckedOptimizer):
     """LAMB16: LAMB whose Adam moments take 16 bits per parameter instead of 64.
 
@@ -226,8 +208,10 @@ class Lamb16(CheckedOptimizer):
                     trust_scale=group["trust_scale"],
                     scaling=group["scaling"],
                 )
-                fast = group["fused"] is not False and can_compile(list(tensors[:4]))
-                result = (fused_lamb16_update if fast else lamb16_update)(*tensors, **hyper)
+                if group["fused"] is not False and can_compile(list(tensors[:4])):
+                    result = run_compiled(lamb16_update, tensors, **hyper)
+                else:
+                    result = lamb16_update(*tensors, **hyper)
                 (
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
