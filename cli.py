@@ -10,7 +10,6 @@ Each run writes a directory with config.json, metrics.jsonl and summary.json.
 import contextlib
 import json
 import math
-import os
 import platform
 import shutil
 import statistics
@@ -748,12 +747,19 @@ def compare(optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_i
     click.echo(f"runs written to {compare_dir}, figure {figure}")
 
 
+def parse_choices(text: str, choices, option: str, what: str) -> list[str]:
+    """A comma-separated list, each item one of `choices`, or a usage error naming the bad ones."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in choices]
+    if unknown or not items:
+        raise click.BadParameter(
+            f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}", param_hint=option
+        )
+    return items
+
+
 def parse_variants(text: str) -> list[str]:
-    variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise click.BadParameter(f"unknown optimizer {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}", param_hint="--optimizers")
-    return variants
+    return parse_choices(text, VARIANTS, "--optimizers", "optimizer")
 
 
 @cli.command()
@@ -866,14 +872,8 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
       python cli.py bench --sizes cnn,10m --json bench.json
     """
     torch_device = resolve_device(device)
-    names = [n.strip() for n in optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCH_OPTIMIZERS]
-    set_names = [n.strip() for n in sizes.split(",") if n.strip()]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown optimizer {', '.join(unknown) or '(none)'}; choose from {', '.join(BENCH_OPTIMIZERS)}", param_hint="--optimizers")
-    bad = [n for n in set_names if n not in ("cnn", "10m", "100m")]
-    if bad or not set_names:
-        raise click.BadParameter(f"unknown size {', '.join(bad) or '(none)'}; choose from cnn, 10m, 100m", param_hint="--sizes")
+    names = parse_choices(optimizers, BENCH_OPTIMIZERS, "--optimizers", "optimizer")
+    set_names = parse_choices(sizes, ("cnn", "10m", "100m"), "--sizes", "size")
     if json_path is not None:
         writable_dir(json_path.parent)
     train_data = load_mnist(data_dir, True, False, torch_device)
