@@ -22,11 +22,29 @@ _unavailable: str | None = None  # why compilation failed, once it has
 _scalars: dict[tuple[float, torch.device], Tensor] = {}  # hyperparameters as graph inputs
 
 
+def is_dense(t: Tensor) -> bool:
+    """Contiguous, or channels-last (as conv weights and their state may be)."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
 def can_compile(tensors: list[Tensor]) -> bool:
-    """Whether these tensors can go through the compiled update: flat views of
-    them must alias them, and single elements are not worth a second graph
-    (torch.compile specializes sizes 0 and 1)."""
-    return _unavailable is None and all(t.is_contiguous() for t in tensors) and tensors[0].numel() > 1
+    """Whether these tensors (parameter, gradient, moments) can go through the
+    compiled update: each dense in one memory layout (plain or channels-last),
+    the same for all, so that element i of every flat alias is the same element;
+    and more than one element (torch.compile specializes sizes 0 and 1)."""
+    first = tensors[0]
+    return (
+        _unavailable is None
+        and first.numel() > 1
+        and is_dense(first)
+        and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
+    )
 
 
 def as_input(value: Any, like: Tensor) -> Any:
@@ -42,8 +60,9 @@ def as_input(value: Any, like: Tensor) -> Any:
 
 
 def flat_alias(t: Tensor) -> Tensor:
-    """A 1-D tensor on the same memory as contiguous `t`. Not a view: torch.compile
-    would guard on a view's base shape and recompile for every parameter shape."""
+    """A 1-D tensor on the same memory as dense `t`, in memory order. Not a view:
+    torch.compile would guard on a view's base shape and recompile for every
+    parameter shape."""
     if t.dim() == 0:
         return t
     alias = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -123,3 +123,32 @@ def test_fused_false_never_compiles(monkeypatch):
     optimizer = Lamb16([param], fused=False)
     param.grad = torch.randn(100)
     optimizer.step()
+
+
+def test_channels_last_parameters_take_the_fused_path(monkeypatch):
+    """A channels-last conv weight keeps that layout in its gradient and fp8 state;
+    the fused step must handle it, and match the reference."""
+    calls = []
+    original = lamb16.compiled.run_compiled
+
+    def spy(update, *args, **kwargs):
+        calls.append(update.__name__)
+        return original(update, *args, **kwargs)
+
+    monkeypatch.setattr(lamb16.lamb16, "run_compiled", spy)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    twin = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    twin.load_state_dict(conv.state_dict())
+    fast_opt = Lamb16(conv.parameters(), lr=1e-2, fused=True)
+    ref_opt = Lamb16(twin.parameters(), lr=1e-2, fused=False)
+    x = torch.randn(4, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        for model, opt in ((conv, fast_opt), (twin, ref_opt)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast_opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
+    assert calls.count("lamb16_update") == 6  # weight and bias, three steps
+    assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)
