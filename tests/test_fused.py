@@ -72,8 +72,10 @@ def test_fused_step_matches_reference(case):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
 
 
-def test_fused_path_is_actually_compiled(monkeypatch):
-    calls = []
+@pytest.fixture
+def compiled_calls(monkeypatch) -> list[str]:
+    """The names of the updates Lamb16 sends down the compiled path."""
+    calls: list[str] = []
     original = lamb16.compiled.run_compiled
 
     def spy(update, *args, **kwargs):
@@ -81,8 +83,12 @@ def test_fused_path_is_actually_compiled(monkeypatch):
         return original(update, *args, **kwargs)
 
     monkeypatch.setattr(lamb16.lamb16, "run_compiled", spy)
+    return calls
+
+
+def test_fused_path_is_actually_compiled(compiled_calls):
     twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(40, 40), (1,)], steps=2)
-    assert calls == ["lamb16_update"] * 2  # the 1-element tensor takes the reference
+    assert compiled_calls == ["lamb16_update"] * 2  # the 1-element tensor takes the reference
     assert lamb16.compiled._unavailable is None
     assert lamb16.lamb16.lamb16_update in lamb16.compiled._compiled
 
@@ -125,17 +131,9 @@ def test_fused_false_never_compiles(monkeypatch):
     optimizer.step()
 
 
-def test_channels_last_parameters_take_the_fused_path(monkeypatch):
+def test_channels_last_parameters_take_the_fused_path(compiled_calls):
     """A channels-last conv weight keeps that layout in its gradient and fp8 state;
     the fused step must handle it, and match the reference."""
-    calls = []
-    original = lamb16.compiled.run_compiled
-
-    def spy(update, *args, **kwargs):
-        calls.append(update.__name__)
-        return original(update, *args, **kwargs)
-
-    monkeypatch.setattr(lamb16.lamb16, "run_compiled", spy)
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     twin = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
@@ -150,5 +148,5 @@ def test_channels_last_parameters_take_the_fused_path(monkeypatch):
             opt.step()
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast_opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
-    assert calls.count("lamb16_update") == 6  # weight and bias, three steps
+    assert compiled_calls.count("lamb16_update") == 6  # weight and bias, three steps
     assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)
