@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import lamb16
 from lamb16 import Lamb, Lamb16, state_nbytes
+from lamb16.lamb16 import new_moments
 from lamb16.quantize import E4M3, E5M2, E4M3_MAX, SEED_M_CLAMP, dequantize, store_absmax, store_seed
 from models import MnistCNN
 from plots import comparison_figure, figure_title, load_run
@@ -315,6 +316,7 @@ def train_run(
             )
 
     n_params = sum(p.numel() for p in model.parameters())
+    state_bytes = state_nbytes(optimizer)
     best = max(tests, default=None)
     summary = dict(
         variant=config.variant,
@@ -327,8 +329,8 @@ def train_run(
         train_seconds=time.perf_counter() - started,
         median_epoch_seconds=statistics.median(epoch_times) if epoch_times else None,
         parameters=n_params,
-        state_bytes=state_nbytes(optimizer),
-        state_bytes_per_parameter=state_nbytes(optimizer) / n_params,
+        state_bytes=state_bytes,
+        state_bytes_per_parameter=state_bytes / n_params,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -446,8 +448,7 @@ def moment_quantization_table(
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             for scaling, store in scalings.items():
                 chain = chains[(scaling, name)]
-                chain_m = dequantize(chain[0], chain[2]).mul_(beta1).add_(grad, alpha=1 - beta1)
-                chain_v = dequantize(chain[1], chain[3]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                chain_m, chain_v = new_moments(grad, *chain, beta1, beta2)
                 chain[2], chain[3] = store(chain_m, chain_v, chain[0], chain[1])
                 if step % 10 == 0:
                     m8, v8 = torch.empty_like(m, dtype=E4M3), torch.empty_like(v, dtype=E5M2)
@@ -688,6 +689,21 @@ def hyperparameter_options(command):
     return command
 
 
+def experiment_options(out_help: str):
+    """The options of a training command: the original script's flags, data, device, --out, progress."""
+
+    def decorate(command):
+        command = progress_option(command)
+        command = click.option(
+            "--out", type=click.Path(file_okay=False, path_type=Path), default="runs", show_default=True, help=out_help
+        )(command)
+        for option in (device_option, download_option, data_dir_option, hyperparameter_options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def load_data(data_dir: Path, download: bool, device: str) -> tuple[Split, Split]:
     torch_device = resolve_device(device)
     return (load_mnist(data_dir, True, download, torch_device), load_mnist(data_dir, False, download, torch_device))
@@ -700,12 +716,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--optimizer", type=click.Choice(["adam", "lamb", "lamb16"]), default="lamb16", show_default=True, help="Optimizer to train with.")
-@hyperparameter_options
-@data_dir_option
-@download_option
-@device_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs", show_default=True, help="Folder the run directory goes in.")
-@progress_option
+@experiment_options(out_help="Folder the run directory goes in.")
 def train(optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, scaling, trust_scale, data_dir, download, device, out, progress):
     """Train the CNN with one optimizer; writes a run directory under --out.
 
@@ -724,12 +735,7 @@ def train(optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_inte
 
 @cli.command()
 @click.option("--optimizers", default="adam,lamb,lamb16", show_default=True, help=f"Comma-separated, from: {', '.join(VARIANTS)}.")
-@hyperparameter_options
-@data_dir_option
-@download_option
-@device_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs", show_default=True, help="Folder the comparison goes in.")
-@progress_option
+@experiment_options(out_help="Folder the comparison goes in.")
 def compare(optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, scaling, trust_scale, data_dir, download, device, out, progress):
     """Train Adam, LAMB and LAMB16 with the same settings, seed and data order, then draw the figure.
 
@@ -784,7 +790,7 @@ def plot(run_dirs, output, title):
         runs = [load_run(path) for path in found]
     except (OSError, json.JSONDecodeError, KeyError) as error:
         raise UserError(f"cannot read the runs ({error}); pass directories written by train or compare") from error
-    output = output or (run_dirs[0] if len(run_dirs) == 1 and not (run_dirs[0] / "config.json").is_file() else found[0].parent) / "figure.png"
+    output = output or found[0].parent / "figure.png"  # beside the runs: a compare directory's own
     writable_dir(output.parent)
     comparison_figure(runs, output, title or figure_title(runs[0].config))
     click.echo(f"figure written to {output}")
@@ -887,7 +893,7 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
     click.echo("|" + "---|" * (header.count("|") - 1))
     for set_name, shapes in bench_parameter_sets(set_names).items():
         n = sum(math.prod(shape) for shape in shapes)
-        # The eager reference is there to show what fusing buys; past 10 M it only costs time.
+        # The eager reference shows what fusing buys; on the CPU past 20 M elements it only costs time.
         chosen = [o for o in names if not (o.endswith("eager") and n > 20_000_000 and torch_device.type == "cpu")]
         rows = bench_step_times(shapes, chosen, torch_device, warmup, steps)
         report["steps"][set_name] = rows

@@ -33,17 +33,19 @@ def is_dense(t: Tensor) -> bool:
     return False
 
 
-def can_compile(tensors: list[Tensor]) -> bool:
-    """Whether these tensors (parameter, gradient, moments) can go through the
-    compiled update: each dense in one memory layout (plain or channels-last),
-    the same for all, so that element i of every flat alias is the same element;
-    and more than one element (torch.compile specializes sizes 0 and 1)."""
+def can_compile(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether an update's tensors can go through the compiled path: the parameter
+    has more than one element (torch.compile specializes sizes 0 and 1) and is
+    dense in one memory layout (plain or channels-last), and every other
+    per-element tensor (gradient, moments) has that very layout, so that
+    element i of every flat alias is the same element. 0-dim tensors (scales)
+    are scalars."""
     first = tensors[0]
     return (
         _unavailable is None
         and first.numel() > 1
         and is_dense(first)
-        and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
+        and all(t.dim() == 0 or (t.shape == first.shape and t.stride() == first.stride()) for t in tensors)
     )
 
 
@@ -70,8 +72,8 @@ def flat_alias(t: Tensor) -> Tensor:
 
 
 def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: Any) -> Any:
-    """Call `update` compiled, on flat views of its tensor arguments; `hyper`
-    holds floats (made 0-dim tensors) and static options (strings)."""
+    """Call `update` compiled, on flat aliases of its tensor arguments; `hyper`
+    holds numbers (made 0-dim tensors) and static options (strings and bools)."""
     global _unavailable
     if _unavailable is not None:  # already warned
         return update(*reference_args, **hyper)
@@ -94,3 +96,11 @@ def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: 
             stacklevel=3,
         )
         return update(*reference_args, **hyper)
+
+
+def run_update(update: Callable, tensors: tuple[Tensor, ...], fused: bool | None, **hyper: Any) -> Any:
+    """Run a per-tensor update: compiled unless `fused` is False or these tensors
+    cannot take the compiled path, else the eager reference itself."""
+    if fused is not False and can_compile(tensors):
+        return run_compiled(update, tensors, **hyper)
+    return update(*tensors, **hyper)

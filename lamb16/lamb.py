@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import CheckedOptimizer, check_hyperparameters, params_with_grad
-from .compiled import can_compile, run_compiled
+from ._common import CheckedOptimizer, params_with_grad
+from .compiled import run_update
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
 MAX_WEIGHT_NORM = 10.0
@@ -80,7 +80,6 @@ class Lamb(CheckedOptimizer):
         bias_correction: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -119,9 +118,7 @@ class Lamb(CheckedOptimizer):
                     adam=group["adam"],
                     bias_correction=group["bias_correction"],
                 )
-                if group["fused"] is not False and can_compile(list(tensors)):
-                    result = run_compiled(lamb_update, tensors, **hyper)
-                else:
-                    result = lamb_update(*tensors, **hyper)
-                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = result
+                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = run_update(
+                    lamb_update, tensors, group["fused"], **hyper
+                )
         return loss

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ._common import CheckedOptimizer, params_with_grad
-from .compiled import can_compile, run_compiled
+from .compiled import run_update
 from .quantize import (
     E4M3,
     E5M2,
@@ -208,17 +208,13 @@ class Lamb16(CheckedOptimizer):
                     trust_scale=group["trust_scale"],
                     scaling=group["scaling"],
                 )
-                if group["fused"] is not False and can_compile(list(tensors[:4])):
-                    result = run_compiled(lamb16_update, tensors, **hyper)
-                else:
-                    result = lamb16_update(*tensors, **hyper)
                 (
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
                     state["weight_norm"],
                     state["adam_norm"],
                     state["trust_ratio"],
-                ) = result
+                ) = run_update(lamb16_update, tensors, group["fused"], **hyper)
         return loss
 
 

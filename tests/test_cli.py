@@ -41,6 +41,12 @@ def data_dir(tmp_path: Path) -> Path:
     return write_synthetic_mnist(tmp_path / "data")
 
 
+def offline(data_dir: Path, out: Path) -> list[str]:
+    """Options every training test passes: the synthetic data, never a download, a
+    fresh --out, no progress bars."""
+    return ["--data-dir", str(data_dir), "--no-download", "--out", str(out), "--no-progress"]
+
+
 def invoke(*args: str):
     result = CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
     return result
@@ -59,7 +65,7 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
     out = tmp_path / "runs"
     result = invoke(
         "train", "--optimizer", "lamb16", "--epochs", "2", "--batch-size", "64", "--lr", "0.01",
-        "--log-interval", "2", "--data-dir", str(data_dir), "--no-download", "--out", str(out), "--no-progress",
+        "--log-interval", "2", *offline(data_dir, out),
     )
     assert result.exit_code == 0, result.output
     assert "epoch  2/2" in result.output and "accuracy" in result.output
@@ -93,7 +99,7 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
 def test_training_learns_the_synthetic_digits(data_dir, tmp_path):
     result = invoke(
         "train", "--optimizer", "lamb", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
-        "--data-dir", str(data_dir), "--no-download", "--out", str(tmp_path / "runs"), "--no-progress",
+        *offline(data_dir, tmp_path / "runs"),
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((single_run_dir(tmp_path / "runs") / "summary.json").read_text())
@@ -101,8 +107,7 @@ def test_training_learns_the_synthetic_digits(data_dir, tmp_path):
 
 
 def test_a_second_run_never_overwrites_the_first(data_dir, tmp_path):
-    args = ["train", "--epochs", "1", "--batch-size", "100", "--data-dir", str(data_dir), "--no-download",
-            "--out", str(tmp_path / "runs"), "--no-progress"]
+    args = ["train", "--epochs", "1", "--batch-size", "100", *offline(data_dir, tmp_path / "runs")]
     assert invoke(*args).exit_code == 0
     first = next((tmp_path / "runs").iterdir())
     before = (first / "metrics.jsonl").read_text()
@@ -114,8 +119,7 @@ def test_a_second_run_never_overwrites_the_first(data_dir, tmp_path):
 def test_compare_runs_all_optimizers_on_the_same_data_and_draws_the_figure(data_dir, tmp_path):
     out = tmp_path / "runs"
     result = invoke(
-        "compare", "--epochs", "1", "--batch-size", "100", "--lr", "0.01", "--data-dir", str(data_dir),
-        "--no-download", "--out", str(out), "--no-progress",
+        "compare", "--epochs", "1", "--batch-size", "100", "--lr", "0.01", *offline(data_dir, out)
     )
     assert result.exit_code == 0, result.output
     (compare_dir,) = out.iterdir()
@@ -134,7 +138,7 @@ def test_compare_runs_all_optimizers_on_the_same_data_and_draws_the_figure(data_
 def test_plot_redraws_the_figure_from_saved_runs(data_dir, tmp_path):
     out = tmp_path / "runs"
     invoke("compare", "--epochs", "1", "--batch-size", "150", "--optimizers", "lamb,lamb16-seed",
-           "--data-dir", str(data_dir), "--no-download", "--out", str(out), "--no-progress")
+           *offline(data_dir, out))
     (compare_dir,) = out.iterdir()
     (compare_dir / "figure.png").unlink()
     result = invoke("plot", str(compare_dir))
@@ -148,7 +152,7 @@ def test_a_diverging_run_is_recorded_and_compare_goes_on(data_dir, tmp_path):
     out = tmp_path / "runs"
     result = invoke(
         "compare", "--optimizers", "adam,lamb", "--epochs", "2", "--batch-size", "50", "--lr", "1e12",
-        "--log-interval", "1", "--data-dir", str(data_dir), "--no-download", "--out", str(out), "--no-progress",
+        "--log-interval", "1", *offline(data_dir, out),
     )
     assert result.exit_code == 0, result.output
     (compare_dir,) = out.iterdir()

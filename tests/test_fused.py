@@ -82,7 +82,7 @@ def compiled_calls(monkeypatch) -> list[str]:
         calls.append(update.__name__)
         return original(update, *args, **kwargs)
 
-    monkeypatch.setattr(lamb16.lamb16, "run_compiled", spy)
+    monkeypatch.setattr(lamb16.compiled, "run_compiled", spy)
     return calls
 
 
