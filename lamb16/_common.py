@@ -50,6 +50,28 @@ def params_with_grad(group: dict[str, Any], optimizer: str) -> Iterator[Tensor]:
         yield param
 
 
+def is_dense(t: Tensor) -> bool:
+    """Contiguous, or channels-last (as conv weights and their state may be)."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether an update's tensors can be walked as flat arrays: the parameter is
+    dense in one memory layout (plain or channels-last) and every other
+    per-element tensor (gradient, moments) has that very layout, so that element
+    i of each is the same element. 0-dim tensors (scales) are scalars."""
+    first = tensors[0]
+    return is_dense(first) and all(
+        t.dim() == 0 or (t.shape == first.shape and t.stride() == first.stride()) for t in tensors
+    )
+
+
 class CheckedOptimizer(Optimizer):
     """An Optimizer that validates every param group as it is added, whether by
     the constructor or by `add_param_group`, and keeps none that fails."""

@@ -1,11 +1,11 @@
-"""The fast path: the reference per-tensor updates, compiled once by torch.compile.
+"""The fast path off the CPU: the reference per-tensor updates, compiled once by torch.compile.
 
 Each update runs on flat (1-D) aliases with dynamic shapes and with its
 hyperparameters as 0-dim tensors, so one compiled graph serves every tensor,
 every step and every learning rate (Inductor makes one for tensors of up to
 4096 elements and one for larger). With aggressive fusion, Inductor turns the
-reference's two passes into exactly two loops over memory (C++/OpenMP on the
-CPU, Triton on CUDA): one for all the reductions, one for all the writes. Where it
+reference's two passes into exactly two loops over memory (Triton kernels on CUDA,
+C++ on the CPU): one for all the reductions, one for all the writes. Where it
 cannot compile (no C compiler, an unsupported device), the optimizer falls back
 to the reference with one warning.
 """
@@ -17,36 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import same_dense_layout
+
 _compiled: dict[Callable, Callable] = {}
 _unavailable: str | None = None  # why compilation failed, once it has
 _scalars: dict[tuple[float, torch.device], Tensor] = {}  # hyperparameters as graph inputs
 
 
-def is_dense(t: Tensor) -> bool:
-    """Contiguous, or channels-last (as conv weights and their state may be)."""
-    if t.is_contiguous():
-        return True
-    if t.dim() == 4:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return t.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
 def can_compile(tensors: tuple[Tensor, ...]) -> bool:
-    """Whether an update's tensors can go through the compiled path: the parameter
-    has more than one element (torch.compile specializes sizes 0 and 1) and is
-    dense in one memory layout (plain or channels-last), and every other
-    per-element tensor (gradient, moments) has that very layout, so that
-    element i of every flat alias is the same element. 0-dim tensors (scales)
-    are scalars."""
-    first = tensors[0]
-    return (
-        _unavailable is None
-        and first.numel() > 1
-        and is_dense(first)
-        and all(t.dim() == 0 or (t.shape == first.shape and t.stride() == first.stride()) for t in tensors)
-    )
+    """Whether an update's tensors can go through the compiled path: laid out as
+    flat arrays alike, and the parameter has more than one element
+    (torch.compile specializes sizes 0 and 1)."""
+    return _unavailable is None and tensors[0].numel() > 1 and same_dense_layout(tensors)
 
 
 def as_input(value: Any, like: Tensor) -> Any:
@@ -98,9 +80,15 @@ def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: 
         return update(*reference_args, **hyper)
 
 
+def compiles_on(device: torch.device) -> bool:
+    """Where this path serves: every device but the CPU, where lamb16.native is faster."""
+    return device.type != "cpu"
+
+
 def run_update(update: Callable, tensors: tuple[Tensor, ...], fused: bool | None, **hyper: Any) -> Any:
-    """Run a per-tensor update: compiled unless `fused` is False or these tensors
-    cannot take the compiled path, else the eager reference itself."""
-    if fused is not False and can_compile(tensors):
+    """Run a per-tensor update: compiled unless `fused` is False, the device is
+    the CPU, or these tensors cannot take the compiled path; else the eager
+    reference itself."""
+    if fused is not False and compiles_on(tensors[0].device) and can_compile(tensors):
         return run_compiled(update, tensors, **hyper)
     return update(*tensors, **hyper)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native
 from ._common import CheckedOptimizer, params_with_grad
 from .compiled import run_update
 
@@ -118,7 +119,9 @@ class Lamb(CheckedOptimizer):
                     adam=group["adam"],
                     bias_correction=group["bias_correction"],
                 )
-                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = run_update(
-                    lamb_update, tensors, group["fused"], **hyper
-                )
+                if native.usable(tensors, group["fused"]):
+                    results = native.lamb_step(*tensors, max_weight_norm=MAX_WEIGHT_NORM, **hyper)
+                else:
+                    results = run_update(lamb_update, tensors, group["fused"], **hyper)
+                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = results
         return loss

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native
 from ._common import CheckedOptimizer, params_with_grad
 from .compiled import run_update
 from .quantize import (
@@ -129,10 +130,11 @@ class Lamb16(CheckedOptimizer):
         of the fp8 range, so the stored moments stay within fp8's resolution;
         "seed" is the original proof-of-concept's arithmetic, which saturates
         the first moment of large tensors (kept to reproduce its figures).
-    fused: None (default) or True runs the update compiled by torch.compile
-        (the same arithmetic, fused into a few passes; compiled once per process,
-        cached on disk), falling back to the reference with a warning where it
-        cannot compile; False always runs the eager reference.
+    fused: None (default) or True runs the update fused into two passes over
+        memory: on the CPU, C++ kernels built once per machine (lamb16.native);
+        elsewhere, the reference compiled by torch.compile (lamb16.compiled). It
+        falls back to the reference with one warning where it cannot build or
+        compile; False always runs the eager reference.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
     `trust_ratio` of that step as 0-dim tensors, for logging.
@@ -208,13 +210,17 @@ class Lamb16(CheckedOptimizer):
                     trust_scale=group["trust_scale"],
                     scaling=group["scaling"],
                 )
+                if native.usable(tensors, group["fused"]):
+                    results = native.lamb16_step(*tensors, **hyper)
+                else:
+                    results = run_update(lamb16_update, tensors, group["fused"], **hyper)
                 (
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
                     state["weight_norm"],
                     state["adam_norm"],
                     state["trust_ratio"],
-                ) = run_update(lamb16_update, tensors, group["fused"], **hyper)
+                ) = results
         return loss
 
 

@@ -6,7 +6,9 @@ wider exponent suits v, which spans the square of the gradient's range.
 A scaling is a pair of functions: `*_scales` reduces this step's float32
 moments `m` and `v` to their two scales, and `write_*` stores their fp8 form
 into `exp_avg` and `exp_avg_sq`; `store_*` does both, and `dequantize` reads
-a moment back.
+a moment back. Writes multiply by the scale's reciprocal: one division per
+tensor instead of one per element (the divider is what a CPU step waits on),
+at most one float32 rounding away from dividing.
 """
 
 import torch
@@ -44,9 +46,11 @@ def absmax_scales(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def write_absmax(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
     """v is floored at the smallest e5m2 value instead of flushing to zero: a zero
-    in v would turn that element's next update m / (sqrt(v) + eps) into m / eps."""
-    exp_avg.copy_((m / m_scale).clamp(-E4M3_MAX, E4M3_MAX))
-    exp_avg_sq.copy_((v / v_scale).clamp(E5M2_SMALLEST, E5M2_MAX))
+    in v would turn that element's next update m / (sqrt(v) + eps) into m / eps.
+    No ceiling is needed: the largest element lands on the top of the range, give
+    or take a float32 rounding, which the fp8 conversion rounds back onto it."""
+    exp_avg.copy_(m * (1 / m_scale))
+    exp_avg_sq.copy_((v * (1 / v_scale)).clamp(min=E5M2_SMALLEST))
 
 
 def seed_scales(m: Tensor, v: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -63,8 +67,8 @@ def seed_scales(m: Tensor, v: Tensor, eps: float | Tensor) -> tuple[Tensor, Tens
 
 
 def write_seed(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-    exp_avg.copy_((m / m_scale).clamp(-SEED_M_CLAMP, SEED_M_CLAMP))
-    exp_avg_sq.copy_(v.clamp(0, SEED_SQUARE_CLAMP) / v_scale)
+    exp_avg.copy_((m * (1 / m_scale)).clamp(-SEED_M_CLAMP, SEED_M_CLAMP))
+    exp_avg_sq.copy_(v.clamp(0, SEED_SQUARE_CLAMP) * (1 / v_scale))
 
 
 def store_absmax(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,8 @@
-"""The compiled (fused) steps against the eager reference, which is the ground truth."""
+"""The fused steps against the eager reference, which is the ground truth: the CPU
+kernels (lamb16.native, the default here) and the torch.compile path (what CUDA
+runs, checked here on the CPU)."""
 
+import ctypes
 import warnings
 
 import pytest
@@ -8,11 +11,13 @@ from torch import nn
 
 import lamb16.compiled
 import lamb16.lamb16
+import lamb16.native
 from lamb16 import Lamb, Lamb16
 
-# Below and above Inductor's 4096-element reduction split, several ranks, and
-# the 1-element tensors that always take the reference.
-SHAPES = [(3,), (50, 20), (20, 1, 5, 5), (130, 70), (2, 3, 900), (1,), ()]
+# Below and above Inductor's 4096-element reduction split and the kernels'
+# 2048-element blocks, one large enough for the kernels' threads (32768),
+# several ranks, and 1-element tensors.
+SHAPES = [(3,), (50, 20), (20, 1, 5, 5), (130, 70), (2, 3, 900), (256, 160), (1,), ()]
 STEPS = 6
 
 CASES = {
@@ -58,7 +63,8 @@ def assert_fused_matches_reference(fused, reference, fast_opt, ref_opt) -> None:
                 assert (codes - ref_codes).abs().max() <= 1, key
                 assert (codes != ref_codes).float().mean() <= 1e-3, key
             else:
-                torch.testing.assert_close(fast[key], ref[key], rtol=1e-4, atol=1e-7)
+                # atol: where m cancels to near 0, a last-bit difference in (1 - beta1) shows
+                torch.testing.assert_close(fast[key], ref[key], rtol=1e-4, atol=1e-6)
         off = ~torch.isclose(p, q, rtol=1e-5, atol=1e-6)
         assert off.float().mean() <= 1e-3
         assert (p - q).abs().max() <= 1e-3
@@ -67,14 +73,31 @@ def assert_fused_matches_reference(fused, reference, fast_opt, ref_opt) -> None:
                 torch.testing.assert_close(fast[key], ref[key], rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_matches_reference(case):
-    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
+@pytest.fixture
+def compiled_on_cpu(monkeypatch) -> None:
+    """Send CPU tensors down the torch.compile path (CUDA's), not the CPU kernels."""
+    monkeypatch.setattr(lamb16.native, "usable", lambda tensors, fused: False)
+    monkeypatch.setattr(lamb16.compiled, "compiles_on", lambda device: True)
+
+
+@pytest.fixture
+def native_calls(monkeypatch) -> list[str]:
+    """The names of the kernels the optimizers call, one per tensor update."""
+    calls: list[str] = []
+    for name in ("lamb16_step", "lamb_step"):
+        original = getattr(lamb16.native, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lamb16.native, name, spy)
+    return calls
 
 
 @pytest.fixture
 def compiled_calls(monkeypatch) -> list[str]:
-    """The names of the updates Lamb16 sends down the compiled path."""
+    """The names of the updates sent down the compiled path."""
     calls: list[str] = []
     original = lamb16.compiled.run_compiled
 
@@ -86,21 +109,76 @@ def compiled_calls(monkeypatch) -> list[str]:
     return calls
 
 
-def test_fused_path_is_actually_compiled(compiled_calls):
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_kernels_match_reference(case, native_calls):
+    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
+    assert len(native_calls) == len(SHAPES) * STEPS  # every tensor, 1-element ones too
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_step_matches_reference(case, compiled_on_cpu):
+    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
+
+
+def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(256, 160)])
+        torch.set_num_threads(max(threads, 2))
+        many = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(256, 160)])
+    finally:
+        torch.set_num_threads(threads)
+    # Only the order in which the threads' partial sums add up differs.
+    torch.testing.assert_close(one[0][0], many[0][0], rtol=1e-6, atol=1e-8)
+
+
+def kernel_conversion(name: str, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(values.numel(), dtype=out_dtype)
+    getattr(lamb16.native.library(), name)(values.data_ptr(), out.data_ptr(), values.numel())
+    return out
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_cpu_kernels_convert_fp8_exactly_as_torch(fp8):
+    """The kernels' bit arithmetic against torch's conversions: every code, and
+    float32 values spread over the whole bit range plus each midpoint between
+    neighbouring codes and the floats on either side of it (where rounding
+    to nearest even decides)."""
+    suffix = "e4m3" if fp8 == torch.float8_e4m3fn else "e5m2"
+    codes = torch.arange(256, dtype=torch.uint8)
+    decoded = kernel_conversion(f"decode_{suffix}_array", codes, torch.float32)
+    torch.testing.assert_close(decoded, codes.view(fp8).float(), rtol=0, atol=0, equal_nan=True)
+
+    finite = codes.view(fp8).float().unique()
+    finite = finite[finite.isfinite()]
+    midpoints = ((finite[1:].double() + finite[:-1].double()) / 2).float()
+    around = [midpoints, midpoints.nextafter(torch.tensor(1e9)), midpoints.nextafter(torch.tensor(-1e9))]
+    spread = torch.arange(0, 2**32, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 448.0, 464.0, 480.0, 61440.0])
+    values = torch.cat([spread, *around, *(-t for t in around), special])
+    encoded = kernel_conversion(f"encode_{suffix}_array", values, torch.uint8)
+    expected = values.to(fp8).view(torch.uint8)
+    both_nan = encoded.view(fp8).float().isnan() & expected.view(fp8).float().isnan()
+    mismatched = (encoded != expected) & ~both_nan
+    assert not mismatched.any(), (values[mismatched][:5], encoded[mismatched][:5], expected[mismatched][:5])
+
+
+def test_fused_path_is_actually_compiled(compiled_on_cpu, compiled_calls):
     twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(40, 40), (1,)], steps=2)
     assert compiled_calls == ["lamb16_update"] * 2  # the 1-element tensor takes the reference
     assert lamb16.compiled._unavailable is None
     assert lamb16.lamb16.lamb16_update in lamb16.compiled._compiled
 
 
-def test_new_shapes_and_learning_rates_do_not_recompile():
+def test_new_shapes_and_learning_rates_do_not_recompile(compiled_on_cpu):
     twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(300,), (70, 80)], steps=2)  # warm: both size classes
     torch._dynamo.utils.counters.clear()
     twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(17,), (9, 9, 9), (5000,), (3, 40, 50)], steps=3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
-def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeypatch):
+def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeypatch, compiled_on_cpu):
     def broken_compile(fn, **kwargs):
         def fail(*args, **kw):
             raise RuntimeError("no C compiler found")
@@ -119,11 +197,37 @@ def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeyp
         assert torch.equal(p, q)  # the reference itself ran
 
 
-def test_fused_false_never_compiles(monkeypatch):
+@pytest.mark.parametrize("cls", [Lamb16, Lamb])
+def test_failed_kernel_build_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path, cls):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LAMB16_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lamb16.native, "_library", None)
+    monkeypatch.setattr(lamb16.native, "_unavailable", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, reference, fast_opt, ref_opt = twin_runs(cls, dict(weight_decay=0.01), shapes=[(30, 4), (8,)])
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no-such-compiler" in messages[0], messages
+    for p, q in zip(fused, reference):
+        assert torch.equal(p, q)  # the reference itself ran
+
+
+def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAMB16_CACHE_DIR", str(tmp_path))
+    path = lamb16.native.build("c++")
+    assert path.parent == tmp_path and path.suffix == ".so"
+    built = path.stat().st_mtime_ns
+    assert lamb16.native.build("c++") == path and path.stat().st_mtime_ns == built  # found, not rebuilt
+    assert isinstance(ctypes.CDLL(str(path)).lamb16_step, ctypes._CFuncPtr)
+
+
+def test_fused_false_never_builds_or_compiles(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.compile must not be called")
+        raise AssertionError("no fused path may be used")
 
     monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(lamb16.native, "library", refuse)
+    monkeypatch.setattr(lamb16.compiled, "compiles_on", lambda device: True)
     monkeypatch.setattr(lamb16.compiled, "_compiled", {})
     param = nn.Parameter(torch.randn(100))
     optimizer = Lamb16([param], fused=False)
@@ -131,9 +235,14 @@ def test_fused_false_never_compiles(monkeypatch):
     optimizer.step()
 
 
-def test_channels_last_parameters_take_the_fused_path(compiled_calls):
+@pytest.mark.parametrize("path", ["native", "compiled"])
+def test_channels_last_parameters_take_the_fused_path(request, path):
     """A channels-last conv weight keeps that layout in its gradient and fp8 state;
     the fused step must handle it, and match the reference."""
+    if path == "compiled":
+        request.getfixturevalue("compiled_on_cpu")
+    calls = request.getfixturevalue("native_calls" if path == "native" else "compiled_calls")
+    expected = "lamb16_step" if path == "native" else "lamb16_update"
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     twin = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
@@ -148,5 +257,5 @@ def test_channels_last_parameters_take_the_fused_path(compiled_calls):
             opt.step()
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast_opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
-    assert compiled_calls.count("lamb16_update") == 6  # weight and bias, three steps
+    assert calls.count(expected) == 6  # weight and bias, three steps
     assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)
