@@ -67,9 +67,13 @@ def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     per-element tensor (gradient, moments) has that very layout, so that element
     i of each is the same element. 0-dim tensors (scales) are scalars."""
     first = tensors[0]
-    return is_dense(first) and all(
-        t.dim() == 0 or (t.shape == first.shape and t.stride() == first.stride()) for t in tensors
-    )
+    shape, stride, device = first.shape, first.stride(), first.device
+    if not is_dense(first):
+        return False
+    for t in tensors[1:]:
+        if t.device != device or (t.dim() and (t.shape != shape or t.stride() != stride)):
+            return False
+    return True
 
 
 class CheckedOptimizer(Optimizer):

@@ -188,6 +188,15 @@ class Lamb16(CheckedOptimizer):
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                trust_scale=group["trust_scale"],
+                scaling=group["scaling"],
+            )
             for param in params_with_grad(group, "Lamb16"):
                 state = self.state[param]
                 if not state:
@@ -200,15 +209,6 @@ class Lamb16(CheckedOptimizer):
                     state["exp_avg_sq"],
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
-                )
-                hyper = dict(
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    trust_scale=group["trust_scale"],
-                    scaling=group["scaling"],
                 )
                 if native.usable(tensors, group["fused"]):
                     results = native.lamb16_step(*tensors, **hyper)

@@ -77,7 +77,8 @@ def build(compiler: str) -> Path:
         # Build under a temporary name and rename: two processes may build at once.
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            command = [compiler, *flags, str(SOURCE), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 os.replace(built, path)
                 return path
@@ -108,11 +109,17 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
-    """Whether this update runs on the CPU kernels: fused not False, CPU tensors
-    in one dense layout, and the kernels built (or buildable)."""
+    """Whether this update runs on the CPU kernels: fused not False, the kernels
+    built (or buildable), and tensors they can walk as flat arrays: on the CPU,
+    float32 weights and gradient, every per-element tensor in the parameter's
+    own dense layout (raw pointers forgive no mismatch). Moments and scales
+    have their dtypes by construction (and Lamb16.load_state_dict)."""
+    param, grad = tensors[0], tensors[1]
     return (
         fused is not False
-        and tensors[0].device.type == "cpu"
+        and param.device.type == "cpu"
+        and grad.device.type == "cpu"
+        and param.dtype == grad.dtype == torch.float32
         and same_dense_layout(tensors)
         and library() is not None
     )
