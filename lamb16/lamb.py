@@ -67,7 +67,8 @@ class Lamb(CheckedOptimizer):
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
     `trust_ratio` of that step as 0-dim tensors, for logging. `fused` as for
-    `Lamb16`: None or True compiles the update, False runs the eager reference.
+    `Lamb16`: None or True runs the fused step (CPU kernels, or torch.compile
+    off the CPU), False the eager reference.
     """
 
     def __init__(
