@@ -85,10 +85,7 @@ def compiles_on(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def run_update(update: Callable, tensors: tuple[Tensor, ...], fused: bool | None, **hyper: Any) -> Any:
-    """Run a per-tensor update: compiled unless `fused` is False, the device is
-    the CPU, or these tensors cannot take the compiled path; else the eager
-    reference itself."""
-    if fused is not False and compiles_on(tensors[0].device) and can_compile(tensors):
-        return run_compiled(update, tensors, **hyper)
-    return update(*tensors, **hyper)
+def usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
+    """Whether this update runs compiled: fused not False, off the CPU, and
+    tensors the compiled graphs take."""
+    return fused is not False and compiles_on(tensors[0].device) and can_compile(tensors)

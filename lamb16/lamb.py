@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import native
 from ._common import CheckedOptimizer, params_with_grad
-from .compiled import run_update
+from .dispatch import run_update
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
 MAX_WEIGHT_NORM = 10.0
@@ -34,6 +34,7 @@ def lamb_update(
     weight_decay: float | Tensor,
     adam: bool,
     bias_correction: bool,
+    max_weight_norm: float | Tensor = MAX_WEIGHT_NORM,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`:
     the reference implementation. Returns (weight_norm, adam_norm, trust_ratio)
@@ -47,7 +48,7 @@ def lamb_update(
         v = v / (1 - beta2**step)
 
     update = (m / (v.sqrt() + eps)).add_(param * weight_decay)
-    weight_norm = param.norm().clamp(max=MAX_WEIGHT_NORM)
+    weight_norm = param.norm().clamp(max=max_weight_norm)
     adam_norm = update.norm()
     trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
     param.sub_(update.mul_(trust * lr))
@@ -119,10 +120,9 @@ class Lamb(CheckedOptimizer):
                     weight_decay=group["weight_decay"],
                     adam=group["adam"],
                     bias_correction=group["bias_correction"],
+                    max_weight_norm=MAX_WEIGHT_NORM,
                 )
-                if native.usable(tensors, group["fused"]):
-                    results = native.lamb_step(*tensors, max_weight_norm=MAX_WEIGHT_NORM, **hyper)
-                else:
-                    results = run_update(lamb_update, tensors, group["fused"], **hyper)
-                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = results
+                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = run_update(
+                    lamb_update, native.lamb_step, tensors, group["fused"], **hyper
+                )
         return loss

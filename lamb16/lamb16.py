@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import native
 from ._common import CheckedOptimizer, params_with_grad
-from .compiled import run_update
+from .dispatch import run_update
 from .quantize import (
     E4M3,
     E5M2,
@@ -210,17 +210,13 @@ class Lamb16(CheckedOptimizer):
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
                 )
-                if native.usable(tensors, group["fused"]):
-                    results = native.lamb16_step(*tensors, **hyper)
-                else:
-                    results = run_update(lamb16_update, tensors, group["fused"], **hyper)
                 (
                     state["exp_avg_scale"],
                     state["exp_avg_sq_scale"],
                     state["weight_norm"],
                     state["adam_norm"],
                     state["trust_ratio"],
-                ) = results
+                ) = run_update(lamb16_update, native.lamb16_step, tensors, group["fused"], **hyper)
         return loss
 
 

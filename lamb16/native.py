@@ -66,13 +66,16 @@ def machine_id() -> str:
 def build(compiler: str) -> Path:
     """Compile the kernels (or find them built) and return the library's path."""
     source = SOURCE.read_bytes()
-    errors = []
+    variants = []
     for openmp in OPENMP_FLAGS:
         flags = FLAGS + openmp
         key = hashlib.sha256(source + " ".join([compiler, *flags, machine_id()]).encode()).hexdigest()[:16]
-        path = cache_dir() / f"cpu_kernels-{key}.so"
+        variants.append((flags, cache_dir() / f"cpu_kernels-{key}.so"))
+    for _, path in variants:  # a machine without OpenMP builds, and then finds, the second
         if path.exists():
             return path
+    errors = []
+    for flags, path in variants:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Build under a temporary name and rename: two processes may build at once.
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -82,7 +85,8 @@ def build(compiler: str) -> Path:
             if result.returncode == 0:
                 os.replace(built, path)
                 return path
-            errors.append(result.stderr.strip().splitlines()[0] if result.stderr.strip() else f"exit {result.returncode}")
+            stderr = result.stderr.strip()
+            errors.append(stderr.splitlines()[0] if stderr else f"exit status {result.returncode}")
     raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[0]}")
 
 
@@ -118,7 +122,6 @@ def usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
     return (
         fused is not False
         and param.device.type == "cpu"
-        and grad.device.type == "cpu"
         and param.dtype == grad.dtype == torch.float32
         and same_dense_layout(tensors)
         and library() is not None
