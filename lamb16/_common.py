@@ -1,6 +1,6 @@
 """What Lamb and Lamb16 share: hyperparameter checks and the walk over parameters."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +48,28 @@ def params_with_grad(group: dict[str, Any], optimizer: str) -> Iterator[Tensor]:
                 "use dense gradients (e.g. nn.Embedding(sparse=False))"
             )
         yield param
+
+
+# One tensor's update: the reference's tensor arguments (weights, gradient, the
+# two moments, then any 0-dim state), the 0-dim state tensors its results go to
+# (in place), and keyword arguments of its own (Lamb's step count).
+Job = tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Any]]
+
+
+def stepped_states(
+    optimizer: Optimizer, group: dict[str, Any], name: str, init_state: Callable[[dict, Tensor], None]
+) -> list[tuple[Tensor, dict[str, Any]]]:
+    """(parameter, state) for each parameter of a group that has a gradient, its
+    state initialised on first use and its step counted (one call for all)."""
+    pairs = []
+    for param in params_with_grad(group, name):
+        state = optimizer.state[param]
+        if not state:
+            init_state(state, param)
+        pairs.append((param, state))
+    if pairs:
+        torch._foreach_add_([state["step"] for _, state in pairs], 1.0)
+    return pairs
 
 
 def is_dense(t: Tensor) -> bool:

@@ -1,21 +1,30 @@
-"""The one place that picks how an update runs: the CPU kernels, the compiled
+"""The one place that picks how updates run: the CPU kernels, the compiled
 reference (off the CPU), or the eager reference."""
 
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
-
 from . import compiled, native
+from ._common import Job
 
 
-def run_update(
-    update: Callable, native_update: Callable, tensors: tuple[Tensor, ...], fused: bool | None, **hyper: Any
-) -> Any:
-    """Run `update` (the reference) or its CPU-kernel twin `native_update`, which
-    takes the same arguments and returns the same results."""
-    if native.usable(tensors, fused):
-        return native_update(*tensors, **hyper)
-    if compiled.usable(tensors, fused):
-        return compiled.run_compiled(update, tensors, **hyper)
-    return update(*tensors, **hyper)
+def run_updates(
+    update: Callable, native_updates: Callable, jobs: list[Job], fused: bool | None, **hyper: Any
+) -> None:
+    """Run a parameter group's updates: all those the CPU kernels can take in one
+    call to `native_updates`; each other one through `update`, the reference
+    (compiled off the CPU), its results copied into the job's state tensors."""
+    on_native = []
+    for job in jobs:
+        inputs, outputs, extra = job
+        if native.usable(job, fused):
+            on_native.append(job)
+            continue
+        if compiled.usable(inputs, fused):
+            results = compiled.run_compiled(update, inputs, **hyper, **extra)
+        else:
+            results = update(*inputs, **hyper, **extra)
+        for output, result in zip(outputs, results):
+            output.copy_(result)
+    if on_native:
+        native_updates(on_native, **hyper)

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, params_with_grad
-from .dispatch import run_update
+from ._common import CheckedOptimizer, Job, stepped_states
+from .dispatch import run_updates
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
 MAX_WEIGHT_NORM = 10.0
@@ -67,7 +67,8 @@ class Lamb(CheckedOptimizer):
     per element); see `Lamb16` for the same idea in 2 bytes.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
-    `trust_ratio` of that step as 0-dim tensors, for logging. `fused` as for
+    `trust_ratio` of that step as 0-dim tensors, for logging (updated in place, as
+    the moments are: keep `.item()` for a history). `fused` as for
     `Lamb16`: None or True runs the fused step (CPU kernels, or torch.compile
     off the CPU), False the eager reference.
     """
@@ -103,26 +104,29 @@ class Lamb(CheckedOptimizer):
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for param in params_with_grad(group, "Lamb"):
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
-                hyper = dict(
-                    step=float(state["step"]),
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    adam=group["adam"],
-                    bias_correction=group["bias_correction"],
-                    max_weight_norm=MAX_WEIGHT_NORM,
-                )
-                state["weight_norm"], state["adam_norm"], state["trust_ratio"] = run_update(
-                    lamb_update, native.lamb_step, tensors, group["fused"], **hyper
-                )
+            hyper = dict(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                adam=group["adam"],
+                bias_correction=group["bias_correction"],
+                max_weight_norm=MAX_WEIGHT_NORM,
+            )
+            jobs: list[Job] = []
+            for param, state in stepped_states(self, group, "Lamb", init_state):
+                inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+                outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
+                jobs.append((inputs, outputs, {"step": float(state["step"])}))
+            run_updates(lamb_update, native.lamb_steps, jobs, group["fused"], **hyper)
         return loss
+
+
+def init_state(state: dict[str, Tensor], param: Tensor) -> None:
+    """Zero moments, and the 0-dim tensors each step writes its statistics into."""
+    state["step"] = torch.tensor(0.0)
+    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    for key in ("weight_norm", "adam_norm", "trust_ratio"):
+        state[key] = torch.zeros((), device=param.device)

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, params_with_grad
-from .dispatch import run_update
+from ._common import CheckedOptimizer, Job, stepped_states
+from .dispatch import run_updates
 from .quantize import (
     E4M3,
     E5M2,
@@ -137,7 +137,8 @@ class Lamb16(CheckedOptimizer):
         compile; False always runs the eager reference.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
-    `trust_ratio` of that step as 0-dim tensors, for logging.
+    `trust_ratio` of that step as 0-dim tensors, for logging (updated in place, as
+    the moments are: keep `.item()` for a history).
     """
 
     def __init__(
@@ -197,33 +198,24 @@ class Lamb16(CheckedOptimizer):
                 trust_scale=group["trust_scale"],
                 scaling=group["scaling"],
             )
-            for param in params_with_grad(group, "Lamb16"):
-                state = self.state[param]
-                if not state:
-                    init_state(state, param)
-                state["step"] += 1
-                tensors = (
-                    param,
-                    param.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state["exp_avg_scale"],
-                    state["exp_avg_sq_scale"],
-                )
-                (
-                    state["exp_avg_scale"],
-                    state["exp_avg_sq_scale"],
-                    state["weight_norm"],
-                    state["adam_norm"],
-                    state["trust_ratio"],
-                ) = run_update(lamb16_update, native.lamb16_step, tensors, group["fused"], **hyper)
+            jobs: list[Job] = []
+            for param, state in stepped_states(self, group, "Lamb16", init_state):
+                m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]
+                inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"], m_scale, v_scale)
+                # The new scales replace the old in place; then the step's statistics.
+                outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
+                jobs.append((inputs, outputs, {}))
+            run_updates(lamb16_update, native.lamb16_steps, jobs, group["fused"], **hyper)
         return loss
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:
-    """Zero moments in fp8 and unit scales, as the first step expects."""
+    """Zero moments in fp8 and unit scales, as the first step expects, and the
+    0-dim tensors each step writes its statistics into."""
     state["step"] = torch.tensor(0.0)
     state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
     state["exp_avg_scale"] = torch.ones((), device=param.device)
     state["exp_avg_sq_scale"] = torch.ones((), device=param.device)
+    for key in ("weight_norm", "adam_norm", "trust_ratio"):
+        state[key] = torch.zeros((), device=param.device)

@@ -4,11 +4,13 @@ The kernels are the reference updates written as two vectorized, multi-threaded
 loops (one for the reductions, one for the writes). They include no torch
 headers, so the first use builds them in about two seconds with the system's
 C++ compiler (`$CXX`, else `c++`) and caches the library under
-`$LAMB16_CACHE_DIR` (default `~/.cache/lamb16`); a call costs a few
-microseconds, where a torch.compile'd update costs a hundred. Where no compiler
-can build them, the optimizers warn once and use the reference.
+`$LAMB16_CACHE_DIR` (default `~/.cache/lamb16`). One call runs a parameter
+group's updates, the small tensors several at once on the threads, the large
+ones each across all of them. Where no compiler can build the kernels, the
+optimizers warn once and use the reference.
 """
 
+import array
 import ctypes
 import hashlib
 import os
@@ -21,25 +23,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import same_dense_layout
+from ._common import Job, same_dense_layout
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # Without OpenMP (Apple's clang has none by default) the kernels run on one thread.
-OPENMP_FLAGS = [["-fopenmp"], []]
+VARIANTS = [["-fopenmp"], []]
 
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None  # why building failed, once it has
 
 _f, _i, _i64, _ptr = ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
-    # param, grad, exp_avg, exp_avg_sq, n, m scale, v scale, lr, beta1, beta2,
-    # 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale, seed, threads, out
-    "lamb16_step": [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr] + [_f] * 8 + [_i, _i, _ptr],
-    # param, grad, exp_avg, exp_avg_sq, n, lr, beta1, beta2, 1 - beta1, 1 - beta2,
-    # eps, weight_decay, bias_correction, 1 - beta1**step, 1 - beta2**step, adam,
-    # max_weight_norm, threads, out
-    "lamb_step": [_ptr, _ptr, _ptr, _ptr, _i64] + [_f] * 7 + [_i, _f, _f, _i, _f, _i, _ptr],
+    # table, count, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+    # trust_scale, seed, threads
+    "lamb16_steps": [_ptr, _i64] + [_f] * 8 + [_i, _i],
+    # table, count, corrections, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps,
+    # weight_decay, bias_correction, adam, max_weight_norm, threads
+    "lamb_steps": [_ptr, _i64, _ptr] + [_f] * 7 + [_i, _i, _f, _i],
     "encode_e4m3_array": [_ptr, _ptr, _i64],
     "encode_e5m2_array": [_ptr, _ptr, _i64],
     "decode_e4m3_array": [_ptr, _ptr, _i64],
@@ -67,8 +68,8 @@ def build(compiler: str) -> Path:
     """Compile the kernels (or find them built) and return the library's path."""
     source = SOURCE.read_bytes()
     variants = []
-    for openmp in OPENMP_FLAGS:
-        flags = FLAGS + openmp
+    for variant in VARIANTS:
+        flags = FLAGS + variant
         key = hashlib.sha256(source + " ".join([compiler, *flags, machine_id()]).encode()).hexdigest()[:16]
         variants.append((flags, cache_dir() / f"cpu_kernels-{key}.so"))
     for _, path in variants:  # a machine without OpenMP builds, and then finds, the second
@@ -112,49 +113,55 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
-def usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
-    """Whether this update runs on the CPU kernels: fused not False, the kernels
-    built (or buildable), and tensors they can walk as flat arrays: on the CPU,
-    float32 weights and gradient, every per-element tensor in the parameter's
-    own dense layout (raw pointers forgive no mismatch). Moments and scales
-    have their dtypes by construction (and Lamb16.load_state_dict)."""
-    param, grad = tensors[0], tensors[1]
+def usable(job: Job, fused: bool | None) -> bool:
+    """Whether a job runs on the CPU kernels: fused not False, the kernels built
+    (or buildable), and tensors they can walk as flat arrays through raw
+    pointers, which forgive no mismatch: float32 weights and gradient on the
+    CPU, the moments in the parameter's own dense layout, every other tensor a
+    float32 scalar there. Moments have their dtypes by construction (and
+    Lamb16.load_state_dict)."""
+    inputs, outputs, _ = job
+    param, grad = inputs[0], inputs[1]
     return (
         fused is not False
-        and param.device.type == "cpu"
+        and param.is_cpu
         and param.dtype == grad.dtype == torch.float32
-        and same_dense_layout(tensors)
+        and same_dense_layout(inputs[:4])
+        and all(t.is_cpu and t.dtype == torch.float32 and t.dim() == 0 for t in inputs[4:] + outputs)
         and library() is not None
     )
 
 
-def lamb16_step(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, trust_scale: float, scaling: str,
-) -> tuple[Tensor, ...]:
-    """lamb16_update() on the CPU kernels: the same in-place updates and the same
-    returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio)."""
-    out = torch.empty(5)
-    library().lamb16_step(  # type: ignore[union-attr]
-        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), param.numel(),
-        exp_avg_scale.data_ptr(), exp_avg_sq_scale.data_ptr(),
-        float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale,
-        scaling == "seed", torch.get_num_threads(), out.data_ptr(),
-    )
-    return out.unbind()
+def addresses(*tensors: Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
 
 
-def lamb_step(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-    *, step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    adam: bool, bias_correction: bool, max_weight_norm: float,
-) -> tuple[Tensor, ...]:
-    """lamb_update() on the CPU kernels; returns (weight_norm, adam_norm, trust_ratio)."""
-    out = torch.empty(3)
-    library().lamb_step(  # type: ignore[union-attr]
-        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), param.numel(),
-        float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
-        bias_correction, 1 - beta1**step, 1 - beta2**step, adam, max_weight_norm,
-        torch.get_num_threads(), out.data_ptr(),
+def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 trust_scale: float, scaling: str) -> None:
+    """lamb16_update() on the CPU kernels, for many tensors in one call (a table of
+    their addresses). Each job's results go into its state tensors in place; the
+    new scales into the tensors that held the old ones (inputs 4 and 5), as the
+    kernels read the old scales from there."""
+    table = array.array("q")
+    for (param, grad, exp_avg, exp_avg_sq, m_scale, v_scale), (_, _, weight_norm, adam_norm, trust), _ in jobs:
+        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
+                     + addresses(m_scale, v_scale, weight_norm, adam_norm, trust))
+    library().lamb16_steps(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale,
+        scaling == "seed", torch.get_num_threads(),
     )
-    return out.unbind()
+
+
+def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               adam: bool, bias_correction: bool, max_weight_norm: float) -> None:
+    """lamb_update() on the CPU kernels, for many tensors in one call; each job's
+    extra holds its step count, and its results go into its state tensors."""
+    table = array.array("q")
+    for inputs, outputs, _ in jobs:
+        table.extend(addresses(*inputs) + [inputs[0].numel()] + addresses(*outputs))
+    # In double, as the reference: in float32, 1 - 0.999 would lose four digits.
+    corrections = torch.tensor([[1 - beta1 ** extra["step"], 1 - beta2 ** extra["step"]] for _, _, extra in jobs])
+    library().lamb_steps(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), corrections.data_ptr(), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, bias_correction, adam, max_weight_norm, torch.get_num_threads(),
+    )

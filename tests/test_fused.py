@@ -81,15 +81,15 @@ def compiled_on_cpu(monkeypatch) -> None:
 
 
 @pytest.fixture
-def native_calls(monkeypatch) -> list[str]:
-    """The names of the kernels the optimizers call, one per tensor update."""
-    calls: list[str] = []
-    for name in ("lamb16_step", "lamb_step"):
+def native_calls(monkeypatch) -> list[tuple[str, int]]:
+    """The kernels the optimizers call, each with the number of tensors it took."""
+    calls: list[tuple[str, int]] = []
+    for name in ("lamb16_steps", "lamb_steps"):
         original = getattr(lamb16.native, name)
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
+        def spy(jobs, _name=name, _original=original, **kwargs):
+            calls.append((_name, len(jobs)))
+            return _original(jobs, **kwargs)
 
         monkeypatch.setattr(lamb16.native, name, spy)
     return calls
@@ -112,7 +112,37 @@ def compiled_calls(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpu_kernels_match_reference(case, native_calls):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
-    assert len(native_calls) == len(SHAPES) * STEPS  # every tensor, 1-element ones too
+    kernel = "lamb16_steps" if CASES[case]["cls"] is Lamb16 else "lamb_steps"
+    assert native_calls == [(kernel, len(SHAPES))] * STEPS  # one call a step, for every tensor
+
+
+# Each under the kernels' 32768 elements for splitting one tensor across
+# threads, together over it: the small tensors are shared out whole.
+SMALL_MANY = [(100, 50)] * 7 + [(3000,), (7,), (256, 160)]
+
+
+@pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction"])
+def test_cpu_kernels_share_out_many_small_tensors_as_the_reference(case, native_calls):
+    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"], shapes=SMALL_MANY))
+
+
+def test_a_tensor_the_kernels_cannot_take_runs_the_reference_beside_them(native_calls):
+    """A transposed (non-dense) weight goes to the reference; the others still
+    take the kernels, and every result is the reference's."""
+    gen = torch.Generator().manual_seed(0)
+    initial = [torch.randn(30, 40, generator=gen), torch.randn(40, generator=gen)]
+    fused = [nn.Parameter(initial[0].clone().t()), nn.Parameter(initial[1].clone())]
+    reference = [nn.Parameter(initial[0].clone().t()), nn.Parameter(initial[1].clone())]
+    assert not fused[0].is_contiguous()
+    fast_opt, ref_opt = Lamb16(fused, lr=1e-2, fused=True), Lamb16(reference, lr=1e-2, fused=False)
+    for _ in range(3):
+        for p, q in zip(fused, reference):
+            p.grad = q.grad = torch.randn(p.shape, generator=gen)
+        fast_opt.step()
+        ref_opt.step()
+    assert native_calls == [("lamb16_steps", 1)] * 3
+    assert torch.equal(fused[0], reference[0])  # the reference itself ran on it
+    assert_fused_matches_reference(fused, reference, fast_opt, ref_opt)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -120,17 +150,40 @@ def test_compiled_step_matches_reference(case, compiled_on_cpu):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
 
 
+def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls):
+    """A parameter without a gradient in the first steps lags the others' step
+    count; its bias correction must use its own."""
+    gen = torch.Generator().manual_seed(0)
+    initial = [torch.randn(20, 10, generator=gen) for _ in range(3)]
+    fused = [nn.Parameter(t.clone()) for t in initial]
+    reference = [nn.Parameter(t.clone()) for t in initial]
+    hyper = dict(lr=1e-2, bias_correction=True, betas=(0.8, 0.99))
+    fast_opt, ref_opt = Lamb(fused, fused=True, **hyper), Lamb(reference, fused=False, **hyper)
+    for step in range(4):
+        for index, (p, q) in enumerate(zip(fused, reference)):
+            grad = torch.randn(p.shape, generator=gen) if step >= index else None
+            p.grad, q.grad = grad, grad
+        fast_opt.step()
+        ref_opt.step()
+    assert [float(fast_opt.state[p]["step"]) for p in fused] == [4.0, 3.0, 2.0]
+    assert native_calls == [("lamb_steps", 1), ("lamb_steps", 2), ("lamb_steps", 3), ("lamb_steps", 3)]
+    assert_fused_matches_reference(fused, reference, fast_opt, ref_opt)
+
+
 def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(256, 160)])
+        one = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=SMALL_MANY)
         torch.set_num_threads(max(threads, 2))
-        many = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(256, 160)])
+        many = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=SMALL_MANY)
     finally:
         torch.set_num_threads(threads)
-    # Only the order in which the threads' partial sums add up differs.
-    torch.testing.assert_close(one[0][0], many[0][0], rtol=1e-6, atol=1e-8)
+    # A small tensor is one thread's, whichever: the very same result. A large
+    # one differs only in the order its threads' partial sums add up.
+    for p, q in zip(one[0][:-1], many[0][:-1]):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(one[0][-1], many[0][-1], rtol=1e-6, atol=1e-8)
 
 
 def kernel_conversion(name: str, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -218,7 +271,7 @@ def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
     assert path.parent == tmp_path and path.suffix == ".so"
     built = path.stat().st_mtime_ns
     assert lamb16.native.build("c++") == path and path.stat().st_mtime_ns == built  # found, not rebuilt
-    assert isinstance(ctypes.CDLL(str(path)).lamb16_step, ctypes._CFuncPtr)
+    assert isinstance(ctypes.CDLL(str(path)).lamb16_steps, ctypes._CFuncPtr)
 
 
 def test_fused_false_never_builds_or_compiles(monkeypatch):
@@ -242,7 +295,6 @@ def test_channels_last_parameters_take_the_fused_path(request, path):
     if path == "compiled":
         request.getfixturevalue("compiled_on_cpu")
     calls = request.getfixturevalue("native_calls" if path == "native" else "compiled_calls")
-    expected = "lamb16_step" if path == "native" else "lamb16_update"
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     twin = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
@@ -257,5 +309,8 @@ def test_channels_last_parameters_take_the_fused_path(request, path):
             opt.step()
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast_opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
-    assert calls.count(expected) == 6  # weight and bias, three steps
+    if path == "native":
+        assert calls == [("lamb16_steps", 2)] * 3  # weight and bias, three steps
+    else:
+        assert calls == ["lamb16_update"] * 6
     assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)

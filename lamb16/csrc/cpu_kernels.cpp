@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -39,18 +40,24 @@ inline float float_of(uint32_t u) {
 // would not). Rounding is to nearest even, as torch's own conversion; the tests
 // compare both on every code and on every rounding boundary.
 
+// The exponent is rebiased (7 -> 127, 15 -> 127) by an integer add; a
+// subnormal code (exponent 0) comes out as 2**(1 - bias) * (1 + m/2**k) / 2,
+// from which 2x - 2**(1 - bias) is its exact value. No float32 subnormal is
+// made on the way, so a flush-denormals mode cannot zero a small moment.
+
 inline float decode_e4m3(uint8_t code) {
   const uint32_t mag = code & 0x7Fu;
-  float value = mag < 8u ? float(mag) * 0x1p-9f : float_of((mag << 20) + (120u << 23));
+  const float normal = float_of((mag << 20) + (120u << 23));
+  float value = mag < 8u ? normal * 2.0f - 0x1p-6f : normal;
   value = mag == 0x7Fu ? std::numeric_limits<float>::quiet_NaN() : value;
   return float_of(bits_of(value) | (uint32_t(code & 0x80u) << 24));
 }
 
 inline float decode_e5m2(uint8_t code) {
   const uint32_t mag = code & 0x7Fu;
-  float value = mag < 4u ? float(mag) * 0x1p-16f : float_of((mag << 21) + (112u << 23));
-  value = mag == 0x7Cu ? std::numeric_limits<float>::infinity() : value;
-  value = mag > 0x7Cu ? std::numeric_limits<float>::quiet_NaN() : value;
+  const float normal = float_of((mag << 21) + (112u << 23));
+  float value = mag < 4u ? normal * 2.0f - 0x1p-14f : normal;
+  value = mag >= 0x7Cu ? float_of((mag << 21) | 0x7F800000u) : value;  // inf, or NaN
   return float_of(bits_of(value) | (uint32_t(code & 0x80u) << 24));
 }
 
@@ -214,18 +221,10 @@ void lamb_block_apply(float* __restrict p, const float* __restrict g, float* __r
 
 inline int64_t blocks_of(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
 
-}  // namespace
-
-extern "C" {
-
-// One LAMB16 step on n elements. state_scales: the old {m scale, v scale};
-// out: {new m scale, new v scale, weight_norm, adam_norm, trust_ratio}.
+// One LAMB16 step on n elements, from the old scales in args; out: {new m
+// scale, new v scale, weight_norm, adam_norm, trust_ratio}.
 void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
-                 const float* m_scale_in, const float* v_scale_in, float lr, float beta1, float beta2,
-                 float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, float trust_scale,
-                 int seed, int threads, float* out) {
-  const Lamb16Args args{*m_scale_in, *v_scale_in, beta1, beta2, one_minus_beta1, one_minus_beta2,
-                        eps, weight_decay, seed != 0};
+                 const Lamb16Args args, float lr, float trust_scale, int threads, float* out) {
   const int64_t blocks = blocks_of(n);
   float m_max = 0, v_max = 0, m_nans = 0, v_nans = 0;
   double m_sum = 0, v_sum = 0, weight = 0, update = 0;
@@ -246,8 +245,8 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
   const float count = float(n);
   float m_scale, v_scale;
   if (args.seed) {  // seed_scales()
-    m_scale = std::sqrt(float(m_sum)) / count + eps;
-    v_scale = std::sqrt(float(v_sum)) / count + eps;
+    m_scale = std::sqrt(float(m_sum)) / count + args.eps;
+    v_scale = std::sqrt(float(v_sum)) / count + args.eps;
   } else {  // absmax_scales()
     const float tiny = std::numeric_limits<float>::min(), nan = std::numeric_limits<float>::quiet_NaN();
     m_scale = m_nans > 0 ? nan : std::max(m_max / 448.0f, tiny);
@@ -272,11 +271,8 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
 }
 
 // One LAMB step on n elements; out: {weight_norm, adam_norm, trust_ratio}.
-void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n, float lr, float beta1,
-               float beta2, float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay,
-               int bias_correction, float m_correction, float v_correction, int adam, float max_weight_norm,
-               int threads, float* out) {
-  const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, m_correction, v_correction};
+void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n, const LambArgs args,
+               bool bias_correction, float lr, bool adam, float max_weight_norm, int threads, float* out) {
   const auto sums = bias_correction ? lamb_block_sums<true> : lamb_block_sums<false>;
   const auto apply = bias_correction ? lamb_block_apply<true> : lamb_block_apply<false>;
   const int64_t blocks = blocks_of(n);
@@ -301,6 +297,87 @@ void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_s
   out[0] = weight_norm;
   out[1] = adam_norm;
   out[2] = trust;
+}
+
+// Many tensors in one call: row t of the table holds tensor t's addresses (and
+// its size) in the order of the *_COLUMNS below, and the results are written
+// into the 0-dim state tensors the row points to. sizes: column 4 of each row.
+//
+// Tensors large enough to share out go one at a time, split across the threads;
+// the small ones go whole to one thread each, several at once (a small tensor's
+// sums add up in the same order whichever thread takes it).
+
+template <typename Update>
+void each_tensor(const int64_t* sizes, int64_t count, int threads, Update update) {
+  int64_t small_total = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    if (sizes[t] >= PARALLEL_MIN) {
+      update(t, threads);
+    } else {
+      small_total += sizes[t];
+    }
+  }
+#pragma omp parallel for schedule(dynamic, 1) if (small_total >= PARALLEL_MIN) num_threads(threads)
+  for (int64_t t = 0; t < count; ++t) {
+    if (sizes[t] < PARALLEL_MIN) update(t, 1);
+  }
+}
+
+template <typename T>
+T* address(int64_t value) {
+  return reinterpret_cast<T*>(static_cast<intptr_t>(value));
+}
+
+}  // namespace
+
+extern "C" {
+
+// Rows: param, grad, exp_avg, exp_avg_sq, numel, exp_avg_scale (read, then
+// overwritten), exp_avg_sq_scale (likewise), weight_norm, adam_norm, trust_ratio.
+constexpr int64_t LAMB16_COLUMNS = 10;
+
+void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, float beta2, float one_minus_beta1,
+                  float one_minus_beta2, float eps, float weight_decay, float trust_scale, int seed, int threads) {
+  std::vector<int64_t> sizes(count);
+  for (int64_t t = 0; t < count; ++t) sizes[t] = table[t * LAMB16_COLUMNS + 4];
+  each_tensor(sizes.data(), count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB16_COLUMNS;
+    float* m_scale = address<float>(r[5]);
+    float* v_scale = address<float>(r[6]);
+    const Lamb16Args args{*m_scale, *v_scale, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                          eps, weight_decay, seed != 0};
+    float out[5];
+    lamb16_step(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]), address<uint8_t>(r[3]),
+                r[4], args, lr, trust_scale, tensor_threads, out);
+    *m_scale = out[0];
+    *v_scale = out[1];
+    *address<float>(r[7]) = out[2];
+    *address<float>(r[8]) = out[3];
+    *address<float>(r[9]) = out[4];
+  });
+}
+
+// Rows: param, grad, exp_avg, exp_avg_sq, numel, weight_norm, adam_norm,
+// trust_ratio; corrections: each tensor's {1 - beta1**step, 1 - beta2**step}
+// (its own step count), used where bias_correction is set.
+constexpr int64_t LAMB_COLUMNS = 8;
+
+void lamb_steps(const int64_t* table, int64_t count, const float* corrections, float lr, float beta1, float beta2,
+                float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
+                int adam, float max_weight_norm, int threads) {
+  std::vector<int64_t> sizes(count);
+  for (int64_t t = 0; t < count; ++t) sizes[t] = table[t * LAMB_COLUMNS + 4];
+  each_tensor(sizes.data(), count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB_COLUMNS;
+    const float* correction = corrections + 2 * t;
+    const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, correction[0], correction[1]};
+    float out[3];
+    lamb_step(address<float>(r[0]), address<const float>(r[1]), address<float>(r[2]), address<float>(r[3]), r[4],
+              args, bias_correction != 0, lr, adam != 0, max_weight_norm, tensor_threads, out);
+    *address<float>(r[5]) = out[0];
+    *address<float>(r[6]) = out[1];
+    *address<float>(r[7]) = out[2];
+  });
 }
 
 // The fp8 conversions alone, for the tests to compare with torch's.
