@@ -26,9 +26,11 @@ from torch import Tensor
 from ._common import Job, same_dense_layout
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
-# Without OpenMP (Apple's clang has none by default) the kernels run on one thread.
-VARIANTS = [["-fopenmp"], []]
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+# Tried in order until one builds. Without OpenMP (Apple's clang has none by
+# default) the kernels run on one thread; without -march=native (a compiler
+# that cannot tell this processor) they use only the baseline vector width.
+VARIANTS = [["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []]
 
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None  # why building failed, once it has
@@ -72,7 +74,7 @@ def build(compiler: str) -> Path:
         flags = FLAGS + variant
         key = hashlib.sha256(source + " ".join([compiler, *flags, machine_id()]).encode()).hexdigest()[:16]
         variants.append((flags, cache_dir() / f"cpu_kernels-{key}.so"))
-    for _, path in variants:  # a machine without OpenMP builds, and then finds, the second
+    for _, path in variants:  # a machine that cannot build the first builds, then finds, a later one
         if path.exists():
             return path
     errors = []

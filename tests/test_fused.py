@@ -265,6 +265,26 @@ def test_failed_kernel_build_falls_back_to_the_reference_with_one_warning(monkey
         assert torch.equal(p, q)  # the reference itself ran
 
 
+def test_a_compiler_without_march_native_still_builds_the_kernels(monkeypatch, tmp_path):
+    """A compiler that cannot tell this processor (-march=native unsupported)
+    builds the portable variant: no warning, and the reference's results."""
+    compiler = tmp_path / "cxx-without-native"
+    compiler.write_text(
+        '#!/bin/sh\nfor arg in "$@"; do\n  if [ "$arg" = "-march=native" ]; then\n'
+        '    echo "error: unsupported option -march=native" >&2; exit 1\n  fi\ndone\nexec c++ "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LAMB16_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lamb16.native, "_library", None)
+    monkeypatch.setattr(lamb16.native, "_unavailable", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(30, 40), (8,)])
+    assert lamb16.native._library is not None
+    assert_fused_matches_reference(*runs)
+
+
 def test_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LAMB16_CACHE_DIR", str(tmp_path))
     path = lamb16.native.build("c++")
