@@ -50,6 +50,12 @@ def params_with_grad(group: dict[str, Any], optimizer: str) -> Iterator[Tensor]:
         yield param
 
 
+def adam_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters both updates take, as their keyword arguments."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
+
 # One tensor's update: the reference's tensor arguments (weights, gradient, the
 # two moments, then any 0-dim state), the 0-dim state tensors its results go to
 # (in place), and keyword arguments of its own (Lamb's step count).

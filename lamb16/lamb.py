@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, Job, stepped_states
+from ._common import CheckedOptimizer, Job, adam_hyperparameters, stepped_states
 from .dispatch import run_updates
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
@@ -103,16 +103,9 @@ class Lamb(CheckedOptimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                adam=group["adam"],
-                bias_correction=group["bias_correction"],
-                max_weight_norm=MAX_WEIGHT_NORM,
+            hyper = adam_hyperparameters(group)
+            hyper.update(
+                adam=group["adam"], bias_correction=group["bias_correction"], max_weight_norm=MAX_WEIGHT_NORM
             )
             jobs: list[Job] = []
             for param, state in stepped_states(self, group, "Lamb", init_state):

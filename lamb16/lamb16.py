@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, Job, stepped_states
+from ._common import CheckedOptimizer, Job, adam_hyperparameters, stepped_states
 from .dispatch import run_updates
 from .quantize import (
     E4M3,
@@ -188,16 +188,8 @@ class Lamb16(CheckedOptimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                trust_scale=group["trust_scale"],
-                scaling=group["scaling"],
-            )
+            hyper = adam_hyperparameters(group)
+            hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
             jobs: list[Job] = []
             for param, state in stepped_states(self, group, "Lamb16", init_state):
                 m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]

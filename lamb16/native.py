@@ -149,8 +149,8 @@ def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps:
         table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
                      + addresses(m_scale, v_scale, weight_norm, adam_norm, trust))
     library().lamb16_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale,
-        scaling == "seed", torch.get_num_threads(),
+        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+        trust_scale, scaling == "seed", torch.get_num_threads(),
     )
 
 
