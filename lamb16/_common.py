@@ -62,6 +62,13 @@ def adam_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
 Job = tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Any]]
 
 
+def init_step_and_statistics(state: dict[str, Tensor], param: Tensor) -> None:
+    """The step counter, and the 0-dim tensors each step writes its statistics into."""
+    state["step"] = torch.tensor(0.0)
+    for key in ("weight_norm", "adam_norm", "trust_ratio"):
+        state[key] = torch.zeros((), device=param.device)
+
+
 def stepped_states(
     optimizer: Optimizer, group: dict[str, Any], name: str, init_state: Callable[[dict, Tensor], None]
 ) -> list[tuple[Tensor, dict[str, Any]]]:

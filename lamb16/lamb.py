@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, Job, adam_hyperparameters, stepped_states
+from ._common import CheckedOptimizer, Job, adam_hyperparameters, init_step_and_statistics, stepped_states
 from .dispatch import run_updates
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
@@ -117,9 +117,7 @@ class Lamb(CheckedOptimizer):
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:
-    """Zero moments, and the 0-dim tensors each step writes its statistics into."""
-    state["step"] = torch.tensor(0.0)
+    """Zero moments, the step counter and the statistics."""
+    init_step_and_statistics(state, param)
     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    for key in ("weight_norm", "adam_norm", "trust_ratio"):
-        state[key] = torch.zeros((), device=param.device)

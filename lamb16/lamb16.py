@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from ._common import CheckedOptimizer, Job, adam_hyperparameters, stepped_states
+from ._common import CheckedOptimizer, Job, adam_hyperparameters, init_step_and_statistics, stepped_states
 from .dispatch import run_updates
 from .quantize import (
     E4M3,
@@ -202,12 +202,10 @@ class Lamb16(CheckedOptimizer):
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:
-    """Zero moments in fp8 and unit scales, as the first step expects, and the
-    0-dim tensors each step writes its statistics into."""
-    state["step"] = torch.tensor(0.0)
+    """Zero moments in fp8 and unit scales, as the first step expects; the step
+    counter and the statistics."""
+    init_step_and_statistics(state, param)
     state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
     state["exp_avg_scale"] = torch.ones((), device=param.device)
     state["exp_avg_sq_scale"] = torch.ones((), device=param.device)
-    for key in ("weight_norm", "adam_norm", "trust_ratio"):
-        state[key] = torch.zeros((), device=param.device)

@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 namespace {
 
@@ -299,27 +298,30 @@ void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_s
   out[2] = trust;
 }
 
-// Many tensors in one call: row t of the table holds tensor t's addresses (and
-// its size) in the order of the *_COLUMNS below, and the results are written
-// into the 0-dim state tensors the row points to. sizes: column 4 of each row.
+// Many tensors in one call: row t of the table holds tensor t's addresses, and
+// its size in column SIZE, in the order of the *_COLUMNS below; the results are
+// written into the 0-dim state tensors the row points to.
 //
 // Tensors large enough to share out go one at a time, split across the threads;
 // the small ones go whole to one thread each, several at once (a small tensor's
 // sums add up in the same order whichever thread takes it).
 
+constexpr int64_t SIZE = 4;
+
 template <typename Update>
-void each_tensor(const int64_t* sizes, int64_t count, int threads, Update update) {
+void each_tensor(const int64_t* table, int64_t columns, int64_t count, int threads, Update update) {
   int64_t small_total = 0;
   for (int64_t t = 0; t < count; ++t) {
-    if (sizes[t] >= PARALLEL_MIN) {
+    const int64_t n = table[t * columns + SIZE];
+    if (n >= PARALLEL_MIN) {
       update(t, threads);
     } else {
-      small_total += sizes[t];
+      small_total += n;
     }
   }
 #pragma omp parallel for schedule(dynamic, 1) if (small_total >= PARALLEL_MIN) num_threads(threads)
   for (int64_t t = 0; t < count; ++t) {
-    if (sizes[t] < PARALLEL_MIN) update(t, 1);
+    if (table[t * columns + SIZE] < PARALLEL_MIN) update(t, 1);
   }
 }
 
@@ -338,9 +340,7 @@ constexpr int64_t LAMB16_COLUMNS = 10;
 
 void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, float beta2, float one_minus_beta1,
                   float one_minus_beta2, float eps, float weight_decay, float trust_scale, int seed, int threads) {
-  std::vector<int64_t> sizes(count);
-  for (int64_t t = 0; t < count; ++t) sizes[t] = table[t * LAMB16_COLUMNS + 4];
-  each_tensor(sizes.data(), count, threads, [&](int64_t t, int tensor_threads) {
+  each_tensor(table, LAMB16_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * LAMB16_COLUMNS;
     float* m_scale = address<float>(r[5]);
     float* v_scale = address<float>(r[6]);
@@ -365,9 +365,7 @@ constexpr int64_t LAMB_COLUMNS = 8;
 void lamb_steps(const int64_t* table, int64_t count, const float* corrections, float lr, float beta1, float beta2,
                 float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
                 int adam, float max_weight_norm, int threads) {
-  std::vector<int64_t> sizes(count);
-  for (int64_t t = 0; t < count; ++t) sizes[t] = table[t * LAMB_COLUMNS + 4];
-  each_tensor(sizes.data(), count, threads, [&](int64_t t, int tensor_threads) {
+  each_tensor(table, LAMB_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * LAMB_COLUMNS;
     const float* correction = corrections + 2 * t;
     const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, correction[0], correction[1]};
