@@ -1,7 +1,9 @@
 """The CPU fast path: csrc/cpu_kernels.cpp, built once per machine and called through ctypes.
 
 The kernels are the reference updates written as two vectorized, multi-threaded
-loops (one for the reductions, one for the writes). They include no torch
+loops (one for the reductions, one for the writes): by hand with AVX-512
+intrinsics where the processor has them, else as portable loops that the
+compiler vectorizes (`loops()` says which). They include no torch
 headers, so the first use builds them in about two seconds with the system's
 C++ compiler (`$CXX`, else `c++`) and caches the library under
 `$LAMB16_CACHE_DIR` (default `~/.cache/lamb16`). One call runs a parameter
@@ -47,7 +49,9 @@ SIGNATURES = {
     "encode_e5m2_array": [_ptr, _ptr, _i64],
     "decode_e4m3_array": [_ptr, _ptr, _i64],
     "decode_e5m2_array": [_ptr, _ptr, _i64],
+    "use_hand_vectorized": [_i],  # 1: on, 0: off, -1: as it is; returns whether they run
 }
+RESULTS = {"use_hand_vectorized": _i}
 
 
 def cache_dir() -> Path:
@@ -102,7 +106,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build(os.environ.get("CXX", "c++"))))
         for name, argtypes in SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = RESULTS.get(name)
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _unavailable = f"{type(error).__name__}: {error}"
@@ -113,6 +117,16 @@ def library() -> ctypes.CDLL | None:
             stacklevel=4,
         )
     return _library
+
+
+def loops() -> str:
+    """Which loops the CPU kernels run: "avx512" (hand-vectorized, where the
+    processor and compiler have AVX-512 with VBMI), "portable" (vectorized by
+    the compiler), or "none" where they cannot be built."""
+    lib = library()
+    if lib is None:
+        return "none"
+    return "avx512" if lib.use_hand_vectorized(-1) else "portable"
 
 
 def usable(job: Job, fused: bool | None) -> bool:

@@ -95,6 +95,17 @@ def native_calls(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def loops(request) -> str:
+    """Each test with it runs on both of the kernels' loops: the hand-vectorized
+    ones (skipped where the build has none) and the portable ones."""
+    lib = lamb16.native.library()
+    if not lib.use_hand_vectorized(request.param == "avx512") and request.param == "avx512":
+        pytest.skip("no AVX-512 (with VBMI) on this machine")
+    yield request.param
+    lib.use_hand_vectorized(1)
+
+
 @pytest.fixture
 def compiled_calls(monkeypatch) -> list[str]:
     """The names of the updates sent down the compiled path."""
@@ -110,7 +121,8 @@ def compiled_calls(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpu_kernels_match_reference(case, native_calls):
+def test_cpu_kernels_match_reference(case, native_calls, loops):
+    assert lamb16.native.loops() == loops
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
     kernel = "lamb16_steps" if CASES[case]["cls"] is Lamb16 else "lamb_steps"
     assert native_calls == [(kernel, len(SHAPES))] * STEPS  # one call a step, for every tensor
@@ -122,7 +134,7 @@ SMALL_MANY = [(100, 50)] * 7 + [(3000,), (7,), (256, 160)]
 
 
 @pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction"])
-def test_cpu_kernels_share_out_many_small_tensors_as_the_reference(case, native_calls):
+def test_cpu_kernels_share_out_many_small_tensors_as_the_reference(case, native_calls, loops):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"], shapes=SMALL_MANY))
 
 
@@ -150,7 +162,7 @@ def test_compiled_step_matches_reference(case, compiled_on_cpu):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
 
 
-def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls):
+def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls, loops):
     """A parameter without a gradient in the first steps lags the others' step
     count; its bias correction must use its own."""
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +182,58 @@ def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls):
     assert_fused_matches_reference(fused, reference, fast_opt, ref_opt)
 
 
-def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
+@pytest.mark.parametrize("cls", [Lamb16, Lamb])
+def test_cpu_kernels_spread_a_nan_gradient_as_the_reference(cls, loops):
+    """A NaN in one gradient element reaches exactly the weights and moments it
+    reaches on the reference (all of its tensor's, for Lamb16, through the fp8
+    scale); the other tensor is untouched by it."""
+    gen = torch.Generator().manual_seed(0)
+    initial = [torch.randn(300, 200, generator=gen), torch.randn(50, generator=gen)]
+    fused = [nn.Parameter(t.clone()) for t in initial]
+    reference = [nn.Parameter(t.clone()) for t in initial]
+    fast_opt, ref_opt = cls(fused, lr=1e-2, fused=True), cls(reference, lr=1e-2, fused=False)
+    for step in range(3):
+        for p, q in zip(fused, reference):
+            grad = torch.randn(p.shape, generator=gen)
+            if step == 1 and p.dim() == 2:
+                grad[7, 3] = float("nan")
+            p.grad, q.grad = grad.clone(), grad.clone()
+        fast_opt.step()
+        ref_opt.step()
+    poisoned, clean = (fused[0], reference[0]), (fused[1], reference[1])
+    assert poisoned[1].isnan().any()
+    assert torch.equal(poisoned[0].isnan(), poisoned[1].isnan())
+    for key in ("exp_avg", "exp_avg_sq"):
+        fast, ref = fast_opt.state[poisoned[0]][key].float(), ref_opt.state[poisoned[1]][key].float()
+        assert torch.equal(fast.isnan(), ref.isnan()), key
+    torch.testing.assert_close(clean[0], clean[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_first_moment_scale_past_the_hand_vectorized_range_matches_the_reference(loops):
+    """The hand-vectorized loops fold 2**8 into m's scale (through half
+    precision), exact for scales up to 2**100. A larger one, from a diverging
+    run, must still give the reference's step: such a tensor takes the
+    portable loops."""
+    gen = torch.Generator().manual_seed(0)
+    initial = torch.randn(1000, generator=gen)
+    fused, reference = nn.Parameter(initial.clone()), nn.Parameter(initial.clone())
+    # lr 0: the weights stay put, so that the (huge) update cannot blur the comparison.
+    fast_opt, ref_opt = Lamb16([fused], lr=0.0, fused=True), Lamb16([reference], lr=0.0, fused=False)
+    small_codes = (torch.randint(0, 2, (1000,), generator=gen) * 2 - 1) * 2.0**-8  # e4m3 subnormals
+    for step in range(2):
+        grad = torch.randn(1000, generator=gen)
+        fused.grad, reference.grad = grad.clone(), grad.clone()
+        if step == 1:
+            for opt, p in ((fast_opt, fused), (ref_opt, reference)):
+                opt.state[p]["exp_avg"] = small_codes.to(torch.float8_e4m3fn)
+                opt.state[p]["exp_avg_scale"].fill_(2.0**122)  # m near 2**114, finite
+        fast_opt.step()
+        ref_opt.step()
+    assert 2.0**100 < float(ref_opt.state[reference]["exp_avg_scale"]) < float("inf")
+    assert_fused_matches_reference([fused], [reference], fast_opt, ref_opt)
+
+
+def test_cpu_kernels_give_the_same_result_on_any_number_of_threads(loops):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -192,17 +255,15 @@ def kernel_conversion(name: str, values: torch.Tensor, out_dtype: torch.dtype) -
     return out
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "flush-denormal"])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
-def test_cpu_kernels_convert_fp8_exactly_as_torch(fp8):
-    """The kernels' bit arithmetic against torch's conversions: every code, and
-    float32 values spread over the whole bit range plus each midpoint between
-    neighbouring codes and the floats on either side of it (where rounding
-    to nearest even decides)."""
-    suffix = "e4m3" if fp8 == torch.float8_e4m3fn else "e5m2"
+def test_cpu_kernels_convert_fp8_exactly_as_torch(fp8, flush_denormal, loops):
+    """The kernels' conversions against torch's: every code, and float32 values
+    spread over the whole bit range plus each midpoint between neighbouring
+    codes and the floats on either side of it (where rounding to nearest even
+    decides). Also with the processor flushing subnormals (what
+    torch.set_flush_denormal(True) asks for), which must not change a result."""
     codes = torch.arange(256, dtype=torch.uint8)
-    decoded = kernel_conversion(f"decode_{suffix}_array", codes, torch.float32)
-    torch.testing.assert_close(decoded, codes.view(fp8).float(), rtol=0, atol=0, equal_nan=True)
-
     finite = codes.view(fp8).float().unique()
     finite = finite[finite.isfinite()]
     midpoints = ((finite[1:].double() + finite[:-1].double()) / 2).float()
@@ -210,8 +271,17 @@ def test_cpu_kernels_convert_fp8_exactly_as_torch(fp8):
     spread = torch.arange(0, 2**32, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 448.0, 464.0, 480.0, 61440.0])
     values = torch.cat([spread, *around, *(-t for t in around), special])
-    encoded = kernel_conversion(f"encode_{suffix}_array", values, torch.uint8)
     expected = values.to(fp8).view(torch.uint8)
+
+    suffix = "e4m3" if fp8 == torch.float8_e4m3fn else "e5m2"
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this processor cannot flush subnormals")
+    try:
+        decoded = kernel_conversion(f"decode_{suffix}_array", codes, torch.float32)
+        encoded = kernel_conversion(f"encode_{suffix}_array", values, torch.uint8)
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(decoded, codes.view(fp8).float(), rtol=0, atol=0, equal_nan=True)
     both_nan = encoded.view(fp8).float().isnan() & expected.view(fp8).float().isnan()
     mismatched = (encoded != expected) & ~both_nan
     assert not mismatched.any(), (values[mismatched][:5], encoded[mismatched][:5], expected[mismatched][:5])
