@@ -884,8 +884,12 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
         writable_dir(json_path.parent)
     train_data = load_mnist(data_dir, True, False, torch_device)
     report: dict = dict(device=str(torch_device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={})
+    where = f"{torch_device} ({torch.get_num_threads()} threads)"
+    if torch_device.type == "cpu":
+        report["cpu_loops"] = lamb16.native.loops()
+        where += f", Lamb16 and Lamb on the {report['cpu_loops']} kernel loops"
 
-    click.echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {torch_device} ({torch.get_num_threads()} threads)")
+    click.echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {where}")
     header = "| parameters | optimizer | step ms | x Adam fused | state bytes/param | GB/s (minimum traffic) | first step s |"
     if torch_device.type == "cuda":
         header += " peak extra MB | largest tensor MB |"

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import cli
+import lamb16.native
 
 TRAIN_SIZE, TEST_SIZE = 300, 100
 
@@ -268,6 +269,8 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["cpu_loops"] == lamb16.native.loops() != "none"
+    assert f"on the {report['cpu_loops']} kernel loops" in result.output
     rows = {r["optimizer"]: r for r in report["steps"]["cnn"]}
     assert rows["adam fused"]["ratio_to_adam_fused"] == 1.0
     assert rows["lamb16"]["median_ms"] > 0 and rows["lamb16"]["parameters"] == 431_080
