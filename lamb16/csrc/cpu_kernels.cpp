@@ -461,10 +461,24 @@ void lamb_block_apply(float* __restrict p, const float* __restrict mq, const flo
   });
 }
 
-// The fp8 conversions of whole arrays, for the tests.
-template <typename In, typename Out, typename Convert>
-void convert_array(const In* x, Out* out, int64_t n, Convert convert) {
-  for_each_16(n, [&](int64_t i, Lanes k) { convert(x + i, out + i, k); });
+// The fp8 conversions of whole arrays, for the tests: true values, not times E4M3_IN_HALF.
+inline void encode_e4m3_array(const float* x, uint8_t* out, int64_t n) {
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Floats in_half = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), splat(E4M3_IN_HALF));
+    store_codes(out + i, k, encode_e4m3_in_half(in_half));
+  });
+}
+inline void encode_e5m2_array(const float* x, uint8_t* out, int64_t n) {
+  for_each_16(n, [&](int64_t i, Lanes k) { store_codes(out + i, k, encode_e5m2(_mm512_maskz_loadu_ps(k, x + i))); });
+}
+inline void decode_e4m3_array(const uint8_t* x, float* out, int64_t n) {
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Floats in_half = decode_e4m3_in_half(load_codes(x + i, k));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(in_half, splat(1 / E4M3_IN_HALF)));
+  });
+}
+inline void decode_e5m2_array(const uint8_t* x, float* out, int64_t n) {
+  for_each_16(n, [&](int64_t i, Lanes k) { _mm512_mask_storeu_ps(out + i, k, decode_e5m2(load_codes(x + i, k))); });
 }
 
 }  // namespace avx512
@@ -665,46 +679,27 @@ int use_hand_vectorized(int on) {
 
 // The fp8 conversions alone, for the tests to compare with torch's: the
 // hand-vectorized ones where they are on, else the scalar ones.
-void encode_e4m3_array(const float* x, uint8_t* out, int64_t n) {
 #ifdef LAMB16_AVX512
-  if (hand_vectorized) {
-    return avx512::convert_array(x, out, n, [](const float* in, uint8_t* to, avx512::Lanes k) {
-      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, in), avx512::splat(avx512::E4M3_IN_HALF));
-      avx512::store_codes(to, k, avx512::encode_e4m3_in_half(x));
-    });
-  }
+#define HAND_VECTORIZED(call) \
+  if (hand_vectorized) return avx512::call
+#else
+#define HAND_VECTORIZED(call)
 #endif
+
+void encode_e4m3_array(const float* x, uint8_t* out, int64_t n) {
+  HAND_VECTORIZED(encode_e4m3_array(x, out, n));
   for (int64_t i = 0; i < n; ++i) out[i] = encode_e4m3(x[i]);
 }
 void encode_e5m2_array(const float* x, uint8_t* out, int64_t n) {
-#ifdef LAMB16_AVX512
-  if (hand_vectorized) {
-    return avx512::convert_array(x, out, n, [](const float* in, uint8_t* to, avx512::Lanes k) {
-      avx512::store_codes(to, k, avx512::encode_e5m2(_mm512_maskz_loadu_ps(k, in)));
-    });
-  }
-#endif
+  HAND_VECTORIZED(encode_e5m2_array(x, out, n));
   for (int64_t i = 0; i < n; ++i) out[i] = encode_e5m2(x[i]);
 }
 void decode_e4m3_array(const uint8_t* x, float* out, int64_t n) {
-#ifdef LAMB16_AVX512
-  if (hand_vectorized) {
-    return avx512::convert_array(x, out, n, [](const uint8_t* in, float* to, avx512::Lanes k) {
-      const __m512 x = avx512::decode_e4m3_in_half(avx512::load_codes(in, k));
-      _mm512_mask_storeu_ps(to, k, _mm512_mul_ps(x, avx512::splat(1 / avx512::E4M3_IN_HALF)));
-    });
-  }
-#endif
+  HAND_VECTORIZED(decode_e4m3_array(x, out, n));
   for (int64_t i = 0; i < n; ++i) out[i] = decode_e4m3(x[i]);
 }
 void decode_e5m2_array(const uint8_t* x, float* out, int64_t n) {
-#ifdef LAMB16_AVX512
-  if (hand_vectorized) {
-    return avx512::convert_array(x, out, n, [](const uint8_t* in, float* to, avx512::Lanes k) {
-      _mm512_mask_storeu_ps(to, k, avx512::decode_e5m2(avx512::load_codes(in, k)));
-    });
-  }
-#endif
+  HAND_VECTORIZED(decode_e5m2_array(x, out, n));
   for (int64_t i = 0; i < n; ++i) out[i] = decode_e5m2(x[i]);
 }
 
