@@ -541,8 +541,7 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
-    block_apply(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_scale, v_scale,
-                       step_size);
+    block_apply(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_scale, v_scale, step_size);
   }
   out[0] = m_scale;
   out[1] = v_scale;
