@@ -509,33 +509,55 @@ BENCH_OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
 MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4}
 
 
+def design_of(optimizer: str) -> str:
+    """The algorithm a benchmarked optimizer runs ("adam", "lamb", "lamb16"), whatever its implementation."""
+    return optimizer.split()[0]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def traffic_run(pattern: str, grads: list[Tensor]) -> Callable[[], None]:
+    """A step's memory traffic alone (lamb16.native.traffic) on buffers of its
+    own, reading the shared gradients as the steps do."""
+    moment_dtype = lamb16.native.TRAFFIC_PATTERNS[pattern][1]
+    tensors = [
+        (torch.zeros_like(g), g, torch.zeros(g.shape, dtype=moment_dtype), torch.zeros(g.shape, dtype=moment_dtype))
+        for g in grads
+    ]
+    return lambda: lamb16.native.traffic(pattern, tensors)
 
 
 def bench_step_times(
     shapes: list[tuple[int, ...]], optimizers: list[str], device: torch.device, warmup: int, steps: int
 ) -> list[dict]:
     """Median step time of each optimizer on its own copy of the parameters,
-    sharing one set of gradients; the optimizers take turns, one step each per
-    round, so that a slow moment of a shared machine hits them all alike."""
+    sharing one set of gradients; on the CPU also the time of the memory
+    traffic alone of each design's step (its "floor"). Everything takes turns,
+    one step each per round, so that a slow moment of a shared machine hits all alike."""
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(shape, generator=gen).to(device) * 1e-2 for shape in shapes]
-    runs = {}
+    runs: dict[str, Callable[[], object]] = {}
+    optimizer_runs: dict[str, tuple[list[nn.Parameter], torch.optim.Optimizer]] = {}
     for name in optimizers:
         params = [nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.05) for shape in shapes]
         for p, g in zip(params, grads):
             p.grad = g
-        runs[name] = (params, BENCH_OPTIMIZERS[name](params))
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
+        optimizer_runs[name] = (params, BENCH_OPTIMIZERS[name](params))
+        runs[name] = optimizer_runs[name][1].step
+    if device.type == "cpu" and lamb16.native.library() is not None:
+        for pattern in dict.fromkeys(design_of(name) for name in optimizers):
+            runs[f"{pattern} traffic"] = traffic_run(pattern, grads)
+    order = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in order}
     first_step: dict[str, float] = {}
     for round_ in range(warmup + steps):
-        names = optimizers[round_ % len(optimizers) :] + optimizers[: round_ % len(optimizers)]
-        for name in names:
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
             synchronize(device)
             start = time.perf_counter()
-            runs[name][1].step()
+            runs[name]()
             synchronize(device)
             elapsed = time.perf_counter() - start
             if round_ == 0:
@@ -545,16 +567,20 @@ def bench_step_times(
     n = sum(math.prod(shape) for shape in shapes)
     rows = []
     for name in optimizers:
-        params, optimizer = runs[name]
+        params, optimizer = optimizer_runs.pop(name)
+        runs.pop(name)
         median = statistics.median(times[name])
+        traffic = times.get(f"{design_of(name)} traffic")
         row = dict(
             optimizer=name,
             parameters=n,
             median_ms=1e3 * median,
             first_step_s=first_step[name],
             state_bytes_per_parameter=state_nbytes(optimizer) / n,
-            min_gb_per_s=MIN_BYTES_PER_ELEMENT[name.split()[0]] * n / median / 1e9,
+            min_gb_per_s=MIN_BYTES_PER_ELEMENT[design_of(name)] * n / median / 1e9,
+            traffic_ms=1e3 * statistics.median(traffic) if traffic else None,
         )
+        row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
@@ -563,7 +589,6 @@ def bench_step_times(
             row["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
             row["largest_tensor_mb"] = max(p.numel() for p in params) * 4 / 2**20
         rows.append(row)
-        del runs[name]
     adam = next((r["median_ms"] for r in rows if r["optimizer"] == "adam fused"), None)
     for row in rows:
         row["ratio_to_adam_fused"] = row["median_ms"] / adam if adam else None
@@ -890,7 +915,10 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
         where += f", Lamb16 and Lamb on the {report['cpu_loops']} kernel loops"
 
     click.echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {where}")
-    header = "| parameters | optimizer | step ms | x Adam fused | state bytes/param | GB/s (minimum traffic) | first step s |"
+    header = (
+        "| parameters | optimizer | step ms | x Adam fused | traffic ms | x traffic | state bytes/param "
+        "| GB/s (minimum traffic) | first step s |"
+    )
     if torch_device.type == "cuda":
         header += " peak extra MB | largest tensor MB |"
     click.echo(header)
@@ -902,9 +930,11 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
         rows = bench_step_times(shapes, chosen, torch_device, warmup, steps)
         report["steps"][set_name] = rows
         for r in rows:
+            traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["traffic_ms"] else "- | -"
             line = (
                 f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | {r['median_ms']:.2f} | "
-                f"{r['ratio_to_adam_fused']:.2f} | {r['state_bytes_per_parameter']:.3f} | {r['min_gb_per_s']:.1f} | {r['first_step_s']:.1f} |"
+                f"{r['ratio_to_adam_fused']:.2f} | {traffic} | {r['state_bytes_per_parameter']:.3f} | "
+                f"{r['min_gb_per_s']:.1f} | {r['first_step_s']:.1f} |"
             )
             if "peak_extra_mb" in r:
                 line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"

@@ -50,8 +50,11 @@ SIGNATURES = {
     "decode_e4m3_array": [_ptr, _ptr, _i64],
     "decode_e5m2_array": [_ptr, _ptr, _i64],
     "use_hand_vectorized": [_i],  # 1: on, 0: off, -1: as it is; returns whether they run
+    "traffic": [_ptr, _i64, _i64, _i, _i],  # table, columns, count, pattern, threads
 }
-RESULTS = {"use_hand_vectorized": _i}
+RESULTS = {"use_hand_vectorized": _i, "traffic": _i64}
+# A step's design, as traffic() mimics it: its passes, and its moments' dtype.
+TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8)}
 
 
 def cache_dir() -> Path:
@@ -181,3 +184,25 @@ def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: f
         table.buffer_info()[0], len(jobs), corrections.data_ptr(), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
         weight_decay, bias_correction, adam, max_weight_norm, torch.get_num_threads(),
     )
+
+
+def traffic(pattern: str, tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
+    """The reads and writes alone of a step of the given design over (param,
+    grad, exp_avg, exp_avg_sq) tensors, with the arithmetic left out: "adam"
+    (one pass), "lamb" or "lamb16" (the kernels' two passes). For benchmarks:
+    what memory alone costs such a step. It leaves the gradients as they were
+    and overwrites the rest with meaningless bits."""
+    if pattern not in TRAFFIC_PATTERNS:
+        raise ValueError(f"Invalid traffic pattern: {pattern!r}; use one of {', '.join(TRAFFIC_PATTERNS)}")
+    code, moment_dtype = TRAFFIC_PATTERNS[pattern]
+    table = array.array("q")
+    for param, grad, exp_avg, exp_avg_sq in tensors:
+        if not (param.dtype == grad.dtype == torch.float32 and exp_avg.dtype == exp_avg_sq.dtype == moment_dtype
+                and param.is_cpu and same_dense_layout((param, grad, exp_avg, exp_avg_sq))):
+            raise ValueError(f"Invalid tensors for {pattern} traffic: float32 param and grad, {moment_dtype} "
+                             "moments, all on the CPU in one dense layout")
+        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()])
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"lamb16: no CPU kernels to run the traffic on ({_unavailable})")
+    lib.traffic(table.buffer_info()[0], 5, len(tensors), code, torch.get_num_threads())

@@ -276,6 +276,9 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
     assert rows["lamb16"]["median_ms"] > 0 and rows["lamb16"]["parameters"] == 431_080
     assert 2.0 < rows["lamb16"]["state_bytes_per_parameter"] < 2.001
     assert 8.0 < rows["adam fused"]["state_bytes_per_parameter"] < 8.001
+    for row in rows.values():  # each beside its design's memory traffic alone, timed in the same rounds
+        assert row["traffic_ms"] > 0 and row["ratio_to_traffic"] == row["median_ms"] / row["traffic_ms"]
+    assert "| traffic ms | x traffic |" in result.output
     assert set(report["breakdown_batch_128"]) == {"data", "forward", "backward", "optimizer"}
     assert all(rate > 0 for rate in report["throughput_batch_1024"].values())
 

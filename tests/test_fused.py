@@ -288,6 +288,40 @@ def test_cpu_kernels_convert_fp8_exactly_as_torch(fp8, flush_denormal, loops):
     assert not mismatched.any(), (values[mismatched][:5], encoded[mismatched][:5], expected[mismatched][:5])
 
 
+# One tensor shared across the threads, one small one taken whole.
+TRAFFIC_SHAPES = [(40_000,), (300, 7)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.mark.parametrize("pattern", list(lamb16.native.TRAFFIC_PATTERNS))
+def test_traffic_reads_the_gradients_and_writes_what_a_step_writes(pattern):
+    moment_dtype = lamb16.native.TRAFFIC_PATTERNS[pattern][1]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
+         torch.randint(0, 100, shape, generator=gen).to(moment_dtype),
+         torch.randint(100, 200, shape, generator=gen).to(moment_dtype))
+        for shape in TRAFFIC_SHAPES
+    ]
+    before = [[bits(t).clone() for t in row] for row in tensors]
+    lamb16.native.traffic(pattern, tensors)
+    for (param, grad, exp_avg, exp_avg_sq), (old_param, old_grad, old_avg, old_avg_sq) in zip(tensors, before):
+        assert torch.equal(bits(grad), old_grad)  # only read
+        for written, old in ((param, old_param), (exp_avg, old_avg), (exp_avg_sq, old_avg_sq)):
+            assert not torch.equal(bits(written), old)
+
+
+def test_traffic_takes_only_its_designs_dtypes():
+    p = torch.zeros(10)
+    with pytest.raises(ValueError, match="uint8 moments"):
+        lamb16.native.traffic("lamb16", [(p, p.clone(), p.clone(), p.clone())])
+    with pytest.raises(ValueError, match="Invalid traffic pattern: 'sgd'"):
+        lamb16.native.traffic("sgd", [])
+
+
 def test_fused_path_is_actually_compiled(compiled_on_cpu, compiled_calls):
     twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(40, 40), (1,)], steps=2)
     assert compiled_calls == ["lamb16_update"] * 2  # the 1-element tensor takes the reference

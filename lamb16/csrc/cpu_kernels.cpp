@@ -585,6 +585,90 @@ void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_s
   out[2] = trust;
 }
 
+// ---------------------------------------------------------- traffic ----
+//
+// A step's reads and writes alone, pass for pass as the loops above make them
+// (and as Adam makes its one), the arithmetic left out (bits are xor-ed, to
+// read and write something): what memory alone costs a step of that design,
+// which `bench` times beside the steps.
+
+using Word = uint32_t;  // a float32's bits
+
+// Adam: one pass, reading the weights, gradient and moments, writing the weights and moments.
+void adam_traffic(Word* p, const Word* g, Word* m, Word* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Word mi = m[i] ^ g[i], vi = v[i] ^ g[i];
+    m[i] = mi;
+    v[i] = vi;
+    p[i] ^= mi ^ vi;
+  }
+}
+
+// LAMB: pass 1 reads the weights, gradient and moments, and writes the
+// moments; pass 2 reads the weights and moments, and writes the weights.
+Word lamb_traffic_first(const Word* p, const Word* g, Word* m, Word* v, int64_t n) {
+  Word seen = 0;
+#pragma omp simd reduction(^ : seen)
+  for (int64_t i = 0; i < n; ++i) {
+    m[i] ^= g[i];
+    v[i] ^= g[i];
+    seen ^= p[i];
+  }
+  return seen;
+}
+
+void lamb_traffic_second(Word* p, const Word* m, const Word* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] ^= m[i] ^ v[i];
+}
+
+// LAMB16: pass 1 reads the weights, gradient and both fp8 codes; pass 2 reads
+// them again and writes the weights and codes.
+Word lamb16_traffic_first(const Word* p, const Word* g, const uint8_t* mq, const uint8_t* vq, int64_t n) {
+  Word seen = 0;
+#pragma omp simd reduction(^ : seen)
+  for (int64_t i = 0; i < n; ++i) seen ^= p[i] ^ g[i] ^ mq[i] ^ Word(vq[i]) << 8;
+  return seen;
+}
+
+void lamb16_traffic_second(Word* p, const Word* g, uint8_t* mq, uint8_t* vq, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t m = mq[i], v = vq[i];
+    p[i] ^= g[i] ^ m;
+    mq[i] = m ^ v;
+    vq[i] = v ^ 1;
+  }
+}
+
+enum Pattern { ADAM_PATTERN = 0, LAMB_PATTERN = 1, LAMB16_PATTERN = 2 };
+
+// One tensor's traffic, its blocks split across the threads as a step's are.
+Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64_t n, int threads) {
+  Word* m32 = static_cast<Word*>(m);
+  Word* v32 = static_cast<Word*>(v);
+  uint8_t* m8 = static_cast<uint8_t*>(m);
+  uint8_t* v8 = static_cast<uint8_t*>(v);
+  const int64_t blocks = blocks_of(n);
+  Word seen = 0;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(^ : seen)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
+    if (pattern == ADAM_PATTERN) adam_traffic(p + lo, g + lo, m32 + lo, v32 + lo, len);
+    if (pattern == LAMB_PATTERN) seen ^= lamb_traffic_first(p + lo, g + lo, m32 + lo, v32 + lo, len);
+    if (pattern == LAMB16_PATTERN) seen ^= lamb16_traffic_first(p + lo, g + lo, m8 + lo, v8 + lo, len);
+  }
+  if (pattern == ADAM_PATTERN) return seen;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
+    if (pattern == LAMB_PATTERN) lamb_traffic_second(p + lo, m32 + lo, v32 + lo, len);
+    if (pattern == LAMB16_PATTERN) lamb16_traffic_second(p + lo, g + lo, m8 + lo, v8 + lo, len);
+  }
+  return seen;
+}
+
 // Many tensors in one call: row t of the table holds tensor t's addresses, and
 // its size in column SIZE, in the order of the *_COLUMNS below; the results are
 // written into the 0-dim state tensors the row points to.
@@ -663,6 +747,22 @@ void lamb_steps(const int64_t* table, int64_t count, const float* corrections, f
     *address<float>(r[6]) = out[1];
     *address<float>(r[7]) = out[2];
   });
+}
+
+// The traffic of a step of the given pattern (ADAM_PATTERN, LAMB_PATTERN or
+// LAMB16_PATTERN) over a table whose rows start as the steps' do: param, grad,
+// exp_avg, exp_avg_sq, numel. Returns the bits pass 1 read, xor-ed, so that no
+// compiler leaves the reads out.
+int64_t traffic(const int64_t* table, int64_t columns, int64_t count, int pattern, int threads) {
+  Word seen = 0;
+  each_tensor(table, columns, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * columns;
+    const Word bits = tensor_traffic(pattern, address<Word>(r[0]), address<const Word>(r[1]), address<void>(r[2]),
+                                     address<void>(r[3]), r[4], tensor_threads);
+#pragma omp atomic
+    seen ^= bits;
+  });
+  return seen;
 }
 
 // Switches the hand-vectorized loops on (1) or off (0), or leaves them (-1);
