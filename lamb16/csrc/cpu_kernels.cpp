@@ -311,14 +311,24 @@ inline Halves encode_e5m2(Floats x) {
   return half_of(with_sign_of(round_to_grid<2>(magnitude), x));
 }
 
+// The same for x at least +0, or NaN (of either sign, which it keeps).
+inline Halves encode_unsigned_e5m2(Floats x) { return half_of(round_to_grid<2>(_mm512_min_ps(splat(0x1p16f), x))); }
+
+// As the scalar encode_e4m3 of x / E4M3_IN_HALF, for x that needs no
+// saturation and is no NaN: within +-1.75 (448 here), give or take a rounding,
+// which rounds back to 1.75.
+inline Halves encode_unsaturated_e4m3_in_half(Floats x) {
+  const Halves half = half_of(with_sign_of(round_to_grid<3>(_mm512_abs_ps(x)), x));
+  // The magnitude up a bit into the high byte, the sign where it was.
+  return _mm256_ternarylogic_epi32(_mm256_slli_epi16(half, 1), half, splat_half(0x8000), 0xD8);
+}
+
 // As the scalar encode_e4m3 of x / E4M3_IN_HALF: saturates at 448 (1.75 here),
 // and NaN takes the NaN code's place on the grid (1.875).
 inline Halves encode_e4m3_in_half(Floats x) {
-  Floats magnitude = round_to_grid<3>(_mm512_min_ps(splat(1.75f), _mm512_abs_ps(x)));
-  magnitude = _mm512_mask_mov_ps(magnitude, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), splat(1.875f));
-  const Halves half = half_of(with_sign_of(magnitude, x));
-  // The magnitude up a bit into the high byte, the sign where it was.
-  return _mm256_ternarylogic_epi32(_mm256_slli_epi16(half, 1), half, splat_half(0x8000), 0xD8);
+  const Floats nan_code = with_sign_of(splat(1.875f), x);
+  const Floats saturated = clamp(x, -1.75f, 1.75f);
+  return encode_unsaturated_e4m3_in_half(_mm512_mask_mov_ps(saturated, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code));
 }
 
 // Elements ahead of the loop that prefetches bring into the L1 cache.
@@ -407,13 +417,18 @@ void lamb16_block_apply(float* __restrict p, const float* __restrict g, uint8_t*
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
   for_each_16(n, [&](int64_t i, Lanes k) {
     const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
+    // What these loops encode needs less than the general conversions: m over
+    // its scale is no NaN and needs no saturation (the seed clamps it, the
+    // absmax scale bounds it; a NaN or infinite m makes a scale that takes the
+    // portable loops), and v is at least +0 or NaN (a sum of products of
+    // non-negative numbers; old codes below 0 are clamped away).
     if (kSeed) {
       const float m_bound = 15.0f * E4M3_IN_HALF;
-      store_codes(mq + i, k, encode_e4m3_in_half(clamp(_mm512_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
-      store_codes(vq + i, k, encode_e5m2(_mm512_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
+      store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(clamp(_mm512_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
+      store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
     } else {
-      store_codes(mq + i, k, encode_e4m3_in_half(_mm512_mul_ps(x.m, m_to_code)));
-      store_codes(vq + i, k, encode_e5m2(_mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(x.v, v_to_code))));
+      store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(_mm512_mul_ps(x.m, m_to_code)));
+      store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(x.v, v_to_code))));
     }
     _mm512_mask_storeu_ps(p + i, k, _mm512_fnmadd_ps(x.u, splat(step_size), x.p));
   });
