@@ -234,6 +234,24 @@ def test_a_first_moment_scale_past_the_hand_vectorized_range_matches_the_referen
     assert_fused_matches_reference([fused], [reference], fast_opt, ref_opt)
 
 
+@pytest.mark.parametrize("magnitude", [1e-12, 1e-3, 1.0, 1e6])  # v = g**2 stays a normal float32
+def test_the_largest_moments_are_stored_at_the_top_of_fp8_never_past_it(magnitude, loops):
+    """Over its absmax scale, a tensor's largest |m| is 448 and its largest v
+    57344, give or take a rounding: the kernels store them as the top codes
+    without saturating them first, and must never round one up into NaN."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        p = nn.Parameter(torch.randn(3000, generator=gen))
+        opt = Lamb16([p], lr=1e-3)
+        for _ in range(2):
+            p.grad = torch.randn(3000, generator=gen) * torch.exp(2 * torch.randn(3000, generator=gen)) * magnitude
+            opt.step()
+        m_codes = opt.state[p]["exp_avg"].view(torch.uint8) & 0x7F
+        v_codes = opt.state[p]["exp_avg_sq"].view(torch.uint8) & 0x7F
+        assert int(m_codes.max()) == 0x7E, trial  # 448
+        assert int(v_codes.max()) == 0x7B, trial  # 57344
+
+
 def test_cpu_kernels_give_the_same_result_on_any_number_of_threads(loops):
     threads = torch.get_num_threads()
     try:
