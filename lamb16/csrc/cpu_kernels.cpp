@@ -326,9 +326,9 @@ inline Halves encode_unsaturated_e4m3_in_half(Floats x) {
 // As the scalar encode_e4m3 of x / E4M3_IN_HALF: saturates at 448 (1.75 here),
 // and NaN takes the NaN code's place on the grid (1.875).
 inline Halves encode_e4m3_in_half(Floats x) {
+  const Lanes nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   const Floats nan_code = with_sign_of(splat(1.875f), x);
-  const Floats saturated = clamp(x, -1.75f, 1.75f);
-  return encode_unsaturated_e4m3_in_half(_mm512_mask_mov_ps(saturated, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code));
+  return encode_unsaturated_e4m3_in_half(_mm512_mask_mov_ps(clamp(x, -1.75f, 1.75f), nan, nan_code));
 }
 
 // Elements ahead of the loop that prefetches bring into the L1 cache.
