@@ -8,8 +8,9 @@
 // and update (cheaper than storing them) and writes the new state and weights.
 // (LAMB's float32 moments are the exception: pass 1 stores them, see below.)
 // The arithmetic is that of lamb16/lamb16.py and lamb16/lamb.py, operation for
-// operation; tests check both loops against it. No torch headers: the library
-// loads this through ctypes with raw pointers, so it builds in a few seconds.
+// operation; tests check both loops against it. Beside them, the same passes'
+// memory traffic alone, for `bench`. No torch headers: the library loads this
+// through ctypes with raw pointers, so it builds in a few seconds.
 
 #include <algorithm>
 #include <cmath>
@@ -670,16 +671,23 @@ Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(^ : seen)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
-    if (pattern == ADAM_PATTERN) adam_traffic(p + lo, g + lo, m32 + lo, v32 + lo, len);
-    if (pattern == LAMB_PATTERN) seen ^= lamb_traffic_first(p + lo, g + lo, m32 + lo, v32 + lo, len);
-    if (pattern == LAMB16_PATTERN) seen ^= lamb16_traffic_first(p + lo, g + lo, m8 + lo, v8 + lo, len);
+    if (pattern == ADAM_PATTERN) {
+      adam_traffic(p + lo, g + lo, m32 + lo, v32 + lo, len);
+    } else if (pattern == LAMB_PATTERN) {
+      seen ^= lamb_traffic_first(p + lo, g + lo, m32 + lo, v32 + lo, len);
+    } else {
+      seen ^= lamb16_traffic_first(p + lo, g + lo, m8 + lo, v8 + lo, len);
+    }
   }
   if (pattern == ADAM_PATTERN) return seen;
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
-    if (pattern == LAMB_PATTERN) lamb_traffic_second(p + lo, m32 + lo, v32 + lo, len);
-    if (pattern == LAMB16_PATTERN) lamb16_traffic_second(p + lo, g + lo, m8 + lo, v8 + lo, len);
+    if (pattern == LAMB_PATTERN) {
+      lamb_traffic_second(p + lo, m32 + lo, v32 + lo, len);
+    } else {
+      lamb16_traffic_second(p + lo, g + lo, m8 + lo, v8 + lo, len);
+    }
   }
   return seen;
 }
