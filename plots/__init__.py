@@ -1,5 +1,5 @@
 """Figures comparing optimizer runs (matplotlib, Agg backend)."""
 
-from .figures import STYLES, Run, comparison_figure, figure_title, load_run
+from .figures import Band, Curves, comparison_figure, figure_title
 
-__all__ = ["STYLES", "Run", "comparison_figure", "figure_title", "load_run"]
+__all__ = ["Band", "Curves", "comparison_figure", "figure_title"]

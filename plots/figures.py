@@ -1,6 +1,7 @@
-"""Comparison figures: train loss against samples seen, test accuracy and test loss per epoch."""
+"""Comparison figures: train loss against samples seen, test accuracy and test
+loss per epoch, one mean curve per optimizer with a band from its lowest to
+its highest seed. This module only draws: the experiments compute the curves."""
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,45 +10,42 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-
-# Adam red, LAMB green, LAMB16 blue, as in the original figures; each also has
-# its own line style and marker so that the figure reads without colour.
-STYLES = {
-    "adam": dict(color="tab:red", linestyle="--", marker="s", label="Adam"),
-    "lamb": dict(color="tab:green", linestyle="-.", marker="^", label="LAMB"),
-    "lamb16": dict(color="tab:blue", linestyle="-", marker="o", label="LAMB16"),
-    "lamb16-seed": dict(color="tab:cyan", linestyle=":", marker="x", label="LAMB16, seed scaling"),
-}
+from matplotlib.ticker import MultipleLocator, PercentFormatter  # noqa: E402
 
 
 @dataclass
-class Run:
-    """What a run directory holds, as the figure needs it."""
+class Band:
+    """A curve over seeds: the mean, and the lowest and highest seed at each x."""
 
-    variant: str  # adam, lamb, lamb16 or lamb16-seed
-    config: dict
-    train: list[dict] = field(default_factory=list)  # {"samples", "loss"}
-    test: list[dict] = field(default_factory=list)  # {"epoch", "test_loss", "test_accuracy"}
-    diverged: bool = False
+    x: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    low: list[float] = field(default_factory=list)
+    high: list[float] = field(default_factory=list)
 
 
-def load_run(run_dir: Path) -> Run:
-    """Read config.json and metrics.jsonl of a run (a truncated last line is ignored)."""
-    config = json.loads((run_dir / "config.json").read_text())
-    run = Run(variant=config.get("variant", config["optimizer"]), config=config)
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a crash can cut the last line short
-        kind = record.get("kind")
-        if kind == "train":
-            run.train.append(record)
-        elif kind == "test":
-            run.test.append(record)
-        elif kind == "diverged":
-            run.diverged = True
-    return run
+@dataclass
+class Curves:
+    """One optimizer's (or setting's) curves, and how to draw them."""
+
+    label: str
+    style: dict  # color, linestyle, marker
+    train_loss: Band
+    test_accuracy: Band
+    test_loss: Band
+    seeds: int = 1
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """A centred moving average (shorter at the ends), so that noisy batch
+    losses read as a trend; non-finite values pass through unsmoothed."""
+    if window <= 1:
+        return list(values)
+    half = window // 2
+    out = []
+    for i, value in enumerate(values):
+        near = [v for v in values[max(0, i - half) : i + half + 1] if math.isfinite(v)]
+        out.append(sum(near) / len(near) if near and math.isfinite(value) else value)
+    return out
 
 
 def finite(values: list[float]) -> list[float]:
@@ -61,7 +59,7 @@ def quantile(values: list[float], q: float) -> float:
 
 def zoom(values: list[float], low_q: float, high_q: float, floor: float | None = None) -> tuple[float, float]:
     """Axis limits around where most values lie, so that one diverging curve is
-    clipped at the edge instead of squashing the others."""
+    clipped at the edge (and marked there) instead of squashing the others."""
     values = finite(values)
     if not values:
         return (0.0, 1.0)
@@ -71,39 +69,72 @@ def zoom(values: list[float], low_q: float, high_q: float, floor: float | None =
     return (max(low, floor) if floor is not None else low, high)
 
 
-def comparison_figure(runs: list[Run], path: Path, title: str) -> Path:
-    """Draw the three panels for `runs` into `path` (PNG) and return it."""
-    fig, (loss_ax, acc_ax, test_loss_ax) = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
-    all_loss, all_acc, all_test_loss = [], [], []
-    for run in runs:
-        style = dict(STYLES.get(run.variant, dict(label=run.variant)))
-        if run.diverged:
-            style["label"] += " (diverged)"
-        marker = style.pop("marker", None)
-        samples = [r["samples"] for r in run.train]
-        losses = [r["loss"] for r in run.train]
-        loss_ax.plot(samples, losses, linewidth=1.0, **style)
-        epochs = [r["epoch"] for r in run.test]
-        accuracy = [r["test_accuracy"] for r in run.test]
-        test_loss = [r["test_loss"] for r in run.test]
-        acc_ax.plot(epochs, accuracy, marker=marker, **style)
-        test_loss_ax.plot(epochs, test_loss, marker=marker, **style)
-        # Skip the first tenth of training: every curve starts high.
-        all_loss += losses[len(losses) // 10 :]
-        all_acc += accuracy[1:] or accuracy
-        all_test_loss += test_loss[1:] or test_loss
+def mark_outside(ax, x: list[float], y: list[float], color: str) -> None:
+    """Triangles on the axis edge where a point lies beyond the zoomed range
+    (or is not finite): the curve went there, the axis does not show it."""
+    low, high = ax.get_ylim()
+    above = [(a, high) for a, b in zip(x, y) if not math.isfinite(b) or b > high]
+    below = [(a, low) for a, b in zip(x, y) if math.isfinite(b) and b < low]
+    for points, marker in ((above, "^"), (below, "v")):
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, linestyle="none", marker=marker, color=color, markersize=7, clip_on=False, zorder=5)
 
-    loss_ax.set(title="train loss", xlabel="samples seen", ylabel="NLL loss", ylim=zoom(all_loss, 0.0, 0.97, floor=0.0))
+
+def draw_band(ax, band: Band, style: dict, per_epoch: bool, fill_alpha: float = 0.18) -> None:
+    """The mean, and the seeds' range shaded (and, per epoch, as a bar at each
+    point, which also shows where there is a single epoch)."""
+    ax.plot(band.x, band.mean, marker=style.get("marker") if per_epoch else None, color=style["color"],
+            linestyle=style["linestyle"], label=style["label"])
+    if any(lo != hi for lo, hi in zip(band.low, band.high)):
+        ax.fill_between(band.x, band.low, band.high, color=style["color"], alpha=fill_alpha, linewidth=0)
+        if per_epoch:
+            ax.vlines(band.x, band.low, band.high, color=style["color"], alpha=0.6, linewidth=1.5)
+
+
+def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool = False) -> Path:
+    """Draw the three panels for `curves` into `path` (PNG) and return it.
+    `log_y` puts both loss panels on a log scale (no zoom then)."""
+    fig, (loss_ax, acc_ax, test_loss_ax) = plt.subplots(1, 3, figsize=(16, 5.2), layout="constrained")
+    all_loss, all_acc, all_test_loss = [], [], []
+    for c in curves:
+        style = dict(c.style, label=c.label + (f" ({c.seeds} seeds)" if c.seeds > 1 else ""))
+        band = c.train_loss
+        window = max(1, len(band.x) // 25)
+        # Raw mean faint behind, the smoothed mean and band in front.
+        loss_ax.plot(band.x, band.mean, color=style["color"], alpha=0.25, linewidth=0.6)
+        smoothed = Band(band.x, smooth(band.mean, window), smooth(band.low, window), smooth(band.high, window))
+        draw_band(loss_ax, smoothed, style, per_epoch=False)
+        draw_band(acc_ax, c.test_accuracy, style, per_epoch=True)
+        draw_band(test_loss_ax, c.test_loss, style, per_epoch=True)
+        all_loss += band.mean[len(band.mean) // 10 :]  # every curve starts high: skip the first tenth
+        all_acc += c.test_accuracy.mean[1:] or c.test_accuracy.mean
+        all_test_loss += c.test_loss.mean[1:] or c.test_loss.mean
+
+    loss_ax.set(title="train loss (smoothed; raw mean faint)", xlabel="samples seen", ylabel="NLL loss")
     acc_ax.set(title="test accuracy", xlabel="epoch", ylabel="accuracy", ylim=zoom(all_acc, 0.1, 1.0))
-    test_loss_ax.set(title="test loss", xlabel="epoch", ylabel="NLL loss", ylim=zoom(all_test_loss, 0.0, 0.9, floor=0.0))
-    acc_ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=1))
-    last_epoch = max((r["epoch"] for run in runs for r in run.test), default=1)
+    test_loss_ax.set(title="test loss", xlabel="epoch", ylabel="NLL loss")
+    if log_y:
+        loss_ax.set_yscale("log")
+        test_loss_ax.set_yscale("log")
+    else:
+        loss_ax.set_ylim(zoom(all_loss, 0.0, 0.97, floor=0.0))
+        test_loss_ax.set_ylim(zoom(all_test_loss, 0.0, 0.9, floor=0.0))
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    last_epoch = max((x for c in curves for x in c.test_accuracy.x), default=1)
     for ax in (acc_ax, test_loss_ax):
         ax.set_xlim(0.5, last_epoch + 0.5)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MultipleLocator(max(1, math.ceil(last_epoch / 10))))  # whole epochs
+    for c in curves:
+        mark_outside(acc_ax, c.test_accuracy.x, c.test_accuracy.mean, c.style["color"])
+        if not log_y:
+            mark_outside(test_loss_ax, c.test_loss.x, c.test_loss.mean, c.style["color"])
+            mark_outside(loss_ax, c.train_loss.x, smooth(c.train_loss.mean, max(1, len(c.train_loss.x) // 25)),
+                         c.style["color"])
     for ax in (loss_ax, acc_ax, test_loss_ax):
         ax.grid(True, alpha=0.4)
-        ax.legend()
+    handles, labels = acc_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -111,8 +142,9 @@ def comparison_figure(runs: list[Run], path: Path, title: str) -> Path:
     return path
 
 
-def figure_title(config: dict) -> str:
+def figure_title(config: dict, seeds: int = 1) -> str:
+    seeds_text = f"{seeds} seeds (mean, band: lowest to highest)" if seeds > 1 else f"seed {config['seed']}"
     return (
         f"MNIST CNN, batch {config['batch_size']}, lr {config['lr']:g}, "
-        f"weight decay {config['wd']:g}, seed {config['seed']}"
+        f"weight decay {config['wd']:g}, {seeds_text}"
     )

@@ -3,63 +3,41 @@ in the real IDX format (and on the real files where LAMB16_DATA_DIR has them).""
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
 from click.testing import CliRunner
+from mnist_files import TRAIN_SIZE, write_idx
 
 import cli
-import lamb16.native
-
-TRAIN_SIZE, TEST_SIZE = 300, 100
-
-
-def write_idx(path: Path, array: torch.Tensor) -> None:
-    """The IDX format: zero bytes, type 0x08 (ubyte), number of dims, big-endian sizes, data."""
-    header = struct.pack(">HBB", 0, 0x08, array.dim()) + b"".join(struct.pack(">I", s) for s in array.shape)
-    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
-
-
-def write_synthetic_mnist(root: Path, seed: int = 0) -> Path:
-    """Digit-like images: each label a fixed random stroke pattern plus noise, so a CNN can learn it."""
-    gen = torch.Generator().manual_seed(seed)
-    patterns = (torch.rand(10, 28, 28, generator=gen) > 0.8).float() * 255
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, size in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
-        labels = torch.randint(0, 10, (size,), generator=gen)
-        images = (patterns[labels] * 0.7 + torch.rand(size, 28, 28, generator=gen) * 70).clamp(0, 255)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return root
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return write_synthetic_mnist(tmp_path / "data")
+import lamb16
+from models import MnistCNN
 
 
 def offline(data_dir: Path, out: Path) -> list[str]:
-    """Options every training test passes: the synthetic data, never a download, a
-    fresh --out, no progress bars."""
-    return ["--data-dir", str(data_dir), "--no-download", "--out", str(out), "--no-progress"]
+    """Options every training test passes: the synthetic data, never a download, --out."""
+    return ["--data-dir", str(data_dir), "--no-download", "--out", str(out)]
 
 
 def invoke(*args: str):
-    result = CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
-    return result
+    return CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def single_run_dir(out: Path) -> Path:
-    (run_dir,) = [p.parent for p in out.glob("*/config.json")]
-    return run_dir
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.rglob("config.json"))
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
 
 
 def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
@@ -69,13 +47,18 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
         "--log-interval", "2", *offline(data_dir, out),
     )
     assert result.exit_code == 0, result.output
-    assert "epoch  2/2" in result.output and "accuracy" in result.output
-    run_dir = single_run_dir(out)
+    assert "epoch  2/2  train loss" in result.output and "accuracy" in result.output
+    assert "batch/s" not in result.output and "it/s" not in result.output  # no bars when not a terminal
+    (run_dir,) = run_dirs(out)
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["optimizer"] == "lamb16" and config["batch_size"] == 64 and config["lr"] == 0.01
-    assert config["seed"] == 1 and config["scaling"] == "absmax" and config["device"] == "cpu"
-    assert config["torch_version"] == torch.__version__ and config["lamb16_version"]
+    assert config["seed"] == 1 and config["device"] == "cpu" and config["effective_batch_size"] == 64
+    assert config["torch_version"] == torch.__version__ and config["lamb16_version"] == lamb16.__version__
+    assert config["hostname"] and config["cpu_model"] and "git_commit" in config and "git_dirty" in config
+    assert config["data_dir"] == str(data_dir.resolve())
+    assert set(config["data_sha256"]) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
     assert config["cpu_flush_denormal"] is True and config["channels_last"] is True
     assert (torch.tensor(1e-38) * 0.1).item() != 0  # flush-to-zero was switched back off
 
@@ -86,90 +69,144 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
     samples = [r["samples"] for r in train]
     assert samples == sorted(samples) and samples[-1] == 2 * TRAIN_SIZE
     assert all(0 < r["loss"] < 10 for r in train)
-    assert set(train[-1]["trust_ratio"]) == {name for name, _ in cli.MnistCNN().named_parameters()}
+    assert set(train[-1]["trust_ratio"]) == {name for name, _ in MnistCNN().named_parameters()}
     assert all(0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0 and r["epoch_time"] > 0 for r in test)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2 and summary["ended"]
     assert summary["final_test_accuracy"] == test[-1]["test_accuracy"]
     assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in test)
     assert summary["parameters"] == 431_080
     assert 2.0 < summary["state_bytes_per_parameter"] < 2.001
+    assert (run_dir / "checkpoint.pt").is_file()
 
 
 def test_training_learns_the_synthetic_digits(data_dir, tmp_path):
-    result = invoke(
-        "train", "--optimizer", "lamb", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
-        *offline(data_dir, tmp_path / "runs"),
-    )
+    result = invoke("train", "--optimizer", "lamb", "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
+                    *offline(data_dir, tmp_path / "runs"))
     assert result.exit_code == 0, result.output
-    summary = json.loads((single_run_dir(tmp_path / "runs") / "summary.json").read_text())
-    assert summary["best_test_accuracy"] > 0.5  # chance is 0.1
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert json.loads((run_dir / "summary.json").read_text())["best_test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_train_seeds_and_weight_decay_long_name(data_dir, tmp_path):
+    out = tmp_path / "runs"
+    result = invoke("train", "--optimizer", "adamw", "--epochs", "1", "--batch-size", "100", "--seeds", "2",
+                    "--weight-decay", "0.05", *offline(data_dir, out))
+    assert result.exit_code == 0, result.output
+    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs(out)]
+    assert sorted(c["seed"] for c in configs) == [1, 2] and {c["wd"] for c in configs} == {0.05}
+    assert "[run 2 of 2]" in result.output
 
 
 def test_a_second_run_never_overwrites_the_first(data_dir, tmp_path):
     args = ["train", "--epochs", "1", "--batch-size", "100", *offline(data_dir, tmp_path / "runs")]
     assert invoke(*args).exit_code == 0
-    first = next((tmp_path / "runs").iterdir())
+    (first,) = run_dirs(tmp_path / "runs")
     before = (first / "metrics.jsonl").read_text()
     assert invoke(*args).exit_code == 0
-    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert len(run_dirs(tmp_path / "runs")) == 2
     assert (first / "metrics.jsonl").read_text() == before
 
 
-def test_compare_runs_all_optimizers_on_the_same_data_and_draws_the_figure(data_dir, tmp_path):
-    out = tmp_path / "runs"
-    result = invoke(
-        "compare", "--epochs", "1", "--batch-size", "100", "--lr", "0.01", *offline(data_dir, out)
-    )
+def test_compare_over_seeds_draws_bands_and_tables_mean_and_spread(data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = invoke("compare", "--epochs", "2", "--batch-size", "100", "--lr", "0.01", "--seeds", "1,2",
+                    "--optimizers", "adamw,lamb16", *offline(data_dir, out))
     assert result.exit_code == 0, result.output
-    (compare_dir,) = out.iterdir()
-    for variant in ("adam", "lamb", "lamb16"):
-        config = json.loads((compare_dir / variant / "config.json").read_text())
-        assert config["variant"] == variant and config["seed"] == 1
-        assert json.loads((compare_dir / variant / "summary.json").read_text())["status"] == "completed"
-    # Same seed and data order: the first logged losses come from the same initial weights.
-    first = [read_jsonl(compare_dir / v / "metrics.jsonl")[0] for v in ("adam", "lamb", "lamb16")]
-    assert len({r["samples"] for r in first}) == 1
-    image = matplotlib.image.imread(compare_dir / "figure.png")
+    assert "[run 1 of 4] adamw, seed 1: batch 100, lr 0.01" in result.output
+    assert sorted(p.name for p in run_dirs(out)) == ["adamw_seed1", "adamw_seed2", "lamb16_seed1", "lamb16_seed2"]
+    # Same seed, same initial weights and data order: the first batch's loss is the same for both.
+    first = {p.name: read_jsonl(p / "metrics.jsonl")[0] for p in run_dirs(out)}
+    assert first["adamw_seed1"]["samples"] == first["lamb16_seed1"]["samples"]
+    results = (out / "results.md").read_text()
+    assert "| lamb16 | 2 completed |" in results and "(n=2)" in results
+    finals = [json.loads((out / f"lamb16_seed{s}" / "summary.json").read_text())["final_test_accuracy"] for s in (1, 2)]
+    std = abs(finals[0] - finals[1]) / 2**0.5  # the sample standard deviation of two values
+    assert f"{100 * sum(finals) / 2:.2f} ± {100 * std:.2f}% (n=2)" in results
+    image = matplotlib.image.imread(out / "figure.png")
     height, width = image.shape[:2]
     assert width >= 2.5 * height and width >= 1200  # three panels side by side
 
 
-def test_plot_redraws_the_figure_from_saved_runs(data_dir, tmp_path):
-    out = tmp_path / "runs"
-    invoke("compare", "--epochs", "1", "--batch-size", "150", "--optimizers", "lamb,lamb16-seed",
-           *offline(data_dir, out))
-    (compare_dir,) = out.iterdir()
-    (compare_dir / "figure.png").unlink()
-    result = invoke("plot", str(compare_dir))
-    assert result.exit_code == 0, result.output
-    assert matplotlib.image.imread(compare_dir / "figure.png").shape[1] >= 1200
-    result = invoke("plot", str(compare_dir / "lamb"), "--output", str(tmp_path / "one.png"), "--title", "LAMB only")
-    assert result.exit_code == 0 and (tmp_path / "one.png").is_file()
+def test_compare_resume_skips_finished_runs_and_refuses_to_mix_studies(data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--epochs", "1", "--batch-size", "150", "--seeds", "1", "--optimizers", "lamb,lamb16-seed",
+            *offline(data_dir, out)]
+    assert invoke(*args).exit_code == 0
+    before = {p.name: (p / "metrics.jsonl").read_text() for p in run_dirs(out)}
+    again = invoke(*args)
+    assert again.exit_code == 1 and "--resume" in error_line(again)
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("completed before, skipped") == 2 and "epoch  1/1" not in resumed.output
+    assert {p.name: (p / "metrics.jsonl").read_text() for p in run_dirs(out)} == before
+    other = invoke(*[a if a != "150" else "100" for a in args], "--resume")
+    assert other.exit_code == 1 and "batch_size 150, not 100" in error_line(other)
 
 
-def test_a_diverging_run_is_recorded_and_compare_goes_on(data_dir, tmp_path):
-    out = tmp_path / "runs"
-    result = invoke(
-        "compare", "--optimizers", "adam,lamb", "--epochs", "2", "--batch-size", "50", "--lr", "1e12",
-        "--log-interval", "1", *offline(data_dir, out),
-    )
+def test_repeated_optimizer_is_refused_before_training(data_dir, tmp_path):
+    result = invoke("compare", "--optimizers", "lamb16,lamb16", *offline(data_dir, tmp_path / "cmp"))
+    assert result.exit_code == 1 and "lists lamb16 more than once" in error_line(result)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_an_exploding_finite_loss_is_diverged_and_compare_goes_on(data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = invoke("compare", "--optimizers", "adam,lamb", "--epochs", "2", "--batch-size", "50", "--lr", "1e6",
+                    "--log-interval", "1", "--seeds", "1", *offline(data_dir, out))
     assert result.exit_code == 0, result.output
-    (compare_dir,) = out.iterdir()
-    summary = json.loads((compare_dir / "adam" / "summary.json").read_text())
+    summary = json.loads((out / "adam_seed1" / "summary.json").read_text())
     assert summary["status"] == "diverged"
-    records = read_jsonl(compare_dir / "adam" / "metrics.jsonl")
+    records = read_jsonl(out / "adam_seed1" / "metrics.jsonl")
     assert records[-1]["kind"] == "diverged"
-    assert (compare_dir / "lamb" / "summary.json").is_file()  # the next optimizer still ran
-    assert (compare_dir / "figure.png").is_file()
+    assert (out / "lamb_seed1" / "summary.json").is_file()  # the next optimizer still ran
+    assert "1 diverged" in (out / "results.md").read_text()
 
 
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
+def test_plot_finds_nested_runs_labels_settings_apart_and_never_overwrites(data_dir, tmp_path):
+    for lr in ("0.01", "0.02"):
+        assert invoke("train", "--optimizer", "lamb16", "--epochs", "1", "--batch-size", "150", "--lr", lr,
+                      *offline(data_dir, tmp_path / "runs" / f"lr{lr}")).exit_code == 0
+    (broken,) = run_dirs(tmp_path / "runs" / "lr0.02")
+    with (broken / "metrics.jsonl").open("a") as log:
+        log.write('{"kind": "train", "samp\n')
+    result = invoke("plot", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    assert "lamb16 (lr 0.01)" in result.output and "lamb16 (lr 0.02)" in result.output
+    assert "skipped 1 malformed line" in result.output
+    assert (tmp_path / "runs" / "figure.png").is_file()
+    assert invoke("plot", str(tmp_path / "runs")).exit_code == 0
+    assert (tmp_path / "runs" / "figure-2.png").is_file()  # a second figure, not over the first
+    target = tmp_path / "mine.png"
+    target.write_text("keep")
+    refused = invoke("plot", str(tmp_path / "runs"), "--output", str(target))
+    assert refused.exit_code == 1 and "--force" in error_line(refused) and target.read_text() == "keep"
+    assert invoke("plot", str(tmp_path / "runs"), "--output", str(target), "--force", "--log-y").exit_code == 0
+    assert matplotlib.image.imread(target).shape[1] >= 1200
+
+
+def test_plot_warns_about_runs_that_have_not_ended(data_dir, tmp_path):
+    assert invoke("train", "--epochs", "1", "--batch-size", "150", *offline(data_dir, tmp_path / "runs")).exit_code == 0
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    (run_dir / "summary.json").unlink()
+    result = invoke("plot", str(run_dir))
+    assert result.exit_code == 0 and "has not ended" in result.output and "incomplete" in result.output
+
+
+def test_reproduce_states_each_claim_with_a_verdict(data_dir, tmp_path):
+    out = tmp_path / "repro"
+    result = invoke("reproduce", "--epochs", "1", "--seeds", "2", "--optimizers", "adam,lamb,lamb16",
+                    *offline(data_dir, out))
+    assert result.exit_code == 0, result.output
+    results = (out / "results.md").read_text()
+    assert (out / "B1024L002.png").is_file() and (out / "B128L001.png").is_file()
+    claims = [line for line in results.splitlines() if line.startswith("| batch ")]
+    assert len(claims) == 6  # per figure: accuracy, faster than Adam, faster than LAMB
+    assert all(any(v in line for v in ("**met**", "**not met**", "**within noise**")) for line in claims)
+    # 300 synthetic images cannot reach 99.2% in one epoch: that claim is plainly not met.
+    assert "batch 1024, lr 0.02: LAMB16 reaches 99.2% within 1 epochs" in results
+    assert "n=2" in results
 
 
 def test_missing_data_without_download_says_where_it_looked(tmp_path):
@@ -177,16 +214,27 @@ def test_missing_data_without_download_says_where_it_looked(tmp_path):
     assert result.exit_code == 1
     line = error_line(result)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in line and "--download" in line and "LAMB16_DATA_DIR" in line
+    assert not (tmp_path / "runs").exists()  # a failed load leaves no empty --out behind
+
+
+def test_a_failed_download_says_so_and_how_to_supply_the_files(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where a folder should be: the download cannot even start")
+    result = invoke("train", "--data-dir", str(blocker / "mnist"), "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "downloading MNIST" in line and "failed" in line and "copy the four files" in line
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--optimizer", "sgd"], "'sgd' is not one of 'adam', 'lamb', 'lamb16'"),
+        (["--optimizer", "nadam"], "'nadam' is not one of 'adam'"),
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "0"], "--epochs"),
         (["--lr", "-0.1"], "--lr"),
-        (["--wd", "-1"], "--wd"),
+        (["--wd", "-1"], "--weight-decay"),
     ],
 )
 def test_bad_hyperparameters_are_one_line_errors(data_dir, tmp_path, args, fragment):
@@ -196,9 +244,20 @@ def test_bad_hyperparameters_are_one_line_errors(data_dir, tmp_path, args, fragm
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
-def test_unknown_optimizer_in_compare(data_dir, tmp_path):
-    result = invoke("compare", "--optimizers", "adam,sgd", "--data-dir", str(data_dir), "--no-download")
-    assert result.exit_code == 2 and "unknown optimizer sgd" in error_line(result)
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--optimizers", "adam,nadam"], "unknown optimizer 'nadam'"),
+        (["--seeds", "two"], "invalid --seeds"),
+        (["--seeds", "1,1"], "seed 1 is listed twice"),
+        (["--seed", "3", "--seeds", "2"], "not both"),
+        (["--optimizers", "adam", "--trust-scale", "0.5"], "--trust-scale applies to LAMB16 only"),
+    ],
+)
+def test_bad_compare_options_are_one_line_errors(data_dir, tmp_path, args, fragment):
+    result = invoke("compare", *args, *offline(data_dir, tmp_path / "cmp"))
+    assert result.exit_code == 1 and fragment in error_line(result)
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_unwritable_out_is_a_one_line_error(data_dir, tmp_path):
@@ -210,15 +269,25 @@ def test_unwritable_out_is_a_one_line_error(data_dir, tmp_path):
     assert blocker.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "type byte"])
 def test_corrupt_or_truncated_mnist_is_a_one_line_error(data_dir, tmp_path, damage):
     images = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
     content = images.read_bytes()
-    images.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"\xff" * len(content))
+    if damage == "type byte":  # float32 data type where MNIST has unsigned bytes
+        write_idx(images, torch.zeros(TRAIN_SIZE, 28, 28), type_byte=0x0D)
+    else:
+        images.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"\xff" * len(content))
     result = invoke("train", "--data-dir", str(data_dir), "--no-download", "--out", str(tmp_path / "runs"))
     assert result.exit_code == 1
     line = error_line(result)
-    assert "cannot read the MNIST train files" in line and "--download" in line
+    assert "MNIST train files" in line and "intact copies" in line
+
+
+def test_bench_without_data_suggests_no_download_option(tmp_path):
+    result = invoke("bench", "--data-dir", str(tmp_path / "nowhere"))
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "MNIST not found" in line and "--download" not in line
 
 
 def test_cuda_device_without_cuda_is_a_one_line_error(data_dir, tmp_path):
@@ -228,26 +297,23 @@ def test_cuda_device_without_cuda_is_a_one_line_error(data_dir, tmp_path):
     assert result.exit_code == 1 and "no CUDA device" in error_line(result)
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "plot", "reproduce", "scaling"])
+@pytest.mark.parametrize("command", ["train", "compare", "plot", "reproduce", "scaling", "bench"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
-    assert "Example:" in result.output and "python cli.py " + command in result.output
+    assert "Example" in result.output and "python cli.py " + command in result.output
 
 
 def test_help_shows_defaults_of_the_original_flags():
     output = invoke("train", "--help").output
     for flag, default in [("--batch-size", "64"), ("--test-batch-size", "1000"), ("--epochs", "10"),
-                          ("--lr", "0.0025"), ("--wd", "0.01"), ("--seed", "1"), ("--log-interval", "10")]:
+                          ("--lr", "0.0025"), ("--wd", "0.01"), ("--seed", "(1)"), ("--log-interval", "10")]:
         assert flag in output and f"default: {default}" in output
 
 
-def test_moment_quantization_table_separates_the_scalings(data_dir):
-    split = cli.load_mnist(data_dir, True, download=False, device=torch.device("cpu"))
-    rows = cli.moment_quantization_table(split, steps=20, batch_size=64, lr=0.01, seed=0, layers=("fc1.weight",))
-    by_scaling = {r["scaling"]: r for r in rows}
-    assert by_scaling["absmax"]["store_m"] < 0.05 and by_scaling["absmax"]["saturated_m"] == 0
-    assert by_scaling["seed"]["store_m"] > 0.5 and by_scaling["seed"]["saturated_m"] > 0.3
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and lamb16.__version__ in result.output
 
 
 REAL_DATA = Path(os.environ.get("LAMB16_DATA_DIR", "data"))
@@ -255,7 +321,9 @@ REAL_DATA = Path(os.environ.get("LAMB16_DATA_DIR", "data"))
 
 @pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file(), reason="real MNIST not present")
 def test_real_mnist_loads_whole_and_normalized():
-    test = cli.load_mnist(REAL_DATA, train=False, download=False, device=torch.device("cpu"))
+    from experiments.data import load_mnist
+
+    test = load_mnist(REAL_DATA, train=False, device=torch.device("cpu"))
     assert test.images.shape == (10_000, 1, 28, 28) and test.labels.dtype == torch.int64
     assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(test.images.mean().item()) < 0.05  # normalized with the training set's mean and std
@@ -264,7 +332,7 @@ def test_real_mnist_loads_whole_and_normalized():
 def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = invoke(
-        "bench", "--sizes", "cnn", "--optimizers", "adam fused,lamb16", "--steps", "3", "--warmup", "1",
+        "bench", "--sizes", "cnn", "--optimizers", "adam fused,lamb16,sgd", "--steps", "3", "--warmup", "1",
         "--batches", "1", "--data-dir", str(data_dir), "--json", str(out),
     )
     assert result.exit_code == 0, result.output
@@ -276,7 +344,9 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
     assert rows["lamb16"]["median_ms"] > 0 and rows["lamb16"]["parameters"] == 431_080
     assert 2.0 < rows["lamb16"]["state_bytes_per_parameter"] < 2.001
     assert 8.0 < rows["adam fused"]["state_bytes_per_parameter"] < 8.001
-    for row in rows.values():  # each beside its design's memory traffic alone, timed in the same rounds
+    assert rows["sgd"]["state_bytes_per_parameter"] == 4.0 and rows["sgd"]["traffic_ms"] is None
+    for name in ("adam fused", "lamb16"):  # each beside its design's memory traffic alone, timed in the same rounds
+        row = rows[name]
         assert row["traffic_ms"] > 0 and row["ratio_to_traffic"] == row["median_ms"] / row["traffic_ms"]
     assert "| traffic ms | x traffic |" in result.output
     assert set(report["breakdown_batch_128"]) == {"data", "forward", "backward", "optimizer"}
@@ -285,4 +355,4 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
 
 def test_bench_rejects_unknown_sizes(data_dir):
     result = invoke("bench", "--sizes", "1b", "--data-dir", str(data_dir))
-    assert result.exit_code == 2 and "unknown size 1b" in error_line(result)
+    assert result.exit_code == 2 and "unknown 1b" in error_line(result)

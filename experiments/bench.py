@@ -1,0 +1,279 @@
+"""Benchmarks (`python cli.py bench`): optimizer step times as ratios inside one
+run, state bytes, where a training step's time goes, and the training loop's
+throughput against a torchvision DataLoader. Everything timed takes turns in
+one process, so that a slow moment of a shared machine hits all alike; every
+figure is a median."""
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import lamb16
+from lamb16 import state_nbytes
+from models import MnistCNN
+
+from . import registry
+from .data import MNIST_MEAN, MNIST_STD, Split
+from .loop import cpu_flush_denormal, make_model, train_step
+
+# What `bench` can time: a registry optimizer with implementation options.
+IMPLEMENTATIONS: dict[str, tuple[str, dict]] = {
+    "adam fused": ("adam", dict(fused=True)),
+    "adam foreach": ("adam", dict(foreach=True)),
+    "lamb": ("lamb", {}),
+    "lamb16": ("lamb16", {}),
+    "lamb16 eager": ("lamb16", dict(fused=False)),
+}
+DEFAULT_BENCH = tuple(IMPLEMENTATIONS)
+SIZES = ("cnn", "10m", "100m")
+# Bytes per element a step must move at least: parameter read and write, gradient
+# read, state read and write (Adam, LAMB: two float32 moments; LAMB16: two fp8).
+MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4}
+
+
+def choices() -> list[str]:
+    return list(IMPLEMENTATIONS) + [name for name in registry.OPTIMIZERS if name not in IMPLEMENTATIONS]
+
+
+def build(name: str, params: list[Tensor]) -> torch.optim.Optimizer:
+    optimizer, options = IMPLEMENTATIONS.get(name, (name, {}))
+    registry.check_available(optimizer)
+    return registry.spec(optimizer).build(params, lr=1e-3, weight_decay=0.01, **options)
+
+
+def design_of(name: str) -> str:
+    """The algorithm a benchmarked optimizer runs, whatever its implementation."""
+    return IMPLEMENTATIONS.get(name, (name, {}))[0].removesuffix("-seed")
+
+
+def transformer_shapes(width: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-style transformer: realistic sizes and ranks for a step benchmark."""
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def parameter_sets(names: list[str]) -> dict[str, list[tuple[int, ...]]]:
+    sets = {
+        "cnn": [tuple(p.shape) for p in MnistCNN().parameters()],
+        "10m": transformer_shapes(width=512, layers=3, vocab=800),  # 9.9 M
+        "100m": transformer_shapes(width=1024, layers=8, vocab=1536),  # 102 M
+    }
+    return {name: sets[name] for name in names}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def traffic_run(pattern: str, grads: list[Tensor]) -> Callable[[], None]:
+    """A step's memory traffic alone (lamb16.native.traffic) on buffers of its
+    own, reading the shared gradients as the steps do."""
+    moment_dtype = lamb16.native.TRAFFIC_PATTERNS[pattern][1]
+    tensors = [
+        (torch.zeros_like(g), g, torch.zeros(g.shape, dtype=moment_dtype), torch.zeros(g.shape, dtype=moment_dtype))
+        for g in grads
+    ]
+    return lambda: lamb16.native.traffic(pattern, tensors)
+
+
+def step_times(
+    shapes: list[tuple[int, ...]], optimizers: list[str], device: torch.device, warmup: int, steps: int
+) -> list[dict]:
+    """Median step time of each optimizer on its own copy of the parameters,
+    sharing one set of gradients; on the CPU also the time of the memory
+    traffic alone of each design's step. Everything takes turns, one step each
+    per round."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen).to(device) * 1e-2 for shape in shapes]
+    runs: dict[str, Callable[[], object]] = {}
+    optimizer_runs: dict[str, tuple[list[nn.Parameter], torch.optim.Optimizer]] = {}
+    for name in optimizers:
+        params = [nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.05) for shape in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer_runs[name] = (params, build(name, params))
+        runs[name] = optimizer_runs[name][1].step
+    if device.type == "cpu" and lamb16.native.library() is not None:
+        for pattern in dict.fromkeys(design_of(name) for name in optimizers):
+            if pattern in lamb16.native.TRAFFIC_PATTERNS:
+                runs[f"{pattern} traffic"] = traffic_run(pattern, grads)
+    order = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    first_step: dict[str, float] = {}
+    for round_ in range(warmup + steps):
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if round_ == 0:
+                first_step[name] = elapsed
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    n = sum(math.prod(shape) for shape in shapes)
+    rows = []
+    for name in optimizers:
+        params, optimizer = optimizer_runs.pop(name)
+        median = statistics.median(times[name])
+        traffic = times.get(f"{design_of(name)} traffic")
+        min_bytes = MIN_BYTES_PER_ELEMENT.get(design_of(name))
+        row = dict(
+            optimizer=name,
+            parameters=n,
+            median_ms=1e3 * median,
+            first_step_s=first_step[name],
+            state_bytes_per_parameter=state_nbytes(optimizer) / n,
+            min_gb_per_s=min_bytes * n / median / 1e9 if min_bytes else None,
+            traffic_ms=1e3 * statistics.median(traffic) if traffic else None,
+        )
+        row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            optimizer.step()
+            synchronize(device)
+            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row["largest_tensor_mb"] = max(p.numel() for p in params) * 4 / 2**20
+        rows.append(row)
+    adam = next((r["median_ms"] for r in rows if r["optimizer"] == "adam fused"), None)
+    for row in rows:
+        row["ratio_to_adam_fused"] = row["median_ms"] / adam if adam else None
+    return rows
+
+
+def lamb16_model(device: torch.device, channels_last: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = make_model(device) if channels_last else MnistCNN().to(device)
+    return model, registry.build("lamb16", model.parameters(), lr=0.01, weight_decay=0.01)
+
+
+def training_step_breakdown(train_data: Split, batch_size: int, batches: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per batch spent on data (gather), forward, backward and the optimizer step."""
+    model, optimizer = lamb16_model(device)
+    order = torch.randperm(len(train_data), device=device)
+    phases: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    for batch in range(batches + 3):
+        marks = [time.perf_counter()]
+
+        def mark(_phase: str) -> None:
+            synchronize(device)
+            marks.append(time.perf_counter())
+
+        index = order[batch * batch_size % len(train_data) :][:batch_size]
+        images, labels = train_data.images[index], train_data.labels[index]
+        mark("data")
+        train_step(model, optimizer, images, labels, mark)
+        if batch >= 3:  # after warm-up
+            for phase, begin, end in zip(phases, marks, marks[1:]):
+                phases[phase].append(end - begin)
+    return {phase: statistics.median(values) for phase, values in phases.items()}
+
+
+def throughput_tensor_loop(train_data: Split, batch_size: int, batches: int, device: torch.device) -> float:
+    """Samples per second of `train`'s loop: batches sliced from a tensor held on the device."""
+    model, optimizer = lamb16_model(device)
+    order = torch.randperm(len(train_data), device=device)
+    start, seen = 0.0, 0
+    for batch in range(batches + 3):
+        if batch == 3:
+            synchronize(device)
+            start, seen = time.perf_counter(), 0
+        index = order[batch * batch_size % len(train_data) :][:batch_size]
+        train_step(model, optimizer, train_data.images[index], train_data.labels[index])
+        seen += len(index)
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def throughput_dataloader(data_dir: Path, batch_size: int, batches: int, workers: int, device: torch.device) -> float:
+    """Samples per second of the common pipeline it replaces: a DataLoader over
+    torchvision's MNIST with ToTensor and Normalize, the model as defined (NCHW),
+    the same optimizer and batch size."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    dataset = datasets.MNIST(str(data_dir), train=True, download=False, transform=transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
+    model, optimizer = lamb16_model(device, channels_last=False)
+    start, seen, batch = 0.0, 0, 0
+    while batch < batches + 3:
+        for images, labels in loader:
+            if batch == 3:
+                synchronize(device)
+                start, seen = time.perf_counter(), 0
+            train_step(model, optimizer, images.to(device), labels.to(device))
+            seen += len(labels)
+            batch += 1
+            if batch == batches + 3:
+                break
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def run(
+    sizes: list[str], optimizers: list[str], steps: int, warmup: int, batches: int, train_data: Split,
+    data_dir: Path, device: torch.device, echo: Callable[[str], None],
+) -> dict:
+    """The whole benchmark, printed as markdown tables through `echo`; returns its figures."""
+    report: dict = dict(device=str(device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={})
+    where = f"{device} ({torch.get_num_threads()} threads)"
+    if device.type == "cpu":
+        report["cpu_loops"] = lamb16.native.loops()
+        where += f", Lamb16 and Lamb on the {report['cpu_loops']} kernel loops"
+    echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {where}")
+    header = (
+        "| parameters | optimizer | step ms | x Adam fused | traffic ms | x traffic | state bytes/param "
+        "| GB/s (minimum traffic) | first step s |"
+    )
+    if device.type == "cuda":
+        header += " peak extra MB | largest tensor MB |"
+    echo(header)
+    echo("|" + "---|" * (header.count("|") - 1))
+    for set_name, shapes in parameter_sets(sizes).items():
+        n = sum(math.prod(shape) for shape in shapes)
+        # The eager reference shows what fusing buys; on the CPU past 20 M elements it only costs time.
+        chosen = [o for o in optimizers if not (o.endswith("eager") and n > 20_000_000 and device.type == "cpu")]
+        rows = step_times(shapes, chosen, device, warmup, steps)
+        report["steps"][set_name] = rows
+        for r in rows:
+            traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["traffic_ms"] else "- | -"
+            ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}"
+            rate = "-" if r["min_gb_per_s"] is None else f"{r['min_gb_per_s']:.1f}"
+            line = (
+                f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | {r['median_ms']:.2f} | {ratio} | {traffic} | "
+                f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} |"
+            )
+            if "peak_extra_mb" in r:
+                line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"
+            echo(line)
+
+    with cpu_flush_denormal(device):
+        breakdown = training_step_breakdown(train_data, 128, batches, device)
+        tensor_rate = throughput_tensor_loop(train_data, 1024, batches, device)
+    total = sum(breakdown.values())
+    report["breakdown_batch_128"] = breakdown
+    echo(f"\ntraining step of the MNIST CNN with LAMB16, batch 128: {1e3 * total:.1f} ms (medians per phase)")
+    echo("| phase | ms | share |\n|---|---|---|")
+    for phase, seconds in breakdown.items():
+        echo(f"| {phase} | {1e3 * seconds:.2f} | {100 * seconds / total:.1f}% |")
+
+    loader_rates = {w: throughput_dataloader(data_dir, 1024, batches, w, device) for w in (0, 2)}
+    report["throughput_batch_1024"] = dict(tensor_loop=tensor_rate, **{f"dataloader_{w}_workers": r for w, r in loader_rates.items()})
+    echo("\ntraining throughput, batch 1024, LAMB16")
+    echo("| pipeline | samples/s | x DataLoader (2 workers) |\n|---|---|---|")
+    echo(f"| train's loop (tensor on device) | {tensor_rate:.0f} | {tensor_rate / loader_rates[2]:.2f} |")
+    for workers, rate in loader_rates.items():
+        echo(f"| DataLoader, ToTensor + Normalize, {workers} workers | {rate:.0f} | {rate / loader_rates[2]:.2f} |")
+    return report

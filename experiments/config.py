@@ -1,0 +1,71 @@
+"""The settings of a run, each with its one default (the click options read them here)."""
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one training run (written to config.json). The
+    defaults are those of the original LAMB16 script."""
+
+    optimizer: str = "lamb16"  # a name from experiments.registry
+    batch_size: int = 64
+    test_batch_size: int = 1000
+    epochs: int = 10
+    lr: float = 0.0025
+    wd: float = 0.01  # weight decay
+    seed: int = 1  # initial weights and data order
+    log_interval: int = 10  # batches per train-loss record
+    trust_scale: float | None = None  # LAMB16's exponent; None: the optimizer's default
+
+    def setting(self) -> str:
+        """The settings a comparison shares, as a folder name."""
+        return f"b{self.batch_size}_lr{self.lr:g}_wd{self.wd:g}"
+
+    def run_name(self) -> str:
+        return f"{self.optimizer}_{self.setting()}_seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """The settings of a config.json (which also holds metadata)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+DEFAULTS = RunConfig()
+
+# The two figures of the original README: name, batch size, learning rate,
+# and what it claims LAMB16 reaches there (test accuracy within so many epochs).
+REPRODUCED_FIGURES = (
+    dict(name="B1024L002", batch_size=1024, lr=0.02, claim=0.992, claim_epochs=10),
+    dict(name="B128L001", batch_size=128, lr=0.01, claim=0.993, claim_epochs=5),
+)
+REPRODUCE_WD = 0.01
+REPRODUCE_EPOCHS = 10
+REPRODUCE_OPTIMIZERS = ("adam", "lamb", "lamb16", "lamb16-seed")
+COMPARE_OPTIMIZERS = ("adam", "lamb", "lamb16")
+
+# A run whose logged loss exceeds this multiple of its first batch's loss (about
+# ln 10 = 2.3 for an untrained model) has diverged, even if the loss is finite.
+DIVERGENCE_FACTOR = 10.0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"3" means seeds 1, 2, 3; "1,5,9" means those seeds."""
+    from .errors import UserError
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        numbers = [int(item) for item in items]
+    except ValueError:
+        numbers = []
+    if not numbers or ("," not in text and numbers[0] < 1):
+        raise UserError(f"invalid --seeds {text!r}: give a count (3 means seeds 1,2,3) or a list such as 1,2,3")
+    seeds = list(range(1, numbers[0] + 1)) if "," not in text else numbers
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"invalid --seeds {text!r}: seed {repeated[0]} is listed twice; list each seed once")
+    return seeds

@@ -1,0 +1,105 @@
+"""The scaling study: how well each fp8 scaling of LAMB16 keeps the moments of
+real MNIST CNN gradients (`python cli.py scaling`)."""
+
+import statistics
+
+import torch
+from torch import Tensor
+
+from lamb16.lamb16 import new_moments
+from lamb16.quantize import E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, dequantize, store_absmax, store_seed
+
+from . import registry
+from .data import Split
+from .loop import make_model, train_step
+
+LAYERS = ("conv1.weight", "conv2.weight", "fc1.weight")
+
+
+def relative_error(approx: Tensor, exact: Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm())
+
+
+def moment_quantization_table(
+    train_data: Split, steps: int, batch_size: int, lr: float, seed: int, layers: tuple[str, ...] = LAYERS
+) -> list[dict]:
+    """How well each scaling keeps the moments of real MNIST CNN gradients.
+
+    A float32 LAMB trains the CNN; its gradients also feed float32 moments and,
+    per scaling, a chain of fp8-stored moments updated exactly as Lamb16 does.
+    Every 10 steps, the float32 moments are stored once in fp8 (`store_*`: the
+    format's resolution under that scaling, with the fractions that saturate or
+    flush to zero); at the end the fp8 chain is compared with them (`drift_*`:
+    rounding errors accumulated through the moving averages).
+    """
+    device = train_data.images.device
+    torch.manual_seed(seed)
+    model = make_model(device)
+    optimizer = registry.build("lamb", model.parameters(), lr=lr, weight_decay=0.0)
+    beta1, beta2 = optimizer.defaults["betas"]
+    eps = optimizer.defaults["eps"]
+    params = dict(model.named_parameters())
+    scalings = {"seed": lambda m, v, a, b: store_seed(m, v, a, b, eps), "absmax": store_absmax}
+    moments = {name: (torch.zeros_like(params[name]), torch.zeros_like(params[name])) for name in layers}
+    chains = {
+        (s, name): [torch.zeros_like(params[name], dtype=E4M3), torch.zeros_like(params[name], dtype=E5M2),
+                    torch.ones((), device=device), torch.ones((), device=device)]
+        for s in scalings
+        for name in layers
+    }
+    checks: dict[tuple[str, str], list[dict]] = {key: [] for key in chains}
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    for step in range(1, steps + 1):
+        index = order[(step - 1) * batch_size % len(train_data) :][:batch_size]
+        train_step(model, optimizer, train_data.images[index], train_data.labels[index])
+        for name in layers:
+            grad = params[name].grad
+            m, v = moments[name]
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            for scaling, store in scalings.items():
+                chain = chains[(scaling, name)]
+                chain_m, chain_v = new_moments(grad, *chain, beta1, beta2)
+                chain[2], chain[3] = store(chain_m, chain_v, chain[0], chain[1])
+                if step % 10 == 0:
+                    checks[(scaling, name)].append(store_check(m, v, store, scaling))
+    rows = []
+    for (scaling, name), found in checks.items():
+        chain = chains[(scaling, name)]
+        m, v = moments[name]
+        row = dict(layer=name, elements=params[name].numel(), scaling=scaling)
+        row.update({key: statistics.median(c[key] for c in found) for key in found[0]})
+        row["drift_m"] = relative_error(dequantize(chain[0], chain[2]), m)
+        row["drift_v"] = relative_error(dequantize(chain[1], chain[3]), v)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["elements"], r["scaling"] != "seed"))
+
+
+def store_check(m: Tensor, v: Tensor, store, scaling: str) -> dict:
+    """One fp8 store of float32 moments: its errors, and what saturated or flushed."""
+    m8, v8 = torch.empty_like(m, dtype=E4M3), torch.empty_like(v, dtype=E5M2)
+    m_scale, v_scale = store(m, v, m8, v8)
+    limit = (SEED_M_CLAMP if scaling == "seed" else E4M3_MAX) * (1 + 1e-6)  # beyond the bound, not on it
+    return dict(
+        store_m=relative_error(dequantize(m8, m_scale), m),
+        store_v=relative_error(dequantize(v8, v_scale), v),
+        saturated_m=float(((m / m_scale).abs() > limit).float().mean()),
+        flushed_m=float(((m8.float() == 0) & (m != 0)).float().mean()),
+        flushed_v=float(((v8.float() == 0) & (v != 0)).float().mean()),
+    )
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| tensor | elements | scaling | store m | store v | drift m | drift v | m saturated | m flushed to 0 "
+        "| v flushed to 0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['elements']:,} | {r['scaling']} | {r['store_m']:.3f} | {r['store_v']:.3f} | "
+            f"{r['drift_m']:.3f} | {r['drift_v']:.3f} | {100 * r['saturated_m']:.1f}% | "
+            f"{100 * r['flushed_m']:.2f}% | {100 * r['flushed_v']:.2f}% |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The one list of optimizers that every command, the benchmark, the figures and
+the tests read. A new optimizer is one entry of OPTIMIZERS.
+
+Each entry says how to build the optimizer from (params, lr, weight decay),
+how to draw it (Adam red, LAMB green, LAMB16 blue, each with its own line
+style and marker, so that a figure reads in greyscale), and how many bytes of
+state a parameter of a large tensor needs. The low-bit AdamW peers of torchao
+and bitsandbytes are imported only when used; without them installed, building
+one is a one-line error naming the extra to install.
+"""
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+import lamb16
+
+from .errors import UserError
+
+PEERS_EXTRA = "pip install 'lamb16[peers]'"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    label: str
+    build: Callable[..., Optimizer]  # (params, lr, weight_decay, **options)
+    color: str
+    linestyle: str
+    marker: str
+    state_bytes: float  # per parameter of a large tensor, as the design needs
+    options: tuple[str, ...] = ()  # further hyperparameters it takes (RunConfig fields)
+    package: str | None = None  # a peer's package, imported lazily
+
+    @property
+    def style(self) -> dict[str, Any]:
+        return dict(color=self.color, linestyle=self.linestyle, marker=self.marker, label=self.label)
+
+
+def from_package(module: str, attribute: str) -> Callable[..., Optimizer]:
+    """A peer's optimizer class, imported when the first one is built."""
+
+    def build(params: Iterable, lr: float, weight_decay: float, **options: Any) -> Optimizer:
+        cls = getattr(importlib.import_module(module), attribute)
+        return cls(params, lr=lr, weight_decay=weight_decay, **options)
+
+    return build
+
+
+def _adam(params, lr, weight_decay, **options):
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _adamw(params, lr, weight_decay, **options):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _sgd(params, lr, weight_decay, **options):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, **options)
+
+
+def _lamb(params, lr, weight_decay, **options):
+    return lamb16.Lamb(params, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _lamb16(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _lamb16_seed(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="seed", **options)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("adam", "Adam", _adam, "tab:red", "--", "s", 8.0),
+        OptimizerSpec("adamw", "AdamW", _adamw, "tab:orange", (0, (5, 1)), "D", 8.0),
+        OptimizerSpec("sgd", "SGD (momentum 0.9)", _sgd, "tab:gray", (0, (1, 2)), "v", 4.0),
+        OptimizerSpec("lamb", "LAMB", _lamb, "tab:green", "-.", "^", 8.0),
+        OptimizerSpec("lamb16", "LAMB16", _lamb16, "tab:blue", "-", "o", 2.0, options=("trust_scale",)),
+        OptimizerSpec(
+            "lamb16-seed", "LAMB16, seed scaling", _lamb16_seed, "tab:cyan", ":", "x", 2.0, options=("trust_scale",)
+        ),
+        # torchao keeps tensors under 4096 elements in float32; blocks of 256
+        # (8-bit, fp8) or 128 (4-bit) elements share a float32 scale per moment.
+        OptimizerSpec(
+            "ao-adamw8bit", "AdamW 8-bit (torchao)", from_package("torchao.optim", "AdamW8bit"),
+            "tab:purple", (0, (3, 1, 1, 1)), "P", 2.03, package="torchao",
+        ),
+        OptimizerSpec(
+            "ao-adamw4bit", "AdamW 4-bit (torchao)", from_package("torchao.optim", "AdamW4bit"),
+            "tab:pink", (0, (3, 1, 1, 1, 1, 1)), "*", 1.06, package="torchao",
+        ),
+        OptimizerSpec(
+            "ao-adamwfp8", "AdamW fp8 (torchao)", from_package("torchao.optim", "AdamWFp8"),
+            "tab:brown", (0, (2, 2)), "h", 2.03, package="torchao",
+        ),
+        # bitsandbytes: blockwise 8-bit moments, blocks of 256 with a float32 absmax.
+        OptimizerSpec(
+            "bnb-adamw8bit", "AdamW 8-bit (bitsandbytes)", from_package("bitsandbytes.optim", "AdamW8bit"),
+            "tab:olive", (0, (4, 1, 1, 1)), "p", 2.03, package="bitsandbytes",
+        ),
+    )
+}
+
+
+def spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def available(name: str) -> bool:
+    """Whether an optimizer can be built here (a peer needs its package)."""
+    package = spec(name).package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def check_available(name: str) -> None:
+    """Raise the one-line error for a peer whose package is not installed."""
+    if not available(name):
+        raise UserError(f"optimizer {name} needs the {spec(name).package} package: {PEERS_EXTRA}")
+
+
+def build(name: str, params: Iterable, lr: float, weight_decay: float, **options: Any) -> Optimizer:
+    """The named optimizer over `params`. Options it does not take (e.g. LAMB16's
+    trust_scale for Adam) are refused, and None means the optimizer's default."""
+    entry = spec(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        raise UserError(f"optimizer {name} takes no {', '.join(unknown)}; drop it or choose a LAMB16 variant")
+    check_available(name)
+    return entry.build(params, lr=lr, weight_decay=weight_decay, **options)

@@ -1,0 +1,340 @@
+"""Run directories: what a run writes, how it is found again, and how it resumes.
+
+A run directory holds
+- config.json: every setting, and where and with what it ran (written once);
+- metrics.jsonl: one JSON object a line, flushed as written ("train" records
+  per log interval, "test" records per epoch, "diverged" or "resumed" events);
+- checkpoint.pt: model, optimizer, data-order generator and counters after the
+  last finished epoch (replaced atomically each epoch);
+- summary.json: status (completed, diverged or interrupted) and results,
+  written when the run ends, however it ends.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lamb16
+
+from .config import RunConfig
+from .errors import UserError
+
+FINISHED = ("completed", "diverged")  # statuses that a resume leaves alone
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader or a crash
+    sees the old file or the new one, never half of one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create `path` if needed and prove it is writable, or fail with one clear line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to {option} {path}: {error.strerror or error}; choose a writable folder") from error
+    return path
+
+
+def fresh_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... if taken: never overwrite an earlier run."""
+    candidate, suffix = parent / name, 2
+    while candidate.exists():
+        candidate, suffix = parent / f"{name}-{suffix}", suffix + 1
+    return candidate
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or name-2.ext, name-3.ext, ... if taken: never overwrite a file."""
+    candidate, suffix = path, 2
+    while candidate.exists():
+        candidate, suffix = path.with_name(f"{path.stem}-{suffix}{path.suffix}"), suffix + 1
+    return candidate
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """The git commit of this code and whether its tree had changes (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return dict(git_commit=None, git_dirty=None)
+    if commit.returncode != 0:
+        return dict(git_commit=None, git_dirty=None)
+    return dict(git_commit=commit.stdout.strip(), git_dirty=bool(status.stdout.strip()))
+
+
+@functools.cache
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_metadata(device: torch.device) -> dict[str, Any]:
+    return dict(
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        cpu_model=cpu_model(),
+        hostname=socket.gethostname(),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        lamb16_version=lamb16.__version__,
+        python_version=platform.python_version(),
+        **code_version(),
+    )
+
+
+class MetricsLog:
+    """metrics.jsonl, appended one JSON object a line and flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl, and how many lines were not JSON objects
+    (a crash can cut the last line short)."""
+    records, skipped = [], 0
+    if not path.is_file():
+        return records, skipped
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+@dataclass
+class RunDir:
+    """One run's directory and the files in it."""
+
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @classmethod
+    def create(cls, path: Path, metadata: dict[str, Any]) -> "RunDir":
+        path.mkdir(parents=True, exist_ok=False)
+        run = cls(path)
+        write_json(run.config_path, metadata)
+        return run
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.metadata())
+
+    def metadata(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"{self.path} is not a readable run directory ({error}); pass one written by train") from error
+
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json, or None where the run has not ended (or the file is damaged)."""
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def status(self) -> str | None:
+        summary = self.summary()
+        return summary.get("status") if summary else None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_path, summary)
+
+    @contextlib.contextmanager
+    def log(self) -> Iterator[MetricsLog]:
+        log = MetricsLog(self.metrics_path)
+        try:
+            yield log
+        finally:
+            log.close()
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.path, prefix=".checkpoint.", delete=False) as tmp:
+            torch.save(state, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last finished epoch's state, or None where the run has none yet."""
+        if not self.checkpoint_path.is_file():
+            return None
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or foreign file
+            raise UserError(
+                f"cannot read {self.checkpoint_path} ({type(error).__name__}); delete it to restart this run from "
+                "epoch 1, or restore it from a copy"
+            ) from error
+
+    def rewind_metrics(self, epoch: int) -> None:
+        """Keep only the records of epochs up to `epoch` (those of an epoch cut
+        short are trained again on resume)."""
+        records, _ = read_records(self.metrics_path)
+        kept = [r for r in records if r.get("epoch", 0) <= epoch]
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+@dataclass
+class Run:
+    """What a finished or unfinished run directory holds, as reports need it."""
+
+    path: Path
+    config: dict[str, Any]
+    train: list[dict] = field(default_factory=list)  # {"epoch", "samples", "loss"}
+    test: list[dict] = field(default_factory=list)  # {"epoch", "test_loss", "test_accuracy", ...}
+    summary: dict[str, Any] | None = None
+    skipped_lines: int = 0
+
+    @property
+    def optimizer(self) -> str:
+        return self.config.get("optimizer", "?")
+
+    @property
+    def status(self) -> str:
+        return (self.summary or {}).get("status", "incomplete")
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "diverged"
+
+
+def load_run(path: Path) -> Run:
+    """A run directory's config, metrics and summary."""
+    run_dir = RunDir(path)
+    records, skipped = read_records(run_dir.metrics_path)
+    return Run(
+        path=path,
+        config=run_dir.metadata(),
+        train=[r for r in records if r.get("kind") == "train" and is_number(r.get("loss"))],
+        test=[r for r in records if r.get("kind") == "test" and is_number(r.get("test_accuracy"))],
+        summary=run_dir.summary(),
+        skipped_lines=skipped,
+    )
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def find_runs(paths: Iterable[Path]) -> list[Path]:
+    """Run directories (those holding config.json) at or anywhere below `paths`, sorted."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if (path / "config.json").is_file():
+            found[path] = None
+        for config in sorted(path.rglob("config.json")):
+            found[config.parent] = None
+    return list(found)
+
+
+def load_runs(paths: Iterable[Path], warn=None) -> list[Run]:
+    """Every run found under `paths`; `warn(line)` hears of skipped lines,
+    unreadable directories and runs that have not ended."""
+    warn = warn or (lambda line: warnings.warn(line, stacklevel=2))
+    runs = []
+    for path in find_runs(paths):
+        try:
+            run = load_run(path)
+        except UserError as error:
+            warn(f"skipped {path}: {error}")
+            continue
+        if run.skipped_lines:
+            warn(f"{path / 'metrics.jsonl'}: skipped {run.skipped_lines} malformed line(s)")
+        if run.summary is None:
+            warn(f"{path} has not ended (no summary.json): drawn as far as it got")
+        runs.append(run)
+    return runs
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)
+
+
+def run_metadata(config: RunConfig, device: torch.device, data_dir: Path, train_size: int) -> dict[str, Any]:
+    """config.json: the settings, then where, on what and with what code it ran."""
+    from .data import checksums
+
+    return dict(
+        config.to_dict(),
+        effective_batch_size=min(config.batch_size, train_size),
+        train_size=train_size,
+        channels_last=device.type == "cpu",
+        cpu_flush_denormal=device.type == "cpu",
+        data_dir=str(Path(data_dir).resolve()),
+        data_sha256=checksums(data_dir),
+        started=now(),
+        command=command_line(),
+        **machine_metadata(device),
+    )

@@ -1,0 +1,182 @@
+"""Several runs at once: seeds of one optimizer (train), optimizers x seeds at
+one setting (compare), and the original README's two figures (reproduce).
+Each writes its runs, a figure with seed bands and results.md; given its
+folder again with resume, it skips the runs that ended and resumes the others."""
+
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from plots import comparison_figure, figure_title
+
+from . import aggregate, registry
+from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfig
+from .data import Split
+from .errors import UserError
+from .loop import StopRequest, train_run
+from .runs import FINISHED, RunDir, fresh_dir, load_runs, run_metadata, write_atomic
+
+Echo = Callable[[str], None]
+
+
+def check_optimizers(names: list[str]) -> list[str]:
+    """Every name known, listed once, and buildable here: checked before any run starts."""
+    if not names:
+        raise UserError("no optimizer given; list at least one, e.g. --optimizers adam,lamb16")
+    for name in names:
+        registry.spec(name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"--optimizers lists {repeated[0]} more than once; list each optimizer once")
+    for name in names:
+        registry.check_available(name)
+    return names
+
+
+def plan(base: RunConfig, optimizers: list[str], seeds: list[int]) -> list[RunConfig]:
+    """Seed-major: with a study cut short, every optimizer has the same seeds done."""
+    return [replace(base, optimizer=o, seed=s) for s in seeds for o in optimizers]
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """A study's folder is new, or existing only when resuming: a new study is
+    never mixed into an old one's runs."""
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise UserError(f"--out {out} already holds runs; pass --resume to finish them, or choose another --out")
+
+
+def check_same_settings(run: RunDir, config: RunConfig) -> None:
+    stored = run.config()
+    for name, value in config.to_dict().items():
+        if getattr(stored, name) != value:
+            raise UserError(
+                f"{run.path} was run with {name} {getattr(stored, name)}, not {value}; resume with the settings in "
+                "its config.json, or choose another --out"
+            )
+
+
+def run_all(
+    configs: list[RunConfig], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
+    name_of: Callable[[RunConfig], str], bars: bool | None, echo: Echo, stop: StopRequest | None,
+) -> None:
+    """Train each planned run in out/<name>, announcing "run k of n"; a run
+    that ended is skipped, one that has begun resumes from its checkpoint."""
+    device = train_data.images.device
+    for k, config in enumerate(configs, 1):
+        path = out / name_of(config)
+        setting = (f"{config.optimizer}, seed {config.seed}: batch {config.batch_size}, lr {config.lr:g}, "
+                   f"wd {config.wd:g}, {config.epochs} epochs")
+        if path.exists():
+            run = RunDir(path)
+            check_same_settings(run, config)
+            if run.status() in FINISHED:
+                echo(f"[run {k} of {len(configs)}] {setting}: {run.status()} before, skipped")
+                continue
+        else:
+            run = RunDir.create(path, run_metadata(config, device, data_dir, len(train_data)))
+        echo(f"[run {k} of {len(configs)}] {setting}")
+        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+
+
+def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo = print,
+           figure: Path | None = None) -> tuple[str, Path]:
+    """Figure and results.md of the runs under `out`; returns the table and the figure's path."""
+    runs = load_runs([out], warn=lambda line: echo(f"warning: {line}"))
+    groups = aggregate.group_runs(runs)
+    seeds = max((len(g) for g in groups.values()), default=1)
+    title = title or figure_title(runs[0].config, seeds)
+    figure = comparison_figure(
+        [aggregate.curves(name, group) for name, group in groups.items()], figure or out / "figure.png", title, log_y
+    )
+    table = aggregate.results_table(groups)
+    write_atomic(out / "results.md", f"## {title}\n\n{table}\n".encode())
+    return table, figure
+
+
+def compare(
+    base: RunConfig, optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split,
+    data_dir: Path, *, resume: bool = False, bars: bool | None = None, echo: Echo = print,
+    stop: StopRequest | None = None,
+) -> tuple[str, Path]:
+    """Every optimizer with every seed at one setting, into out/<optimizer>_seed<N>."""
+    run_all(plan(base, optimizers, seeds), out, train_data, test_data, data_dir,
+            name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, stop=stop)
+    return report(out, echo=echo)
+
+
+def reproduce(
+    optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
+    epochs: int = REPRODUCE_EPOCHS, resume: bool = False, bars: bool | None = None, echo: Echo = print,
+    stop: StopRequest | None = None,
+) -> str:
+    """Both figures of the original README (one compare each, into out/<name>),
+    their PNGs beside results.md, which states each claim next to the measured
+    mean and spread with a verdict."""
+    sections, claims = [], []
+    for figure in REPRODUCED_FIGURES:
+        base = RunConfig(batch_size=figure["batch_size"], lr=figure["lr"], wd=REPRODUCE_WD, epochs=epochs)
+        echo(f"== {figure['name']}: batch {figure['batch_size']}, lr {figure['lr']:g}")
+        table, png = compare(base, optimizers, seeds, out / figure["name"], train_data, test_data, data_dir,
+                             resume=resume, bars=bars, echo=echo, stop=stop)
+        shutil.copyfile(png, out / f"{figure['name']}.png")
+        groups = aggregate.group_runs(load_runs([out / figure["name"]], warn=lambda line: None))
+        title = figure_title(base.to_dict(), len(seeds))
+        sections.append(f"### {title}\n\n![{figure['name']}]({figure['name']}.png)\n\n{table}\n")
+        setting = f"batch {figure['batch_size']}, lr {figure['lr']:g}"
+        for variant in ("lamb16", "lamb16-seed"):
+            row = aggregate.accuracy_claim(groups, variant, figure["claim"], min(figure["claim_epochs"], epochs))
+            if row:
+                claims.append(dict(row, claim=f"{setting}: {row['claim']}"))
+        for other in ("adam", "lamb"):
+            row = aggregate.faster_claim(groups, "lamb16", other)
+            if row:
+                claims.append(dict(row, claim=f"{setting}: {row['claim']}"))
+    text = (
+        "## Claims of the original README\n\n"
+        "Verdicts from the 95% confidence interval of the mean over seeds: met (all of it at or above the "
+        "claim), not met (all below), within noise (it straddles the claim).\n\n"
+        f"{aggregate.claims_table(claims)}\n\n" + "\n".join(sections)
+    )
+    write_atomic(out / "results.md", text.encode())
+    return text
+
+
+def train_seeds(
+    base: RunConfig, seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
+    bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None,
+) -> list[Path]:
+    """One optimizer, each seed a new run directory under `out` (never overwriting one)."""
+    device = train_data.images.device
+    paths = []
+    for k, seed in enumerate(seeds, 1):
+        config = replace(base, seed=seed)
+        run = RunDir.create(fresh_dir(out, config.run_name()), run_metadata(config, device, data_dir, len(train_data)))
+        if len(seeds) > 1:
+            echo(f"[run {k} of {len(seeds)}] {config.optimizer}, seed {seed}")
+        paths.append(run.path)
+        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+    return paths
+
+
+def resume_run(path: Path, train_data: Split, test_data: Split, *, bars: bool | None = None, echo: Echo = print,
+               stop: StopRequest | None = None) -> dict:
+    """Continue a run directory from its last checkpoint."""
+    run = RunDir(path)
+    if run.status() in FINISHED:
+        raise UserError(f"{path} already {run.status()}; nothing to resume (start a new run instead)")
+    config = run.config()
+    if run.metadata().get("data_sha256") and run.metadata().get("train_size") != len(train_data):
+        raise UserError(f"{path} trained on {run.metadata()['train_size']} images, this data has {len(train_data)}; "
+                        "resume with the same --data-dir")
+    return train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    return torch.device(name)
