@@ -191,9 +191,8 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     writable_dir(out)
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
     with stop_on_signals() as stop:
-        studies.run_all(studies.plan(base, names, seed_list), out, train_data, test_data, data_dir,
-                        name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=progress, echo=click.echo, stop=stop)
-    table, figure = studies.report(out, log_y=log_y, echo=click.echo)
+        table, _ = studies.compare(base, names, seed_list, out, train_data, test_data, data_dir, log_y=log_y,
+                                   bars=progress, echo=click.echo, stop=stop)
     click.echo(table)
     click.echo(f"runs, results.md and figure written to {out}")
 
@@ -223,7 +222,7 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
     with stop_on_signals() as stop:
         text = studies.reproduce(names, seed_list, out, train_data, test_data, data_dir, epochs=epochs,
-                                 resume=resume, bars=progress, echo=click.echo, stop=stop)
+                                 bars=progress, echo=click.echo, stop=stop)
     click.echo(text)
     click.echo(f"figures and results.md written to {out}")
 

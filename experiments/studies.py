@@ -98,18 +98,19 @@ def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo 
 
 def compare(
     base: RunConfig, optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split,
-    data_dir: Path, *, resume: bool = False, bars: bool | None = None, echo: Echo = print,
+    data_dir: Path, *, log_y: bool = False, bars: bool | None = None, echo: Echo = print,
     stop: StopRequest | None = None,
 ) -> tuple[str, Path]:
-    """Every optimizer with every seed at one setting, into out/<optimizer>_seed<N>."""
+    """Every optimizer with every seed at one setting, into out/<optimizer>_seed<N>;
+    then the figure and results.md. Returns the table and the figure's path."""
     run_all(plan(base, optimizers, seeds), out, train_data, test_data, data_dir,
             name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, stop=stop)
-    return report(out, echo=echo)
+    return report(out, log_y=log_y, echo=echo)
 
 
 def reproduce(
     optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
-    epochs: int = REPRODUCE_EPOCHS, resume: bool = False, bars: bool | None = None, echo: Echo = print,
+    epochs: int = REPRODUCE_EPOCHS, bars: bool | None = None, echo: Echo = print,
     stop: StopRequest | None = None,
 ) -> str:
     """Both figures of the original README (one compare each, into out/<name>),
@@ -120,7 +121,7 @@ def reproduce(
         base = RunConfig(batch_size=figure["batch_size"], lr=figure["lr"], wd=REPRODUCE_WD, epochs=epochs)
         echo(f"== {figure['name']}: batch {figure['batch_size']}, lr {figure['lr']:g}")
         table, png = compare(base, optimizers, seeds, out / figure["name"], train_data, test_data, data_dir,
-                             resume=resume, bars=bars, echo=echo, stop=stop)
+                             bars=bars, echo=echo, stop=stop)
         shutil.copyfile(png, out / f"{figure['name']}.png")
         groups = aggregate.group_runs(load_runs([out / figure["name"]], warn=lambda line: None))
         title = figure_title(base.to_dict(), len(seeds))
