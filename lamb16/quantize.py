@@ -7,8 +7,46 @@ A scaling is a pair of functions: `*_scales` reduces this step's float32
 moments `m` and `v` to their two scales, and `write_*` stores their fp8 form
 into `exp_avg` and `exp_avg_sq`; `store_*` does both, and `dequantize` reads
 a moment back. Writes multiply by the scale's reciprocal: one division per
-tensor instead of one per element (the divider is what a CPU step waits on),
-at most one float32 rounding away from dividing.
+tensor instead of one per element, at most one float32 rounding away from
+dividing.
+
+Two scalings:
+- "absmax" (the default) maps each tensor's largest |m| to 448 and largest v
+  to 57344: nothing saturates, small elements keep the format's whole range
+  below, v is floored at e5m2's smallest value instead of flushing to zero (a
+  zero there would make that element's next update m / eps), and an all-zero
+  tensor divides by a tiny floor, not by zero.
+- "seed", the original proof-of-concept's: scale = sqrt(sum(clamp(x*x, 0, 10))) / n
+  + eps, m / scale clamped to +-15. Dividing by n rather than sqrt(n) maps a
+  typical element to about sqrt(n), so on large tensors almost the whole first
+  moment saturates. Kept to reproduce the original figures.
+
+Measured by `python cli.py scaling --steps 300` (a float32 LAMB trains the
+MNIST CNN at batch 128, lr 0.01; its gradients also feed float32 moments and,
+per scaling, fp8-stored moments updated exactly as Lamb16 updates them).
+"store" is the relative error ||dequant(fp8(x)) - x|| / ||x|| of one fp8 store
+of the float32 moments (median over 30 checks); "drift" compares the fp8
+chain with the float32 one after 300 steps:
+
+    tensor        elements  scaling  store m  store v  drift m  drift v  m saturated  m flushed  v flushed
+    conv1.weight       500  seed     0.571    0.051    0.882    0.520    45.3%        0.00%      0.00%
+    conv1.weight       500  absmax   0.026    0.053    0.062    0.478     0.0%        0.00%      0.00%
+    conv2.weight    25,000  seed     0.921    0.053    0.983    0.513    85.1%        0.00%      0.00%
+    conv2.weight    25,000  absmax   0.026    0.053    0.062    0.413     0.0%        0.00%      0.00%
+    fc1.weight     400,000  seed     0.939    0.053    0.980    0.332    63.3%        9.17%      3.68%
+    fc1.weight     400,000  absmax   0.027    0.053    0.066    0.313     0.0%       11.27%      0.00%
+
+With absmax, one store loses 2.6-2.7% of the first moment on every size (the
+seed arithmetic 57-94%) and 5.3% of the second: the resolution of the formats
+themselves. What no scaling removes is the drift of v: e5m2 has 2 mantissa
+bits, so an increment of (1 - b2) = 0.1% per step rounds away, and the stored
+v lags the float32 one (by 31-48% after 300 steps here). Stochastic rounding
+would remove that bias but make the error a random walk whose spread settles
+near 1 / sqrt(1 - b2**2), some 22 times the per-step rounding error. LAMB16's
+trust ratio partly renormalises each layer's step, so the drift mostly
+reweights elements within a layer. fc1's 11% of m flushed to zero are
+elements below 2.2e-6 of the tensor's largest, mostly units whose gradient is
+already zero.
 """
 
 import torch
