@@ -34,7 +34,7 @@ def lamb_update(
     weight_decay: float | Tensor,
     adam: bool,
     bias_correction: bool,
-    max_weight_norm: float | Tensor = MAX_WEIGHT_NORM,
+    max_weight_norm: float | Tensor | None = MAX_WEIGHT_NORM,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`:
     the reference implementation. Returns (weight_norm, adam_norm, trust_ratio)
@@ -48,7 +48,7 @@ def lamb_update(
         v = v / (1 - beta2**step)
 
     update = (m / (v.sqrt() + eps)).add_(param * weight_decay)
-    weight_norm = param.norm().clamp(max=max_weight_norm)
+    weight_norm = param.norm() if max_weight_norm is None else param.norm().clamp(max=max_weight_norm)
     adam_norm = update.norm()
     trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
     param.sub_(update.mul_(trust * lr))
@@ -59,8 +59,9 @@ class Lamb(CheckedOptimizer):
     """LAMB (You et al. 2019, arXiv 1904.00962), as the widely used PyTorch port computes it.
 
     Adam's update m / (sqrt(v) + eps) plus decoupled weight decay, scaled per
-    tensor by min(||w||, 10) / ||update|| so that every layer moves by a similar
-    fraction of its weights. Use it for large-batch training where Adam needs
+    tensor by min(||w||, max_weight_norm) / ||update|| so that every layer moves
+    by a similar fraction of its weights (max_weight_norm=None: no clamp, the
+    paper's identity phi; with bias_correction=True that is the paper's LAMB). Use it for large-batch training where Adam needs
     its learning rate tuned per batch size; `adam=True` drops the trust ratio
     (Adam with decoupled decay, for comparison). No bias correction unless
     `bias_correction=True`. State: two float32 tensors per parameter (8 bytes
@@ -82,6 +83,7 @@ class Lamb(CheckedOptimizer):
         weight_decay: float = 0.0,
         adam: bool = False,
         bias_correction: bool = False,
+        max_weight_norm: float | None = MAX_WEIGHT_NORM,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -91,9 +93,16 @@ class Lamb(CheckedOptimizer):
             weight_decay=weight_decay,
             adam=adam,
             bias_correction=bias_correction,
+            max_weight_norm=max_weight_norm,
             fused=fused,
         )
         super().__init__(params, defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
+        limit = group["max_weight_norm"]
+        if limit is not None and not limit > 0:
+            raise ValueError(f"Invalid max_weight_norm value: {limit} (must be > 0, or None for no clamp)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -105,7 +114,8 @@ class Lamb(CheckedOptimizer):
         for group in self.param_groups:
             hyper = adam_hyperparameters(group)
             hyper.update(
-                adam=group["adam"], bias_correction=group["bias_correction"], max_weight_norm=MAX_WEIGHT_NORM
+                adam=group["adam"], bias_correction=group["bias_correction"],
+                max_weight_norm=group.get("max_weight_norm", MAX_WEIGHT_NORM),
             )
             jobs: list[Job] = []
             for param, state in stepped_states(self, group, "Lamb", init_state):

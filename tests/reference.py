@@ -25,6 +25,7 @@ def lamb_reference(
     weight_decay: float = 0.0,
     adam: bool = False,
     bias_correction: bool = False,
+    max_weight_norm: float | None = 10.0,
 ) -> dict[str, Tensor]:
     b1, b2 = betas
     p = param.to(F64)
@@ -35,7 +36,7 @@ def lamb_reference(
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         m_used, v_used = (m / (1 - b1**t), v / (1 - b2**t)) if bias_correction else (m, v)
-        w_norm = torch.clamp(p.norm(), max=10.0)
+        w_norm = p.norm() if max_weight_norm is None else torch.clamp(p.norm(), max=max_weight_norm)
         u = m_used / (v_used.sqrt() + eps) + weight_decay * p
         u_norm = u.norm()
         trust = torch.tensor(1.0, dtype=F64)

@@ -25,6 +25,8 @@ CASES = {
     "lamb16-seed": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, scaling="seed")),
     "lamb": dict(cls=Lamb, hyper=dict(weight_decay=0.01)),
     "lamb-bias-correction": dict(cls=Lamb, hyper=dict(bias_correction=True, betas=(0.8, 0.99))),
+    # The paper's LAMB: most SHAPES have a norm above 10, where the default clamp acts.
+    "lamb-no-weight-clamp": dict(cls=Lamb, hyper=dict(bias_correction=True, max_weight_norm=None, weight_decay=0.01)),
 }
 
 

@@ -66,6 +66,33 @@ def test_lamb_matches_float64_reference(shape, hyper):
     assert_close_to(param, expected["param"])
 
 
+@pytest.mark.parametrize("fused", [False, None])
+def test_lamb_without_weight_norm_clamp_is_the_papers_lamb(fused):
+    """Bias-corrected, trust ratio ||w|| / ||u|| unclamped: on a tensor of norm 12
+    the default clamp at 10 departs from it, max_weight_norm=None does not."""
+    gen = torch.Generator().manual_seed(5)
+    param0 = torch.randn(300, 200, generator=gen)
+    param0 *= 12 / param0.norm()
+    grads = [torch.randn(300, 200, generator=gen) * 1e-2 for _ in range(20)]
+    hyper = dict(lr=1e-2, weight_decay=0.01, bias_correction=True)
+    param = param0.clone().requires_grad_(True)
+    optimizer = Lamb([param], max_weight_norm=None, fused=fused, **hyper)
+    for g in grads:
+        param.grad = g.clone()
+        optimizer.step()
+    expected = lamb_reference(param0, grads, max_weight_norm=None, **hyper)
+    assert_close_to(param.detach(), expected["param"])
+    assert_close_to(optimizer.state[param]["weight_norm"], expected["weight_norm"])
+    clamped = lamb_reference(param0, grads, **hyper)["param"]
+    distance = (expected["param"] - param0.double()).norm()
+    assert (clamped - expected["param"]).norm() > 0.1 * distance  # the option matters here
+
+
+def test_invalid_max_weight_norm_is_refused():
+    with pytest.raises(ValueError, match="Invalid max_weight_norm value: 0"):
+        Lamb([nn.Parameter(torch.zeros(2))], max_weight_norm=0)
+
+
 @pytest.mark.parametrize("scaling", ["seed", "absmax"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(
