@@ -25,29 +25,32 @@ def check_hyperparameters(
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
 
 
-def check_float32_params(group: dict[str, Any], optimizer: str) -> None:
+def float32_error(optimizer: str, param: Tensor) -> ValueError:
     """Both optimizers do their arithmetic in float32 and update in place, so they
     take float32 parameters only; a half-precision model keeps float32 master
     weights, as it would for any other optimizer without AMP."""
+    return ValueError(
+        f"{optimizer} supports float32 parameters only, got {param.dtype} "
+        f"(shape {tuple(param.shape)}); keep float32 weights, e.g. model.float()"
+    )
+
+
+def check_float32_params(group: dict[str, Any], optimizer: str) -> None:
     for param in group["params"]:
         if param.dtype != torch.float32:
-            raise ValueError(
-                f"{optimizer} supports float32 parameters only, got {param.dtype} "
-                f"(shape {tuple(param.shape)}); keep float32 weights, e.g. model.float()"
-            )
+            raise float32_error(optimizer, param)
 
 
-def params_with_grad(group: dict[str, Any], optimizer: str) -> Iterator[Tensor]:
-    """The parameters of a group that have a gradient and at least one element."""
-    for param in group["params"]:
-        if param.grad is None or param.numel() == 0:
-            continue
-        if param.grad.is_sparse:
-            raise RuntimeError(
-                f"{optimizer} does not support sparse gradients; "
-                "use dense gradients (e.g. nn.Embedding(sparse=False))"
-            )
-        yield param
+def check_step_tensors(param: Tensor, optimizer: str) -> None:
+    """What a step needs of a parameter and its gradient, checked before any write."""
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{optimizer} does not support sparse gradients; use dense gradients (e.g. nn.Embedding(sparse=False))"
+        )
+    if param.dtype != torch.float32:  # cast after the optimizer was built
+        raise float32_error(optimizer, param)
+    # torch itself refuses a gradient of another shape, dtype or device.
 
 
 def adam_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -70,12 +73,12 @@ def init_step_and_statistics(state: dict[str, Tensor], param: Tensor) -> None:
 
 
 def stepped_states(
-    optimizer: Optimizer, group: dict[str, Any], name: str, init_state: Callable[[dict, Tensor], None]
+    optimizer: Optimizer, params: list[Tensor], init_state: Callable[[dict, Tensor], None]
 ) -> list[tuple[Tensor, dict[str, Any]]]:
-    """(parameter, state) for each parameter of a group that has a gradient, its
-    state initialised on first use and its step counted (one call for all)."""
+    """(parameter, state) for each of `params` (already checked), its state
+    initialised on first use and its step counted (one call for all)."""
     pairs = []
-    for param in params_with_grad(group, name):
+    for param in params:
         state = optimizer.state[param]
         if not state:
             init_state(state, param)
@@ -111,13 +114,89 @@ def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     return True
 
 
+# Group options added after state_dicts were first saved: an older one may lack them.
+LATER_GROUP_KEYS = frozenset({"max_weight_norm"})
+
+
+def saved_by(group: dict[str, Any]) -> str:
+    """Which optimizer a saved parameter group looks like it came from."""
+    keys = set(group)
+    if {"trust_scale", "scaling"} <= keys:
+        return "Lamb16"
+    if {"adam", "bias_correction"} <= keys:
+        return "Lamb"
+    if "amsgrad" in keys:
+        return "Adam or AdamW"
+    if "momentum" in keys:
+        return "SGD"
+    return "another optimizer"
+
+
 class CheckedOptimizer(Optimizer):
     """An Optimizer that validates every param group as it is added, whether by
-    the constructor or by `add_param_group`, and keeps none that fails."""
+    the constructor or by `add_param_group`, and keeps none that fails; checks
+    every parameter and state before a step writes anything; and loads only a
+    state_dict of its own kind.
+
+    Subclasses say what their state holds: per-element tensors and their dtypes
+    (`element_state`), and 0-dim tensors (`scalar_state`).
+    """
+
+    element_state: dict[str, torch.dtype] = {}
+    scalar_state: tuple[str, ...] = ()
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_float32_params(group, type(self).__name__)
+
+    def check_state(self, state: dict[str, Any], param: Tensor) -> None:
+        name = type(self).__name__
+        for key, dtype in self.element_state.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor) or value.dtype != dtype or value.shape != param.shape:
+                found = "missing" if value is None else f"{getattr(value, 'dtype', type(value).__name__)}"
+                raise ValueError(
+                    f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} is {found}, expected {dtype} "
+                    "of its shape; was it loaded from another optimizer? Start from a fresh optimizer instead"
+                )
+        for key in self.scalar_state:
+            if not isinstance(state.get(key), Tensor) or state[key].dim() != 0:
+                raise ValueError(f"{name}: state {key!r} is missing or not a 0-dim tensor; start from a fresh optimizer")
+
+    def params_to_step(self) -> list[list[Tensor]]:
+        """Per group, its parameters that have a gradient (and elements), every
+        one and its state checked first: a step either runs whole or raises
+        before it has changed anything."""
+        name = type(self).__name__
+        per_group = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+            for param in params:
+                check_step_tensors(param, name)
+                if self.state.get(param):
+                    self.check_state(self.state[param], param)
+            per_group.append(params)
+        return per_group
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse another optimizer's state_dict with a clear error, before it is installed."""
+        name = type(self).__name__
+        own_keys = set(self.defaults) - LATER_GROUP_KEYS
+        for group in state_dict.get("param_groups", []):
+            missing = own_keys - set(group)
+            if missing:
+                raise ValueError(
+                    f"Invalid state_dict for {name}: it was saved by {saved_by(group)} (its parameter groups lack "
+                    f"{', '.join(sorted(missing))}); load it into the kind of optimizer that saved it"
+                )
+        expected = set(self.element_state) | set(self.scalar_state)
+        for state in state_dict.get("state", {}).values():
+            if set(state) != expected:
+                raise ValueError(
+                    f"Invalid state_dict for {name}: its state holds {', '.join(sorted(state))}, not "
+                    f"{', '.join(sorted(expected))}; load it into the kind of optimizer that saved it"
+                )
+        super().load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -1,5 +1,6 @@
 """LAMB: Adam's per-element step rescaled per tensor by a trust ratio ||w|| / ||update||."""
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ def lamb_update(
     weight_decay: float | Tensor,
     adam: bool,
     bias_correction: bool,
-    max_weight_norm: float | Tensor | None = MAX_WEIGHT_NORM,
+    max_weight_norm: float | Tensor = MAX_WEIGHT_NORM,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`:
     the reference implementation. Returns (weight_norm, adam_norm, trust_ratio)
@@ -48,7 +49,7 @@ def lamb_update(
         v = v / (1 - beta2**step)
 
     update = (m / (v.sqrt() + eps)).add_(param * weight_decay)
-    weight_norm = param.norm() if max_weight_norm is None else param.norm().clamp(max=max_weight_norm)
+    weight_norm = param.norm().clamp(max=max_weight_norm)
     adam_norm = update.norm()
     trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
     param.sub_(update.mul_(trust * lr))
@@ -73,6 +74,9 @@ class Lamb(CheckedOptimizer):
     `Lamb16`: None or True runs the fused step (CPU kernels, or torch.compile
     off the CPU), False the eager reference.
     """
+
+    element_state = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+    scalar_state = ("step", "weight_norm", "adam_norm", "trust_ratio")
 
     def __init__(
         self,
@@ -111,14 +115,16 @@ class Lamb(CheckedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
             hyper.update(
                 adam=group["adam"], bias_correction=group["bias_correction"],
-                max_weight_norm=group.get("max_weight_norm", MAX_WEIGHT_NORM),
+                # No clamp is a clamp at infinity: one graph and one kernel argument for both.
+                max_weight_norm=math.inf if group.get("max_weight_norm", MAX_WEIGHT_NORM) is None
+                else group.get("max_weight_norm", MAX_WEIGHT_NORM),
             )
             jobs: list[Job] = []
-            for param, state in stepped_states(self, group, "Lamb", init_state):
+            for param, state in stepped_states(self, params, init_state):
                 inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
                 outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
                 jobs.append((inputs, outputs, {"step": float(state["step"])}))

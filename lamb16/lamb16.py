@@ -141,6 +141,9 @@ class Lamb16(CheckedOptimizer):
     the moments are: keep `.item()` for a history).
     """
 
+    element_state = {"exp_avg": E4M3, "exp_avg_sq": E5M2}
+    scalar_state = ("exp_avg_scale", "exp_avg_sq_scale", "step", "weight_norm", "adam_norm", "trust_ratio")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -187,11 +190,11 @@ class Lamb16(CheckedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
             hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
             jobs: list[Job] = []
-            for param, state in stepped_states(self, group, "Lamb16", init_state):
+            for param, state in stepped_states(self, params, init_state):
                 m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]
                 inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"], m_scale, v_scale)
                 # The new scales replace the old in place; then the step's statistics.

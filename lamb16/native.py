@@ -15,7 +15,6 @@ optimizers warn once and use the reference.
 import array
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import subprocess
@@ -173,7 +172,7 @@ def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps:
 
 
 def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               adam: bool, bias_correction: bool, max_weight_norm: float | None) -> None:
+               adam: bool, bias_correction: bool, max_weight_norm: float) -> None:
     """lamb_update() on the CPU kernels, for many tensors in one call; each job's
     extra holds its step count, and its results go into its state tensors."""
     table = array.array("q")
@@ -183,8 +182,7 @@ def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: f
     corrections = torch.tensor([[1 - beta1 ** extra["step"], 1 - beta2 ** extra["step"]] for _, _, extra in jobs])
     library().lamb_steps(  # type: ignore[union-attr]
         table.buffer_info()[0], len(jobs), corrections.data_ptr(), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
-        weight_decay, bias_correction, adam, math.inf if max_weight_norm is None else max_weight_norm,
-        torch.get_num_threads(),
+        weight_decay, bias_correction, adam, max_weight_norm, torch.get_num_threads(),
     )
 
 

@@ -267,3 +267,64 @@ def test_cuda_step_matches_cpu(make):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-4, atol=1e-5)
     for state in cuda_opt.state.values():
         assert all(t.device.type == "cuda" for k, t in state.items() if k != "step")
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, list]:
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    return params, state
+
+
+def assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, before: tuple[list, list]) -> None:
+    params, state = before
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert len(optimizer.state) == len(state)
+    for now, then in zip(optimizer.state.values(), state):
+        assert all(torch.equal(now[k].view(torch.uint8), then[k].view(torch.uint8)) if now[k].dtype.itemsize == 1
+                   else torch.equal(now[k], then[k]) for k in then)
+
+
+@pytest.mark.parametrize("fused", [False, None])
+def test_a_parameter_cast_after_construction_fails_the_step_before_any_write(make, fused):
+    model = small_model()
+    optimizer = make([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2, fused=fused)
+    train(model, optimizer, steps=2)
+    model[2].bfloat16()  # the second group's parameters: the first group comes first in the step
+    before = snapshot(model, optimizer)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    with pytest.raises(ValueError, match=r"supports float32 parameters only, got torch.bfloat16 \(shape \(3, 16\)\)"):
+        optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+@pytest.mark.parametrize(
+    "saver, loader, fragment",
+    [
+        (Lamb16, Lamb, "Invalid state_dict for Lamb: it was saved by Lamb16"),
+        (Lamb, Lamb16, "Invalid state_dict for Lamb16: it was saved by Lamb"),
+        (torch.optim.Adam, Lamb16, "Invalid state_dict for Lamb16: it was saved by Adam or AdamW"),
+        (torch.optim.SGD, Lamb, "Invalid state_dict for Lamb: it was saved by SGD"),
+    ],
+)
+def test_another_optimizers_state_dict_is_refused_at_load(saver, loader, fragment):
+    model = small_model()
+    source = saver(model.parameters(), lr=1e-2)
+    train(model, source, steps=1)
+    target = loader(model.parameters(), lr=1e-2)
+    train(model, target, steps=1)
+    before = snapshot(model, target)
+    with pytest.raises(ValueError, match=fragment):
+        target.load_state_dict(source.state_dict())
+    assert_unchanged(model, target, before)
+    train(model, target, steps=1)  # and it still steps
+
+
+def test_a_state_of_the_wrong_kind_is_a_clear_error_at_step():
+    model = small_model()
+    optimizer = Lamb16(model.parameters(), lr=1e-2)
+    train(model, optimizer, steps=1)
+    state = optimizer.state[model[0].weight]
+    state["exp_avg"] = state["exp_avg"].float()  # installed by hand, behind the optimizer's back
+    with pytest.raises(ValueError, match="state 'exp_avg' of a parameter of shape \\(16, 6\\) is torch.float32"):
+        train(model, optimizer, steps=1)
