@@ -12,6 +12,7 @@ ones each across all of them. Where no compiler can build the kernels, the
 optimizers warn once and use the reference.
 """
 
+import _ctypes
 import array
 import ctypes
 import hashlib
@@ -73,8 +74,26 @@ def machine_id() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def digest_path(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verified(path: Path) -> bool:
+    """Whether a cached library is whole and ours: its SHA-256 matches the one
+    written beside it at build time. A truncated file would kill the process
+    at load (SIGBUS), a foreign one lack our symbols: neither is loaded blind."""
+    try:
+        return digest_path(path).read_text().strip() == sha256_of(path)
+    except OSError:
+        return False
+
+
 def build(compiler: str) -> Path:
-    """Compile the kernels (or find them built) and return the library's path."""
+    """Compile the kernels (or find them built and verified) and return the library's path."""
     source = SOURCE.read_bytes()
     variants = []
     for variant in VARIANTS:
@@ -82,17 +101,21 @@ def build(compiler: str) -> Path:
         key = hashlib.sha256(source + " ".join([compiler, *flags, machine_id()]).encode()).hexdigest()[:16]
         variants.append((flags, cache_dir() / f"cpu_kernels-{key}.so"))
     for _, path in variants:  # a machine that cannot build the first builds, then finds, a later one
-        if path.exists():
+        if path.exists() and verified(path):
             return path
     errors = []
     for flags, path in variants:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a temporary name and rename: two processes may build at once.
+        # Build under a temporary name, write its digest, then rename: a process
+        # that finds the library finds its digest too, and two may build at once.
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
             command = [compiler, *flags, str(SOURCE), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
+                digest = Path(tmp) / digest_path(path).name
+                digest.write_text(sha256_of(built) + "\n")
+                os.replace(digest, digest_path(path))
                 os.replace(built, path)
                 return path
             stderr = result.stderr.strip()
@@ -100,18 +123,47 @@ def build(compiler: str) -> Path:
     raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[0]}")
 
 
-def library() -> ctypes.CDLL | None:
-    """The built kernels, or None (after one warning) where they cannot be built."""
-    global _library, _unavailable
-    if _library is not None or _unavailable is not None:
-        return _library
+def load(path: Path) -> ctypes.CDLL:
+    """The library with its functions typed; AttributeError if one is missing."""
+    lib = ctypes.CDLL(str(path))
     try:
-        lib = ctypes.CDLL(str(build(os.environ.get("CXX", "c++"))))
         for name, argtypes in SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = RESULTS.get(name)
-        _library = lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+    except AttributeError:
+        # Unload it: the rebuilt library will have the same path, and the
+        # loader would otherwise hand back this one.
+        _ctypes.dlclose(lib._handle)
+        raise
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (after one warning) where they cannot be built.
+    A cached library that fails its check or lacks a kernel is rebuilt once."""
+    global _library, _unavailable
+    if _library is not None or _unavailable is not None:
+        return _library
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        damaged = [p for p in cache_dir().glob("cpu_kernels-*.so") if not verified(p)] if cache_dir().is_dir() else []
+        for path in damaged:
+            path.unlink(missing_ok=True)
+        path = build(compiler)
+        try:
+            _library = load(path)
+        except (OSError, AttributeError):  # verified, yet not loadable: not ours after all
+            damaged.append(path)
+            path.unlink(missing_ok=True)
+            _library = load(build(compiler))
+        if damaged:
+            warnings.warn(
+                f"lamb16: cached CPU kernels in {cache_dir()} failed their checksum or load (damaged, foreign, or "
+                "from a version that wrote none); rebuilt them",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
         _unavailable = f"{type(error).__name__}: {error}"
         warnings.warn(
             f"lamb16: building the CPU kernels failed ({_unavailable}); using the reference "

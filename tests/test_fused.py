@@ -2,8 +2,11 @@
 kernels (lamb16.native, the default here) and the torch.compile path (what CUDA
 runs, checked here on the CPU)."""
 
+import _ctypes
 import ctypes
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -459,3 +462,29 @@ def test_channels_last_parameters_take_the_fused_path(request, path):
     else:
         assert calls == ["lamb16_update"] * 6
     assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "garbage"])
+def test_a_damaged_cached_library_is_rebuilt_once_with_one_warning(monkeypatch, tmp_path, damage):
+    monkeypatch.setenv("LAMB16_CACHE_DIR", str(tmp_path))
+    path = lamb16.native.build("c++")
+    content = path.read_bytes()
+    if damage == "truncated":  # loading this one would kill the process with SIGBUS
+        path.write_bytes(content[: len(content) // 3])
+    elif damage == "foreign":  # a real library without our kernels, its checksum made to match
+        path.write_bytes(Path(_ctypes.__file__).read_bytes())
+        lamb16.native.digest_path(path).write_text(lamb16.native.sha256_of(path))
+    else:
+        path.write_bytes(os.urandom(len(content)))
+    monkeypatch.setattr(lamb16.native, "_library", None)
+    monkeypatch.setattr(lamb16.native, "_unavailable", None)
+    with pytest.warns(RuntimeWarning, match="failed their checksum or load") as caught:
+        assert lamb16.native.loops() != "none"
+    assert len(caught) == 1
+    assert path.read_bytes() != b"" and lamb16.native.verified(path)
+    param = nn.Parameter(torch.randn(100))  # and the rebuilt kernels step, without another warning
+    param.grad = torch.randn(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Lamb16([param]).step()
+        assert lamb16.native.library() is not None
