@@ -1,6 +1,6 @@
 """What Lamb and Lamb16 share: hyperparameter checks and the walk over parameters."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,6 +114,15 @@ def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     return True
 
 
+@torch.compiler.disable
+def update_eagerly(update: Callable[[], None]) -> None:
+    """Run the update outside any torch.compile of the step: Dynamo cannot trace
+    the CPU kernels' ctypes call, and would guard on every parameter and state
+    it met in the dispatch, recompiling each step. Off the CPU the update still
+    runs the reference compiled (lamb16.compiled), with graphs of its own."""
+    update()
+
+
 # Group options added after state_dicts were first saved: an older one may lack them.
 LATER_GROUP_KEYS = frozenset({"max_weight_norm"})
 
@@ -197,6 +206,19 @@ class CheckedOptimizer(Optimizer):
                     f"{', '.join(sorted(expected))}; load it into the kind of optimizer that saved it"
                 )
         super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step for every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        update_eagerly(self.update_groups)
+        return loss
+
+    def update_groups(self) -> None:
+        raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -1,7 +1,7 @@
 """LAMB: Adam's per-element step rescaled per tensor by a trust ratio ||w|| / ||update||."""
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -108,28 +108,19 @@ class Lamb(CheckedOptimizer):
         if limit is not None and not limit > 0:
             raise ValueError(f"Invalid max_weight_norm value: {limit} (must be > 0, or None for no clamp)")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+    def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
-            hyper.update(
-                adam=group["adam"], bias_correction=group["bias_correction"],
-                # No clamp is a clamp at infinity: one graph and one kernel argument for both.
-                max_weight_norm=math.inf if group.get("max_weight_norm", MAX_WEIGHT_NORM) is None
-                else group.get("max_weight_norm", MAX_WEIGHT_NORM),
-            )
+            limit = group.get("max_weight_norm", MAX_WEIGHT_NORM)  # absent from older state_dicts
+            # No clamp is a clamp at infinity: one compiled graph and one kernel argument for both.
+            hyper.update(adam=group["adam"], bias_correction=group["bias_correction"],
+                         max_weight_norm=math.inf if limit is None else limit)
             jobs: list[Job] = []
             for param, state in stepped_states(self, params, init_state):
                 inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
                 outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
                 jobs.append((inputs, outputs, {"step": float(state["step"])}))
             run_updates(lamb_update, native.lamb_steps, jobs, group["fused"], **hyper)
-        return loss
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:

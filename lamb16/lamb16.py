@@ -1,6 +1,6 @@
 """LAMB16: LAMB with its per-element moments stored in float8, and a learning-rate-aware trust ratio."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -183,13 +183,7 @@ class Lamb16(CheckedOptimizer):
                 state["exp_avg"] = state["exp_avg"].to(E4M3)
                 state["exp_avg_sq"] = state["exp_avg_sq"].to(E5M2)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+    def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
             hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
@@ -201,7 +195,6 @@ class Lamb16(CheckedOptimizer):
                 outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
                 jobs.append((inputs, outputs, {}))
             run_updates(lamb16_update, native.lamb16_steps, jobs, group["fused"], **hyper)
-        return loss
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:

@@ -328,3 +328,45 @@ def test_a_state_of_the_wrong_kind_is_a_clear_error_at_step():
     state["exp_avg"] = state["exp_avg"].float()  # installed by hand, behind the optimizer's back
     with pytest.raises(ValueError, match="state 'exp_avg' of a parameter of shape \\(16, 6\\) is torch.float32"):
         train(model, optimizer, steps=1)
+
+
+def compiled_twin(make, compile_what: str, steps: int = 8):
+    """A model trained eagerly beside its twin under torch.compile (of the
+    optimizer step alone, or of the whole training step); after 3 warm-up
+    steps any recompilation raises."""
+    import torch._dynamo
+
+    eager_model, compiled_model = small_model(), small_model()
+    eager_opt = make(eager_model.parameters(), lr=1e-2)
+    compiled_opt = make(compiled_model.parameters(), lr=1e-2)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+
+    def train_step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    compiled_step = torch.compile(compiled_opt.step)
+    compiled_train_step = torch.compile(train_step)
+    torch._dynamo.reset()
+    for step in range(steps):
+        with torch._dynamo.config.patch(error_on_recompile=step >= 3):
+            train_step(eager_model, eager_opt)
+            if compile_what == "step":
+                compiled_opt.zero_grad()
+                compiled_model(x).square().mean().backward()
+                compiled_step()
+            else:
+                compiled_train_step(compiled_model, compiled_opt)
+    return eager_model, compiled_model
+
+
+def test_compiled_optimizer_step_never_recompiles_and_matches_eager(make):
+    eager, compiled = compiled_twin(make, "step")
+    assert params_equal(eager, compiled)
+
+
+def test_compiled_training_step_never_recompiles_and_matches_eager(make):
+    eager, compiled = compiled_twin(make, "train step")
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
