@@ -1,5 +1,6 @@
 """LAMB16: LAMB with its per-element moments stored in float8, and a learning-rate-aware trust ratio."""
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,11 +47,22 @@ def lamb16_trust_ratio(
 Number = float | Tensor  # hyperparameters: floats, or 0-dim tensors on the compiled path
 
 
+def usable_gradient(grad: Tensor) -> Tensor:
+    """The gradient with each element that is NaN or infinite, or whose square
+    overflows float32 (|g| above about 1.8e19), taken as 0 for this step. One
+    such element would otherwise reach every element of its tensor through the
+    fp8 scales and the norms, for good; this way the element's moments decay
+    as with a zero gradient and everything stays finite. Finite gradients are
+    untouched, bit for bit."""
+    return torch.where(grad * grad < math.inf, grad, 0.0)
+
+
 def new_moments(
     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
     beta1: Number, beta2: Number,
 ) -> tuple[Tensor, Tensor]:
     """This step's float32 moments: the stored ones decompressed, then Adam's moving averages."""
+    grad = usable_gradient(grad)
     m = dequantize(exp_avg, exp_avg_scale) * beta1 + grad * (1 - beta1)
     v = dequantize(exp_avg_sq, exp_avg_sq_scale) * beta2 + grad * grad * (1 - beta2)
     return m, v

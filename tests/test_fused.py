@@ -188,11 +188,71 @@ def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls, 
     assert_fused_matches_reference(fused, reference, fast_opt, ref_opt)
 
 
-@pytest.mark.parametrize("cls", [Lamb16, Lamb])
+BAD_GRADIENTS = {(7, 3): float("nan"), (8, 4): float("inf"), (9, 5): -float("inf"), (10, 6): 1e20, (11, 7): -3e19}
+
+
+def runs_with_bad_gradients(fused: bool | None, bad: bool, scaling: str) -> tuple[list[nn.Parameter], Lamb16]:
+    """Lamb16 on a 300x200 and a 50-element tensor for 4 steps; in step 2 some
+    elements of the first gradient are NaN, infinite or square past float32
+    (bad=True), or 0 in their place (bad=False)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(300, 200, generator=gen)), nn.Parameter(torch.randn(50, generator=gen))]
+    optimizer = Lamb16(params, lr=1e-2, weight_decay=0.01, scaling=scaling, fused=fused)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+            if step == 1 and p.dim() == 2:
+                for index, value in BAD_GRADIENTS.items():
+                    p.grad[index] = value if bad else 0.0
+        optimizer.step()
+    return params, optimizer
+
+
+def assert_same_run(a: tuple[list[nn.Parameter], Lamb16], b: tuple[list[nn.Parameter], Lamb16]) -> None:
+    for p, q in zip(a[0], b[0]):
+        assert torch.equal(p, q)
+        for key, value in a[1].state[p].items():
+            other = b[1].state[q][key]
+            assert torch.equal(value.view(torch.uint8), other.view(torch.uint8)) if value.dtype.itemsize == 1 \
+                else torch.equal(value, other), key
+
+
+def assert_policy_holds(fused: bool, scaling: str) -> None:
+    """The policy (lamb16.lamb16.usable_gradient): a NaN, an infinity or a
+    gradient whose square overflows float32 changes nothing but what a zero
+    there would, bit for bit, so every weight and moment stays finite."""
+    bad = runs_with_bad_gradients(fused, bad=True, scaling=scaling)
+    assert_same_run(bad, runs_with_bad_gradients(fused, bad=False, scaling=scaling))
+    params, optimizer = bad
+    assert all(p.isfinite().all() for p in params)
+    assert all(v.float().isfinite().all() for s in optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_kernels(scaling, loops):
+    assert_policy_holds(True, scaling)
+
+
+@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_reference(scaling):
+    assert_policy_holds(False, scaling)
+
+
+@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+def test_non_finite_and_overflowing_gradients_count_as_zero_compiled(scaling, compiled_on_cpu):
+    assert_policy_holds(True, scaling)
+
+
+def test_kernels_apply_the_gradient_policy_as_the_reference(loops):
+    fast, ref = (runs_with_bad_gradients(f, bad=True, scaling="absmax") for f in (True, False))
+    assert_fused_matches_reference(fast[0], ref[0], fast[1], ref[1])
+
+
+@pytest.mark.parametrize("cls", [Lamb])
 def test_cpu_kernels_spread_a_nan_gradient_as_the_reference(cls, loops):
-    """A NaN in one gradient element reaches exactly the weights and moments it
-    reaches on the reference (all of its tensor's, for Lamb16, through the fp8
-    scale); the other tensor is untouched by it."""
+    """For Lamb, as for Adam, a NaN in one gradient element reaches exactly the
+    weights and moments it reaches on the reference; the other tensor is
+    untouched by it."""
     gen = torch.Generator().manual_seed(0)
     initial = [torch.randn(300, 200, generator=gen), torch.randn(50, generator=gen)]
     fused = [nn.Parameter(t.clone()) for t in initial]

@@ -111,13 +111,19 @@ struct Lamb16Args {
   bool seed;
 };
 
+// A gradient element that is NaN or infinite, or whose square overflows
+// float32, counts as 0 (as usable_gradient() in lamb16.py): it would otherwise
+// reach every element of its tensor through the scales and norms.
+inline float usable(float g) { return g * g < std::numeric_limits<float>::infinity() ? g : 0.0f; }
+
 // This step's float32 moments, as new_moments(): dequantize, then the moving averages.
 inline float lamb16_m(uint8_t code, float g, const Lamb16Args& a) {
-  return decode_e4m3(code) * a.m_scale * a.beta1 + g * a.one_minus_beta1;
+  return decode_e4m3(code) * a.m_scale * a.beta1 + usable(g) * a.one_minus_beta1;
 }
 
 inline float lamb16_v(uint8_t code, float g, const Lamb16Args& a) {
-  return decode_e5m2(code) * a.v_scale * a.beta2 + g * g * a.one_minus_beta2;
+  const float u = usable(g);
+  return decode_e5m2(code) * a.v_scale * a.beta2 + u * u * a.one_minus_beta2;
 }
 
 struct Lamb16Sums {
@@ -383,12 +389,15 @@ struct Moments {
 inline Moments lamb16_moments(const float* p, const float* g, const uint8_t* mq, const uint8_t* vq, int64_t i,
                               Lanes k, const Lamb16Args& a) {
   prefetch(p, i), prefetch(g, i), prefetch(mq, i), prefetch(vq, i);
-  const Floats param = _mm512_maskz_loadu_ps(k, p + i), grad = _mm512_maskz_loadu_ps(k, g + i);
+  const Floats param = _mm512_maskz_loadu_ps(k, p + i), loaded = _mm512_maskz_loadu_ps(k, g + i);
+  // As usable(): a gradient whose square is not finite counts as 0.
+  const Floats loaded_squared = _mm512_mul_ps(loaded, loaded);
+  const Lanes finite = _mm512_cmp_ps_mask(loaded_squared, splat(std::numeric_limits<float>::infinity()), _CMP_LT_OQ);
+  const Floats grad = _mm512_maskz_mov_ps(finite, loaded), grad_squared = _mm512_maskz_mov_ps(finite, loaded_squared);
   const Floats m_old = _mm512_mul_ps(decode_e4m3_in_half(load_codes(mq + i, k)), splat(a.m_scale / E4M3_IN_HALF));
   const Floats v_old = _mm512_mul_ps(decode_e5m2(load_codes(vq + i, k)), splat(a.v_scale));
   const Floats m = _mm512_fmadd_ps(m_old, splat(a.beta1), _mm512_mul_ps(grad, splat(a.one_minus_beta1)));
-  const Floats v =
-      _mm512_fmadd_ps(v_old, splat(a.beta2), _mm512_mul_ps(_mm512_mul_ps(grad, grad), splat(a.one_minus_beta2)));
+  const Floats v = _mm512_fmadd_ps(v_old, splat(a.beta2), _mm512_mul_ps(grad_squared, splat(a.one_minus_beta2)));
   const Floats u = _mm512_fmadd_ps(param, splat(a.weight_decay),
                                    _mm512_div_ps(m, _mm512_add_ps(_mm512_sqrt_ps(v), splat(a.eps))));
   return {param, m, v, u};
