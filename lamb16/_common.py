@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def check_hyperparameters(
@@ -39,6 +40,20 @@ def check_float32_params(group: dict[str, Any], optimizer: str) -> None:
     for param in group["params"]:
         if param.dtype != torch.float32:
             raise float32_error(optimizer, param)
+
+
+def check_not_sharded(group: dict[str, Any], optimizer: str) -> None:
+    """A DTensor parameter (FSDP2's fully_shard, tensor parallelism) holds a
+    shard of its tensor on each rank, while the trust ratio and the fp8 scales
+    are reductions over the whole tensor: refused with a clear error rather than
+    stepped wrongly (or, through the kernels' raw pointers, crashed)."""
+    for param in group["params"]:
+        if is_traceable_wrapper_subclass(param):
+            raise ValueError(
+                f"{optimizer} does not support sharded parameters yet (got a {type(param).__name__} of shape "
+                f"{tuple(param.shape)}, as FSDP2 or tensor parallelism make): its trust ratio and fp8 scales "
+                "need the whole tensor. Train with DistributedDataParallel, or use torch.optim.AdamW for sharded models"
+            )
 
 
 def check_step_tensors(param: Tensor, optimizer: str) -> None:
@@ -157,6 +172,7 @@ class CheckedOptimizer(Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_float32_params(group, type(self).__name__)
+        check_not_sharded(group, type(self).__name__)
 
     def check_state(self, state: dict[str, Any], param: Tensor) -> None:
         name = type(self).__name__
