@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lamb16 import state_nbytes
 from models import MnistCNN
 
 from . import registry
@@ -279,8 +280,6 @@ def summarize(
     config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, status: str,
     train_size: int,
 ) -> dict:
-    from lamb16 import state_nbytes
-
     n_params = sum(p.numel() for p in model.parameters())
     state_bytes = state_nbytes(optimizer)
     best = max(progress.tests, key=lambda t: t["accuracy"], default=None)

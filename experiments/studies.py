@@ -168,11 +168,11 @@ def resume_run(path: Path, train_data: Split, test_data: Split, *, bars: bool | 
     run = RunDir(path)
     if run.status() in FINISHED:
         raise UserError(f"{path} already {run.status()}; nothing to resume (start a new run instead)")
-    config = run.config()
-    if run.metadata().get("data_sha256") and run.metadata().get("train_size") != len(train_data):
-        raise UserError(f"{path} trained on {run.metadata()['train_size']} images, this data has {len(train_data)}; "
+    trained_on = run.metadata().get("train_size")
+    if trained_on is not None and trained_on != len(train_data):
+        raise UserError(f"{path} trained on {trained_on} images, this data has {len(train_data)}; "
                         "resume with the same --data-dir")
-    return train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+    return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop)
 
 
 def device_of(name: str) -> torch.device:
