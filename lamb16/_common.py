@@ -8,6 +8,43 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+else:  # a torch built without distributed support has no DTensors either
+    DTensor = Partial = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_piece(t: Tensor) -> Tensor:
+    """This process's piece of a DTensor (the tensor itself otherwise), sharing its memory."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def check_placements(param: Tensor, optimizer: str) -> None:
+    """What a sharded step can take: each mesh dimension shards the parameter
+    (Shard) or copies it (Replicate); a Partial parameter is no tensor yet."""
+    for placement in param.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise ValueError(
+                f"{optimizer} supports DTensor parameters sharded (Shard) or replicated (Replicate) over their mesh, "
+                f"got a parameter of shape {tuple(param.shape)} with placements {param.placements}; redistribute it "
+                "to Shard or Replicate"
+            )
+
+
+def check_gradient(param: Tensor, optimizer: str) -> None:
+    """The gradient must be split as its parameter is, element for element."""
+    grad = param.grad
+    if not is_dtensor(grad) or grad.placements != param.placements or grad.device_mesh != param.device_mesh:
+        found = grad.placements if is_dtensor(grad) else f"a plain {type(grad).__name__}"
+        raise ValueError(
+            f"{optimizer}: the gradient of a DTensor parameter of shape {tuple(param.shape)} has placements {found}, "
+            f"not its parameter's {param.placements}; reduce it to the parameter's placements (FSDP2 does) before step()"
+        )
+
 
 def check_hyperparameters(
     lr: float, betas: tuple[float, float], eps: float, weight_decay: float
@@ -42,17 +79,17 @@ def check_float32_params(group: dict[str, Any], optimizer: str) -> None:
             raise float32_error(optimizer, param)
 
 
-def check_not_sharded(group: dict[str, Any], optimizer: str) -> None:
-    """A DTensor parameter (FSDP2's fully_shard, tensor parallelism) holds a
-    shard of its tensor on each rank, while the trust ratio and the fp8 scales
-    are reductions over the whole tensor: refused with a clear error rather than
-    stepped wrongly (or, through the kernels' raw pointers, crashed)."""
+def check_sharding(group: dict[str, Any], optimizer: str) -> None:
+    """DTensor parameters (FSDP2's fully_shard, tensor parallelism) step on their
+    local pieces (lamb16.sharded); any other tensor subclass wraps memory the
+    update cannot reach, and is refused."""
     for param in group["params"]:
-        if is_traceable_wrapper_subclass(param):
+        if is_dtensor(param):
+            check_placements(param, optimizer)
+        elif is_traceable_wrapper_subclass(param):
             raise ValueError(
-                f"{optimizer} does not support sharded parameters yet (got a {type(param).__name__} of shape "
-                f"{tuple(param.shape)}, as FSDP2 or tensor parallelism make): its trust ratio and fp8 scales "
-                "need the whole tensor. Train with DistributedDataParallel, or use torch.optim.AdamW for sharded models"
+                f"{optimizer} does not support parameters of type {type(param).__name__} (shape "
+                f"{tuple(param.shape)}); use plain tensors or DTensors"
             )
 
 
@@ -65,6 +102,8 @@ def check_step_tensors(param: Tensor, optimizer: str) -> None:
         )
     if param.dtype != torch.float32:  # cast after the optimizer was built
         raise float32_error(optimizer, param)
+    if is_dtensor(param):
+        check_gradient(param, optimizer)
     # torch itself refuses a gradient of another shape, dtype or device.
 
 
@@ -172,7 +211,7 @@ class CheckedOptimizer(Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_float32_params(group, type(self).__name__)
-        check_not_sharded(group, type(self).__name__)
+        check_sharding(group, type(self).__name__)
 
     def check_state(self, state: dict[str, Any], param: Tensor) -> None:
         name = type(self).__name__
@@ -183,6 +222,14 @@ class CheckedOptimizer(Optimizer):
                 raise ValueError(
                     f"{name}: state {key!r} of a parameter of shape {tuple(param.shape)} is {found}, expected {dtype} "
                     "of its shape; was it loaded from another optimizer? Start from a fresh optimizer instead"
+                )
+            if is_dtensor(param) and (
+                not is_dtensor(value) or value.placements != param.placements
+            ):
+                raise ValueError(
+                    f"{name}: state {key!r} of a DTensor parameter of shape {tuple(param.shape)} is not sharded as "
+                    "its parameter; load sharded state with torch.distributed.checkpoint "
+                    "(set_optimizer_state_dict), or start from a fresh optimizer"
                 )
         for key in self.scalar_state:
             if not isinstance(state.get(key), Tensor) or state[key].dim() != 0:

@@ -8,6 +8,13 @@ from . import compiled, native
 from ._common import Job
 
 
+def run_reference(update: Callable, inputs: tuple, fused: bool | None, **kwargs: Any) -> Any:
+    """One tensor's `update` (a reference function): compiled off the CPU, else eager."""
+    if compiled.usable(inputs, fused):
+        return compiled.run_compiled(update, inputs, **kwargs)
+    return update(*inputs, **kwargs)
+
+
 def run_updates(
     update: Callable, native_updates: Callable, jobs: list[Job], fused: bool | None, **hyper: Any
 ) -> None:
@@ -20,10 +27,7 @@ def run_updates(
         if native.usable(job, fused):
             on_native.append(job)
             continue
-        if compiled.usable(inputs, fused):
-            results = compiled.run_compiled(update, inputs, **hyper, **extra)
-        else:
-            results = update(*inputs, **hyper, **extra)
+        results = run_reference(update, inputs, fused, **hyper, **extra)
         for output, result in zip(outputs, results):
             output.copy_(result)
     if on_native:

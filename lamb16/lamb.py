@@ -7,8 +7,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native
-from ._common import CheckedOptimizer, Job, adam_hyperparameters, init_step_and_statistics, stepped_states
+from . import native, sharded
+from ._common import (
+    CheckedOptimizer,
+    Job,
+    adam_hyperparameters,
+    init_step_and_statistics,
+    is_dtensor,
+    local_piece,
+    stepped_states,
+)
 from .dispatch import run_updates
 
 # The paper's phi: the weight norm enters the trust ratio clamped at this value.
@@ -21,39 +29,103 @@ def trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
     return torch.where(both_positive, weight_norm / update_norm, torch.ones_like(weight_norm))
 
 
+# A step's reductions over one tensor (columns of lamb_partials()): sums, which
+# the pieces of a sharded tensor add up.
+PARTIALS = ("weight_sum", "update_sum")
+COMBINE = ("sum", "sum")
+
+Number = float | Tensor  # hyperparameters: floats, or 0-dim tensors on the compiled path
+
+
+def lamb_direction(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: Number, beta1: Number, beta2: Number,
+    eps: Number, weight_decay: Number, bias_correction: bool,
+) -> Tensor:
+    """Adam's update from the new moments, bias-corrected if asked, plus decoupled weight decay."""
+    m, v = exp_avg, exp_avg_sq
+    if bias_correction:
+        m = m / (1 - beta1**step)
+        v = v / (1 - beta2**step)
+    return (m / (v.sqrt() + eps)).add_(param * weight_decay)
+
+
+def lamb_partials(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: Number, beta1: Number,
+    beta2: Number, eps: Number, weight_decay: Number, bias_correction: bool,
+) -> Tensor:
+    """First pass: the moving averages, in place, and the PARTIALS (square sums
+    of the weights and of the update)."""
+    exp_avg.mul_(beta1).add_(grad * (1 - beta1))
+    exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
+    update = lamb_direction(param, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, bias_correction=bias_correction)
+    return torch.stack([param.square().sum(), update.square().sum()])
+
+
+def lamb_finish(
+    partials: Tensor, *, adam: bool, max_weight_norm: Number = MAX_WEIGHT_NORM
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From a whole tensor's partials (the last dimension; any leading ones are
+    tensors side by side): (weight_norm, adam_norm, trust_ratio)."""
+    weight_sum, update_sum = partials.unbind(-1)
+    weight_norm, adam_norm = weight_sum.sqrt().clamp(max=max_weight_norm), update_sum.sqrt()
+    trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
+    return weight_norm, adam_norm, trust
+
+
+def lamb_apply(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor, *, step: Number,
+    beta1: Number, beta2: Number, eps: Number, weight_decay: Number, bias_correction: bool,
+) -> None:
+    """Second pass: the update again, from the moments the first pass wrote; the
+    weights move by step_size (lr * trust) times it. (`grad` is unused: the
+    arguments are those of every pass.)"""
+    update = lamb_direction(param, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, bias_correction=bias_correction)
+    param.sub_(update.mul_(step_size))
+
+
 def lamb_update(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     *,
-    step: float | Tensor,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    eps: float | Tensor,
-    weight_decay: float | Tensor,
+    step: Number,
+    lr: Number,
+    beta1: Number,
+    beta2: Number,
+    eps: Number,
+    weight_decay: Number,
     adam: bool,
     bias_correction: bool,
-    max_weight_norm: float | Tensor = MAX_WEIGHT_NORM,
+    max_weight_norm: Number = MAX_WEIGHT_NORM,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LAMB step on one tensor, in place on `param`, `exp_avg` and `exp_avg_sq`:
     the reference implementation. Returns (weight_norm, adam_norm, trust_ratio)
     as 0-dim tensors, for logging. Numbers may be floats or 0-dim tensors.
     """
-    exp_avg.mul_(beta1).add_(grad * (1 - beta1))
-    exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
-    m, v = exp_avg, exp_avg_sq
-    if bias_correction:
-        m = m / (1 - beta1**step)
-        v = v / (1 - beta2**step)
+    moments = dict(step=step, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   bias_correction=bias_correction)
+    partials = lamb_partials(param, grad, exp_avg, exp_avg_sq, **moments)
+    results = lamb_finish(partials, adam=adam, max_weight_norm=max_weight_norm)
+    lamb_apply(param, grad, exp_avg, exp_avg_sq, results[2] * lr, **moments)
+    return results
 
-    update = (m / (v.sqrt() + eps)).add_(param * weight_decay)
-    weight_norm = param.norm().clamp(max=max_weight_norm)
-    adam_norm = update.norm()
-    trust = torch.ones_like(adam_norm) if adam else trust_ratio(weight_norm, adam_norm)
-    param.sub_(update.mul_(trust * lr))
-    return weight_norm, adam_norm, trust
+
+def lamb_sharded_steps(
+    jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, adam: bool, bias_correction: bool, max_weight_norm: float,
+) -> None:
+    """lamb_update() of DTensor parameters, each job on this process's pieces:
+    pass 1, the square sums added over the shards (one collective per process
+    group), the norms and trust ratio finished, then pass 2 (lamb16.sharded)."""
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+    partials = sharded.first_pass(lamb_partials, native.lamb_partials, jobs, fused, len(PARTIALS), **moments)
+    partials = sharded.combine_over_shards(partials, params, COMBINE)
+    results = lamb_finish(partials, adam=adam, max_weight_norm=max_weight_norm)
+    sharded.second_pass(lamb_apply, native.lamb_applies, jobs, fused, (results[2] * lr)[:, None], **moments)
+    sharded.write_results(jobs, results)
 
 
 class Lamb(CheckedOptimizer):
@@ -116,11 +188,17 @@ class Lamb(CheckedOptimizer):
             hyper.update(adam=group["adam"], bias_correction=group["bias_correction"],
                          max_weight_norm=math.inf if limit is None else limit)
             jobs: list[Job] = []
+            sharded_jobs: list[Job] = []
             for param, state in stepped_states(self, params, init_state):
-                inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+                pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                inputs = tuple(pieces)
                 outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
-                jobs.append((inputs, outputs, {"step": float(state["step"])}))
+                (sharded_jobs if is_dtensor(param) else jobs).append(
+                    (inputs, outputs, {"step": float(state["step"])}))
             run_updates(lamb_update, native.lamb_steps, jobs, group["fused"], **hyper)
+            if sharded_jobs:
+                sharded_params = [p for p in params if is_dtensor(p)]
+                lamb_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:

@@ -7,16 +7,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native
-from ._common import CheckedOptimizer, Job, adam_hyperparameters, init_step_and_statistics, stepped_states
+from . import native, sharded
+from ._common import (
+    CheckedOptimizer,
+    Job,
+    adam_hyperparameters,
+    init_step_and_statistics,
+    is_dtensor,
+    local_piece,
+    stepped_states,
+)
 from .dispatch import run_updates
 from .quantize import (
     E4M3,
     E5M2,
     SCALINGS,
-    absmax_scales,
+    absmax_scales_from_maxima,
     dequantize,
-    seed_scales,
+    seed_scales_from_sums,
+    seed_sums,
     write_absmax,
     write_seed,
 )
@@ -29,10 +38,10 @@ REFERENCE_LR = 1e-3
 MAX_TRUST = 2.0
 
 
-def clamped_norm(x: Tensor, eps: float | Tensor) -> Tensor:
-    """sqrt(sum(clamp(x*x, eps, 1))) / n: a per-element-average norm that one
-    huge or dead element cannot dominate."""
-    return x.square().clamp(min=eps).clamp(max=MAX_SQUARE).sum().sqrt() / x.numel()
+def clamped_square_sum(x: Tensor, eps: float | Tensor) -> Tensor:
+    """sum(clamp(x*x, eps, 1)): what a clamped norm sums, one huge or dead element
+    weighing no more than one ordinary element."""
+    return x.square().clamp(min=eps).clamp(max=MAX_SQUARE).sum()
 
 
 def lamb16_trust_ratio(
@@ -73,33 +82,59 @@ def adam_direction(m: Tensor, v: Tensor, param: Tensor, eps: Number, weight_deca
     return m / (v.sqrt() + eps) + param * weight_decay
 
 
-def lamb16_statistics(
+# A step's reductions over one tensor, as the partial sums and maxima that the
+# pieces of a sharded tensor add up (or take the largest of): columns of
+# lamb16_partials(), and how they combine.
+PARTIALS = ("m_stat", "v_stat", "weight_sum", "update_sum")
+COMBINE = {"absmax": ("max", "max", "sum", "sum"), "seed": ("sum", "sum", "sum", "sum")}
+
+
+def lamb16_partials(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
     *, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, scaling: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tensor:
     """First pass: every reduction of the step, reading only the old state, the
-    gradient and the weights. Returns (new m scale, new v scale, weight_norm, adam_norm)."""
+    gradient and the weights, as the PARTIALS (largest |m| and v for absmax, or
+    sums of clamp(x*x, 0, 10) for seed; the clamped square sums of the weights
+    and the update). A tensor's pieces give its partials by COMBINE."""
     m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
-    m_scale, v_scale = seed_scales(m, v, eps) if scaling == "seed" else absmax_scales(m, v)
+    if scaling == "seed":
+        m_stat, v_stat = seed_sums(m, v)
+    else:
+        m_stat, v_stat = m.abs().amax(), v.amax()
     update = adam_direction(m, v, param, eps, weight_decay)
-    return m_scale, v_scale, clamped_norm(param, eps), clamped_norm(update, eps)
+    return torch.stack([m_stat, v_stat, clamped_square_sum(param, eps), clamped_square_sum(update, eps)])
+
+
+def lamb16_finish(
+    partials: Tensor, numel: int | Tensor, *, lr: Number, eps: Number, trust_scale: Number, scaling: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From a whole tensor's partials (the last dimension, PARTIALS; any leading
+    ones are tensors side by side): (new m scale, new v scale, weight_norm,
+    adam_norm, trust_ratio)."""
+    m_stat, v_stat, weight_sum, update_sum = partials.unbind(-1)
+    if scaling == "seed":
+        m_scale, v_scale = seed_scales_from_sums(m_stat, v_stat, numel, eps)
+    else:
+        m_scale, v_scale = absmax_scales_from_maxima(m_stat, v_stat)
+    weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    return m_scale, v_scale, weight_norm, adam_norm, trust
 
 
 def lamb16_apply(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
-    new_exp_avg_scale: Tensor, new_exp_avg_sq_scale: Tensor, weight_norm: Tensor, adam_norm: Tensor,
-    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
-) -> Tensor:
+    new_exp_avg_scale: Tensor, new_exp_avg_sq_scale: Tensor, step_size: Tensor,
+    *, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, scaling: str,
+) -> None:
     """Second pass: the same moments and update, recomputed from the old state
     (cheaper than keeping them), stored in fp8 with the new scales; the weights
-    move by lr * trust * update. Returns the trust ratio."""
+    move by step_size (lr * trust) times the update."""
     m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
     update = adam_direction(m, v, param, eps, weight_decay)
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
     write = write_seed if scaling == "seed" else write_absmax
     write(m, v, new_exp_avg_scale, new_exp_avg_sq_scale, exp_avg, exp_avg_sq)
-    param.sub_(update * (trust * lr))
-    return trust
+    param.sub_(update * step_size)
 
 
 def lamb16_update(
@@ -113,15 +148,31 @@ def lamb16_update(
     Updates `param`, `exp_avg` (e4m3) and `exp_avg_sq` (e5m2) in place and
     returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio).
     """
-    m_scale, v_scale, weight_norm, adam_norm = lamb16_statistics(
-        param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling,
-    )
-    trust = lamb16_apply(
-        param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, m_scale, v_scale, weight_norm, adam_norm,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_scale=trust_scale, scaling=scaling,
-    )
-    return m_scale, v_scale, weight_norm, adam_norm, trust
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
+    state = (param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
+    partials = lamb16_partials(*state, **moments)
+    results = lamb16_finish(partials, param.numel(), lr=lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
+    m_scale, v_scale, _, _, trust = results
+    lamb16_apply(*state, m_scale, v_scale, trust * lr, **moments)
+    return results
+
+
+def lamb16_sharded_steps(
+    jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, trust_scale: float, scaling: str,
+) -> None:
+    """lamb16_update() of DTensor parameters, each job on this process's pieces:
+    pass 1, the partials combined over the shards (one collective per process
+    group), finished as for a whole tensor, then pass 2 (lamb16.sharded)."""
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
+    partials = sharded.first_pass(lamb16_partials, native.lamb16_partials, jobs, fused, len(PARTIALS), **moments)
+    partials = sharded.combine_over_shards(partials, params, COMBINE[scaling])
+    numel = torch.tensor([float(p.numel()) for p in params], device=partials.device)
+    results = lamb16_finish(partials, numel, lr=lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
+    m_scale, v_scale, _, _, trust = results
+    finished = torch.stack([m_scale, v_scale, trust * lr], dim=1)
+    sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, finished, **moments)
+    sharded.write_results(jobs, results)
 
 
 class Lamb16(CheckedOptimizer):
@@ -200,19 +251,25 @@ class Lamb16(CheckedOptimizer):
             hyper = adam_hyperparameters(group)
             hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
             jobs: list[Job] = []
+            sharded_jobs: list[Job] = []
             for param, state in stepped_states(self, params, init_state):
                 m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]
-                inputs = (param, param.grad, state["exp_avg"], state["exp_avg_sq"], m_scale, v_scale)
+                pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                inputs = (*pieces, m_scale, v_scale)
                 # The new scales replace the old in place; then the step's statistics.
                 outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
-                jobs.append((inputs, outputs, {}))
+                (sharded_jobs if is_dtensor(param) else jobs).append((inputs, outputs, {}))
             run_updates(lamb16_update, native.lamb16_steps, jobs, group["fused"], **hyper)
+            if sharded_jobs:
+                sharded_params = [p for p in params if is_dtensor(p)]
+                lamb16_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:
     """Zero moments in fp8 and unit scales, as the first step expects; the step
     counter and the statistics."""
     init_step_and_statistics(state, param)
+    # zeros_like of a DTensor is a DTensor placed as it is: state sharded as its parameter.
     state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
     state["exp_avg_scale"] = torch.ones((), device=param.device)

@@ -13,7 +13,9 @@ def plain_tensors(value: Tensor) -> Iterator[Tensor]:
     if is_traceable_wrapper_subclass(value):
         names, _ = value.__tensor_flatten__()
         for name in names:
-            yield from plain_tensors(getattr(value, name))
+            inner = getattr(value, name)
+            if isinstance(inner, Tensor):  # a DTensor's names include its device mesh
+                yield from plain_tensors(inner)
     else:
         yield value
 

@@ -46,6 +46,14 @@ SIGNATURES = {
     # table, count, corrections, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps,
     # weight_decay, bias_correction, adam, max_weight_norm, threads
     "lamb_steps": [_ptr, _i64, _ptr] + [_f] * 7 + [_i, _i, _f, _i],
+    # table, count, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, seed,
+    # threads, partials out (count x 4) / finished in (count x 3)
+    "lamb16_partials": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
+    "lamb16_applies": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
+    # table, count, corrections, beta1, beta2, 1 - beta1, 1 - beta2, eps,
+    # weight_decay, bias_correction, threads, partials out (count x 2) / step sizes in
+    "lamb_partials": [_ptr, _i64, _ptr] + [_f] * 6 + [_i, _i, _ptr],
+    "lamb_applies": [_ptr, _i64, _ptr] + [_f] * 6 + [_i, _i, _ptr],
     "encode_e4m3_array": [_ptr, _ptr, _i64],
     "encode_e5m2_array": [_ptr, _ptr, _i64],
     "decode_e4m3_array": [_ptr, _ptr, _i64],
@@ -207,34 +215,89 @@ def addresses(*tensors: Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
+def lamb16_table(jobs: list[Job]) -> array.array:
+    """The kernels' table of Lamb16 jobs: a row of addresses (and the size) per tensor."""
+    table = array.array("q")
+    for (param, grad, exp_avg, exp_avg_sq, m_scale, v_scale), (_, _, weight_norm, adam_norm, trust), _ in jobs:
+        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
+                     + addresses(m_scale, v_scale, weight_norm, adam_norm, trust))
+    return table
+
+
 def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                  trust_scale: float, scaling: str) -> None:
     """lamb16_update() on the CPU kernels, for many tensors in one call (a table of
     their addresses). Each job's results go into its state tensors in place; the
     new scales into the tensors that held the old ones (inputs 4 and 5), as the
     kernels read the old scales from there."""
-    table = array.array("q")
-    for (param, grad, exp_avg, exp_avg_sq, m_scale, v_scale), (_, _, weight_norm, adam_norm, trust), _ in jobs:
-        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
-                     + addresses(m_scale, v_scale, weight_norm, adam_norm, trust))
+    table = lamb16_table(jobs)
     library().lamb16_steps(  # type: ignore[union-attr]
         table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
         trust_scale, scaling == "seed", torch.get_num_threads(),
     )
 
 
-def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               adam: bool, bias_correction: bool, max_weight_norm: float) -> None:
-    """lamb_update() on the CPU kernels, for many tensors in one call; each job's
-    extra holds its step count, and its results go into its state tensors."""
+def lamb16_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    scaling: str) -> Tensor:
+    """lamb16_partials() of many tensors on the CPU kernels: a (jobs, 4) tensor. Changes nothing."""
+    table, out = lamb16_table(jobs), torch.empty(len(jobs), 4)
+    library().lamb16_partials(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+        scaling == "seed", torch.get_num_threads(), out.data_ptr(),
+    )
+    return out
+
+
+def lamb16_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, scaling: str) -> None:
+    """lamb16_apply() of many tensors on the CPU kernels, row t of `finished`
+    holding tensor t's new m scale, new v scale and step size. Writes no 0-dim tensor."""
+    table, finished = lamb16_table(jobs), finished.to(torch.float32).contiguous()
+    library().lamb16_applies(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+        scaling == "seed", torch.get_num_threads(), finished.data_ptr(),
+    )
+
+
+def lamb_table(jobs: list[Job], beta1: float, beta2: float) -> tuple[array.array, Tensor]:
+    """The kernels' table of Lamb jobs, and each one's bias corrections from its step count."""
     table = array.array("q")
     for inputs, outputs, _ in jobs:
         table.extend(addresses(*inputs) + [inputs[0].numel()] + addresses(*outputs))
     # In double, as the reference: in float32, 1 - 0.999 would lose four digits.
     corrections = torch.tensor([[1 - beta1 ** extra["step"], 1 - beta2 ** extra["step"]] for _, _, extra in jobs])
+    return table, corrections
+
+
+def lamb_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               adam: bool, bias_correction: bool, max_weight_norm: float) -> None:
+    """lamb_update() on the CPU kernels, for many tensors in one call; each job's
+    extra holds its step count, and its results go into its state tensors."""
+    table, corrections = lamb_table(jobs, beta1, beta2)
     library().lamb_steps(  # type: ignore[union-attr]
         table.buffer_info()[0], len(jobs), corrections.data_ptr(), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
         weight_decay, bias_correction, adam, max_weight_norm, torch.get_num_threads(),
+    )
+
+
+def lamb_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  bias_correction: bool) -> Tensor:
+    """lamb_partials() of many tensors on the CPU kernels (it writes the moments): a (jobs, 2) tensor."""
+    (table, corrections), out = lamb_table(jobs, beta1, beta2), torch.empty(len(jobs), 2)
+    library().lamb_partials(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), corrections.data_ptr(), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, bias_correction, torch.get_num_threads(), out.data_ptr(),
+    )
+    return out
+
+
+def lamb_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 bias_correction: bool) -> None:
+    """lamb_apply() of many tensors on the CPU kernels, row t of `finished` holding tensor t's step size."""
+    (table, corrections), finished = lamb_table(jobs, beta1, beta2), finished.to(torch.float32).contiguous()
+    library().lamb_applies(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), corrections.data_ptr(), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, bias_correction, torch.get_num_threads(), finished.data_ptr(),
     )
 
 

@@ -77,9 +77,12 @@ def absmax_scales(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     fp8 range, so no element saturates and small ones keep as much range as the
     format has (e4m3 spans 2**-9 to 448, e5m2 2**-16 to 57344, relative to it).
     The floor keeps an all-zero moment from dividing by zero."""
-    m_scale = (m.abs().amax() / E4M3_MAX).clamp(min=MIN_SCALE)
-    v_scale = (v.amax() / E5M2_MAX).clamp(min=MIN_SCALE)
-    return m_scale, v_scale
+    return absmax_scales_from_maxima(m.abs().amax(), v.amax())
+
+
+def absmax_scales_from_maxima(m_absmax: Tensor, v_max: Tensor) -> tuple[Tensor, Tensor]:
+    """The absmax scales from the largest |m| and v (of a whole tensor, or of many side by side)."""
+    return (m_absmax / E4M3_MAX).clamp(min=MIN_SCALE), (v_max / E5M2_MAX).clamp(min=MIN_SCALE)
 
 
 def write_absmax(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
@@ -98,10 +101,19 @@ def seed_scales(m: Tensor, v: Tensor, eps: float | Tensor) -> tuple[Tensor, Tens
     sqrt(n), far past the clamp at 15, so large tensors lose most of their
     first moment. Kept to reproduce the original figures, not for new work.
     """
-    n = m.numel()
-    m_scale = m.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
-    v_scale = v.square().clamp(0, SEED_SQUARE_CLAMP).sum().sqrt() / n + eps
-    return m_scale, v_scale
+    return seed_scales_from_sums(*seed_sums(m, v), m.numel(), eps)
+
+
+def seed_sums(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The sums the seed scales take: sum(clamp(x*x, 0, 10)) of m and of v."""
+    return m.square().clamp(0, SEED_SQUARE_CLAMP).sum(), v.square().clamp(0, SEED_SQUARE_CLAMP).sum()
+
+
+def seed_scales_from_sums(
+    m_sum: Tensor, v_sum: Tensor, numel: int | Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """The seed scales of a tensor of `numel` elements from its seed_sums()."""
+    return m_sum.sqrt() / numel + eps, v_sum.sqrt() / numel + eps
 
 
 def write_seed(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:

@@ -372,19 +372,18 @@ def test_compiled_training_step_never_recompiles_and_matches_eager(make):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_sharded_parameters_are_refused_with_a_clear_error(make, tmp_path):
-    """FSDP2 and tensor parallelism hand the optimizer DTensor shards; until
-    the whole-tensor reductions are sharded too, that is a clear error (it was
-    a segmentation fault in the CPU kernels)."""
+def test_partial_dtensor_parameters_are_refused_with_a_clear_error(make, tmp_path):
+    """Sharded and replicated DTensors step (tests/test_distributed.py); a
+    Partial one is a sum still to be taken, not a parameter: a clear error."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        param = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"does not support sharded parameters yet \(got a DTensor of shape \(8, 4\)"):
+        param = nn.Parameter(DTensor.from_local(torch.randn(8, 4), mesh, [Partial()]))
+        with pytest.raises(ValueError, match=r"sharded \(Shard\) or replicated \(Replicate\).*shape \(8, 4\)"):
             make([param])
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,6 @@
-"""Lamb and Lamb16 under PyTorch's own data parallelism: two gloo processes on the CPU."""
+"""Lamb and Lamb16 under PyTorch's own distributed training, for real: two gloo
+processes on the CPU. DDP replicates the step; FSDP2 (fully_shard) and other
+DTensor placements shard it, and must give the unsharded step all the same."""
 
 import os
 import socket
@@ -10,39 +12,37 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lamb16 import Lamb, Lamb16
+from lamb16 import Lamb, Lamb16, state_nbytes
 
 OPTIMIZERS = {"lamb16": Lamb16, "lamb": Lamb}
+# Every way a sharded step can run: both optimizers, Lamb16's two scalings,
+# the CPU kernels (fused) and the eager reference.
+SETUPS = {
+    "lamb16": (Lamb16, {}),
+    "lamb16-seed": (Lamb16, {"scaling": "seed"}),
+    "lamb16-reference": (Lamb16, {"fused": False}),
+    "lamb": (Lamb, {}),
+    "lamb-bias-corrected": (Lamb, {"bias_correction": True, "max_weight_norm": None}),
+    "lamb-reference": (Lamb, {"fused": False}),
+}
 STEPS = 4
+WORLD = 2
 
 
 def model_and_data(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """33 hidden units and one output: FSDP2 splits every tensor unevenly
+    (17 and 16 rows), and the last weight (1 row) leaves rank 1 an empty piece."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
+    model = nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 1))
     gen = torch.Generator().manual_seed(1)
-    return model, torch.randn(64, 12, generator=gen), torch.randn(64, 3, generator=gen)
+    return model, torch.randn(64, 12, generator=gen), torch.randn(64, 1, generator=gen)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    for _ in range(STEPS):
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
-
-
-def ddp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        model, x, y = model_and_data()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = OPTIMIZERS[name](ddp.parameters(), lr=1e-2, weight_decay=0.01)
-        half = len(x) // world  # each rank its share of the global batch
-        train(ddp, optimizer, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
-        torch.save([p.detach() for p in model.parameters()], Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -51,12 +51,231 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(worker, *args) -> None:
+    mp.spawn(worker, args=(free_port(), *args), nprocs=WORLD, join=True)
+
+
+def start(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+
+
+def local_batch(rank: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank its share of the global batch."""
+    share = len(x) // WORLD
+    return x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+
+# ---------------------------------------------------------------- DDP ----
+
+
+def ddp_worker(rank: int, port: int, name: str, out: str) -> None:
+    start(rank, port)
+    try:
+        model, x, y = model_and_data()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = OPTIMIZERS[name](ddp.parameters(), lr=1e-2, weight_decay=0.01)
+        train(ddp, optimizer, *local_batch(rank, x, y), STEPS)
+        torch.save([p.detach() for p in model.parameters()], Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(name, tmp_path):
-    mp.spawn(ddp_worker, args=(2, free_port(), name, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    spawn(ddp_worker, name, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(torch.equal(a, b) for a, b in zip(*ranks))  # every rank took the same step
     model, x, y = model_and_data()
-    train(model, OPTIMIZERS[name](model.parameters(), lr=1e-2, weight_decay=0.01), x, y)
+    train(model, OPTIMIZERS[name](model.parameters(), lr=1e-2, weight_decay=0.01), x, y, STEPS)
     for single, distributed in zip(model.parameters(), ranks[0]):
         torch.testing.assert_close(distributed, single.detach(), rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------- DTensor placements ----
+
+# (shape, placement) of each parameter: rows and columns split unevenly, a
+# piece left empty, a replicated tensor, a one-element one.
+PLACED = [((7, 5), "shard0"), ((5, 7), "shard1"), ((1, 9), "shard0"), ((6, 4), "replicate"), ((1,), "shard0")]
+
+
+def placed_tensors(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape, _ in PLACED]
+
+
+def unsharded_run(setup: str) -> tuple[list[torch.Tensor], list[dict]]:
+    """The ground truth: the same steps on whole tensors in one process."""
+    make, options = SETUPS[setup]
+    params = [nn.Parameter(t) for t in placed_tensors(0)]
+    optimizer = make(params, lr=1e-2, weight_decay=0.01, **options)
+    for step in range(STEPS):
+        for param, grad in zip(params, placed_tensors(step + 1)):
+            param.grad = grad
+        optimizer.step()
+    return [p.detach() for p in params], [optimizer.state[p] for p in params]
+
+
+def placements_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    start(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        kinds = {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}
+        placements = [[kinds[kind]] for _, kind in PLACED]
+        results = {}
+        for setup, (make, options) in SETUPS.items():
+            params = [nn.Parameter(distribute_tensor(t, mesh, p)) for t, p in zip(placed_tensors(0), placements)]
+            optimizer = make(params, lr=1e-2, weight_decay=0.01, **options)
+            gathers = count_gathers_during(optimizer)
+            for step in range(STEPS):
+                for param, grad, placement in zip(params, placed_tensors(step + 1), placements):
+                    param.grad = distribute_tensor(grad, mesh, placement)
+                optimizer.step()
+            states = [{k: (v.dtype, whole(v)) for k, v in optimizer.state[p].items()}
+                      for p in params]
+            results[setup] = ([p.full_tensor() for p in params], states, gathers[0], state_nbytes(optimizer))
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A state tensor whole, as float32 (gloo gathers no fp8; fp8 -> float32 is exact)."""
+    return t.float().full_tensor() if hasattr(t, "full_tensor") else t.float()
+
+
+def count_gathers_during(optimizer: torch.optim.Optimizer) -> list[int]:
+    """A counter of the collectives that optimizer.step() makes (any of torch's
+    all-gathers and all-reduces, under any of their names)."""
+    count = [0]
+    step = optimizer.step
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce") if hasattr(dist, n)]
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counting(original):
+        def collective(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+        return collective
+
+    def counted_step(*args, **kwargs):
+        for name in names:
+            setattr(dist, name, counting(originals[name]))
+        try:
+            return step(*args, **kwargs)
+        finally:
+            for name in names:
+                setattr(dist, name, originals[name])
+
+    optimizer.step = counted_step
+    return count
+
+
+def test_sharded_and_replicated_dtensors_step_as_whole_tensors(tmp_path):
+    """Shard(0), Shard(1) and Replicate on two processes, uneven and empty
+    pieces: the weights and every statistic equal the unsharded step to float32
+    tolerance, the scales and state dtypes do not depend on the sharding, with
+    one all-gather per step for the whole group."""
+    spawn(placements_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for setup in SETUPS:
+        weights, states, gathers, _ = ranks[0][setup]
+        assert gathers == STEPS  # one collective a step, not one per tensor
+        for other_weights, _ in [ranks[1][setup][:2]]:  # every rank ends with the same whole tensors
+            assert all(torch.equal(a, b) for a, b in zip(weights, other_weights))
+        single_weights, single_states = unsharded_run(setup)
+        for sharded, single in zip(weights, single_weights):
+            torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6, msg=setup)
+        for sharded, single in zip(states, single_states):
+            assert sharded.keys() == single.keys()
+            for key, (dtype, value) in sharded.items():
+                assert dtype == single[key].dtype, (setup, key)
+                torch.testing.assert_close(value, single[key].float(), rtol=1e-5, atol=1e-6, msg=f"{setup} {key}")
+
+
+# -------------------------------------------------------------- FSDP2 ----
+
+
+def fsdp_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+
+    model, x, y = model_and_data()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model, x, y
+
+
+def pieces(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[torch.Tensor]:
+    """This rank's pieces of the weights and of every per-element state, as they are stored."""
+    local = [p.to_local().clone() for p in model.parameters()]
+    for param in model.parameters():
+        state = optimizer.state[param]
+        local += [v.to_local().clone() if hasattr(v, "to_local") else v.clone() for _, v in sorted(state.items())]
+    return local
+
+
+def fsdp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    start(rank, port)
+    try:
+        results = {}
+        for name, make in {**OPTIMIZERS, "adam": torch.optim.Adam}.items():
+            model, x, y = fsdp_model()
+            optimizer = make(model.parameters(), lr=1e-2, weight_decay=0.01)
+            gathers = count_gathers_during(optimizer)
+            x, y = local_batch(rank, x, y)
+            train(model, optimizer, x, y, STEPS)
+            collectives = gathers[0]
+            weights = [p.full_tensor() for p in model.parameters()]
+            local_elements = sum(p.to_local().numel() for p in model.parameters())
+            nbytes = state_nbytes(optimizer)
+            # Save, take two more steps; then a fresh model and optimizer loaded from the checkpoint take the same two.
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=f"{out}/{name}")
+            train(model, optimizer, x, y, 2)
+            model2, _, _ = fsdp_model()
+            optimizer2 = make(model2.parameters(), lr=1e-2, weight_decay=0.01)
+            model_state, optimizer_state = get_state_dict(model2, optimizer2)
+            loaded = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(loaded, checkpoint_id=f"{out}/{name}")
+            set_state_dict(model2, optimizer2, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+            train(model2, optimizer2, x, y, 2)
+            results[name] = dict(weights=weights, gathers=collectives, nbytes=nbytes, local_elements=local_elements,
+                                 continued=pieces(optimizer, model), resumed=pieces(optimizer2, model2))
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_trains_as_one_process_keeps_a_quarter_of_adams_state_and_resumes_bit_for_bit(tmp_path):
+    """fully_shard on two processes, every tensor split unevenly (one piece
+    empty): the weights after 4 steps equal one process's with the global batch,
+    one collective a step; each rank holds 2 bytes per element of its pieces
+    (Adam: 8); torch.distributed.checkpoint saves and loads the sharded fp8
+    state, and the resumed run continues bit for bit."""
+    spawn(fsdp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for name, make in OPTIMIZERS.items():
+        model, x, y = model_and_data()
+        train(model, make(model.parameters(), lr=1e-2, weight_decay=0.01), x, y, STEPS)
+        for rank in ranks:
+            result = rank[name]
+            for sharded, single in zip(result["weights"], model.parameters()):
+                torch.testing.assert_close(sharded, single.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            assert result["gathers"] == STEPS, (name, result["gathers"])
+            assert len(result["continued"]) == len(result["resumed"])
+            for continued, resumed in zip(result["continued"], result["resumed"]):
+                assert continued.dtype == resumed.dtype and torch.equal(continued, resumed), name
+    assert [r["lamb16"]["local_elements"] for r in ranks] == [17 * 12 + 17 + 33 + 1, 16 * 12 + 16]  # rank 1: no piece of the last layer
+    for rank in ranks:
+        scalars = 6 * 4 * 4  # 4 tensors, six 0-dim float32 states each (scales, step, statistics)
+        assert rank["lamb16"]["nbytes"] == 2 * rank["lamb16"]["local_elements"] + scalars
+        assert rank["lamb"]["nbytes"] == 8 * rank["lamb"]["local_elements"] + 4 * 4 * 4
+        assert rank["adam"]["nbytes"] == 8 * rank["adam"]["local_elements"] + 4 * 4

@@ -528,16 +528,20 @@ bool hand_vectorized = true;
 
 inline int64_t blocks_of(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
 
-// One LAMB16 step on n elements, from the old scales in args; out: {new m
-// scale, new v scale, weight_norm, adam_norm, trust_ratio}.
-void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
-                 const Lamb16Args args, float lr, float trust_scale, int threads, float* out) {
+// A LAMB16 step's reductions over n elements (pass 1), from the old scales in
+// args: {m_stat, v_stat, weight, update} as lamb16_partials() in lamb16.py:
+// largest |m| and v (NaN if any is) or the seed's sums, and the clamped square
+// sums of the weights and the update.
+struct Lamb16Partials {
+  float m_stat, v_stat, weight, update;
+};
+
+Lamb16Partials lamb16_sums(const float* param, const float* grad, const uint8_t* exp_avg, const uint8_t* exp_avg_sq,
+                           int64_t n, const Lamb16Args args, int threads) {
   auto block_sums = lamb16_block_sums;
-  auto block_apply = lamb16_block_apply;
 #ifdef LAMB16_AVX512
   if (hand_vectorized && avx512::exact_for(args.m_scale)) {
     block_sums = args.seed ? avx512::lamb16_block_sums<true> : avx512::lamb16_block_sums<false>;
-    block_apply = args.seed ? avx512::lamb16_block_apply<true> : avx512::lamb16_block_apply<false>;
   }
 #endif
   const int64_t blocks = blocks_of(n);
@@ -557,29 +561,49 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
     m_nans += s.m_nans;
     v_nans += s.v_nans;
   }
-  const float count = float(n);
-  float m_scale, v_scale;
-  if (args.seed) {  // seed_scales()
-    m_scale = std::sqrt(float(m_sum)) / count + args.eps;
-    v_scale = std::sqrt(float(v_sum)) / count + args.eps;
-  } else {  // absmax_scales()
-    const float tiny = std::numeric_limits<float>::min(), nan = std::numeric_limits<float>::quiet_NaN();
-    m_scale = m_nans > 0 ? nan : std::max(m_max / 448.0f, tiny);
-    v_scale = v_nans > 0 ? nan : std::max(v_max / 57344.0f, tiny);
-  }
-  const float weight_norm = std::sqrt(float(weight)) / count;
-  const float adam_norm = std::sqrt(float(update)) / count;
-  // lamb16_trust_ratio(): (w / u / lr * 1e-3) ** trust_scale, clamped to [0, 2].
-  const float trust = clamp(std::pow(weight_norm / adam_norm / lr * 1e-3f, trust_scale), 0.0f, 2.0f);
-  const float step_size = trust * lr;
+  if (args.seed) return {float(m_sum), float(v_sum), float(weight), float(update)};
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  return {m_nans > 0 ? nan : m_max, v_nans > 0 ? nan : v_max, float(weight), float(update)};
+}
+
+// A LAMB16 step's writes over n elements (pass 2): moments stored with the new
+// scales, weights moved by step_size times the update.
+void lamb16_apply(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
+                  const Lamb16Args args, float m_scale, float v_scale, float step_size, int threads) {
+  auto block_apply = lamb16_block_apply;
 #ifdef LAMB16_AVX512
-  if (!avx512::exact_for(m_scale)) block_apply = lamb16_block_apply;
+  if (hand_vectorized && avx512::exact_for(args.m_scale) && avx512::exact_for(m_scale)) {
+    block_apply = args.seed ? avx512::lamb16_block_apply<true> : avx512::lamb16_block_apply<false>;
+  }
 #endif
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
     block_apply(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_scale, v_scale, step_size);
   }
+}
+
+// One LAMB16 step on n elements, from the old scales in args; out: {new m
+// scale, new v scale, weight_norm, adam_norm, trust_ratio}.
+void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
+                 const Lamb16Args args, float lr, float trust_scale, int threads, float* out) {
+  const Lamb16Partials s = lamb16_sums(param, grad, exp_avg, exp_avg_sq, n, args, threads);
+  // lamb16_finish()
+  const float count = float(n);
+  float m_scale, v_scale;
+  if (args.seed) {  // seed_scales_from_sums()
+    m_scale = std::sqrt(s.m_stat) / count + args.eps;
+    v_scale = std::sqrt(s.v_stat) / count + args.eps;
+  } else {  // absmax_scales_from_maxima(); a NaN stays NaN
+    const float tiny = std::numeric_limits<float>::min();
+    m_scale = s.m_stat != s.m_stat ? s.m_stat : std::max(s.m_stat / 448.0f, tiny);
+    v_scale = s.v_stat != s.v_stat ? s.v_stat : std::max(s.v_stat / 57344.0f, tiny);
+  }
+  const float weight_norm = std::sqrt(s.weight) / count;
+  const float adam_norm = std::sqrt(s.update) / count;
+  // lamb16_trust_ratio(): (w / u / lr * 1e-3) ** trust_scale, clamped to [0, 2].
+  const float trust = clamp(std::pow(weight_norm / adam_norm / lr * 1e-3f, trust_scale), 0.0f, 2.0f);
+  lamb16_apply(param, grad, exp_avg, exp_avg_sq, n, args, m_scale, v_scale, trust * lr, threads);
   out[0] = m_scale;
   out[1] = v_scale;
   out[2] = weight_norm;
@@ -587,36 +611,48 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
   out[4] = trust;
 }
 
-// One LAMB step on n elements; out: {weight_norm, adam_norm, trust_ratio}.
-void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n, const LambArgs args,
-               bool bias_correction, float lr, bool adam, float max_weight_norm, int threads, float* out) {
+// A LAMB step's first pass over n elements: the moments, in place, and the
+// square sums of the weights and the update (lamb_partials()).
+LambSums lamb_sums(const float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+                   const LambArgs args, bool bias_correction, int threads) {
   auto moments = bias_correction ? lamb_block_moments<true> : lamb_block_moments<false>;
-  auto apply = bias_correction ? lamb_block_apply<true> : lamb_block_apply<false>;
 #ifdef LAMB16_AVX512
-  if (hand_vectorized) {
-    moments = bias_correction ? avx512::lamb_block_moments<true> : avx512::lamb_block_moments<false>;
-    apply = bias_correction ? avx512::lamb_block_apply<true> : avx512::lamb_block_apply<false>;
-  }
+  if (hand_vectorized) moments = bias_correction ? avx512::lamb_block_moments<true> : avx512::lamb_block_moments<false>;
 #endif
-  const int64_t blocks = blocks_of(n);
   double weight = 0, update = 0;
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight, update)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
     const LambSums s = moments(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args);
     weight += s.weight;
     update += s.update;
   }
-  const float weight_norm = std::min(std::sqrt(float(weight)), max_weight_norm);
-  const float adam_norm = std::sqrt(float(update));
-  // trust_ratio(): w / u, or 1 where either norm is zero (nothing to scale against).
-  const float trust = adam || !(weight_norm > 0 && adam_norm > 0) ? 1.0f : weight_norm / adam_norm;
-  const float step_size = trust * lr;
+  return {float(weight), float(update)};
+}
+
+// A LAMB step's second pass: the weights move by step_size times the update.
+void lamb_apply(float* param, const float* exp_avg, const float* exp_avg_sq, int64_t n, const LambArgs args,
+                bool bias_correction, float step_size, int threads) {
+  auto apply = bias_correction ? lamb_block_apply<true> : lamb_block_apply<false>;
+#ifdef LAMB16_AVX512
+  if (hand_vectorized) apply = bias_correction ? avx512::lamb_block_apply<true> : avx512::lamb_block_apply<false>;
+#endif
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
     const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
     apply(param + lo, exp_avg + lo, exp_avg_sq + lo, len, args, step_size);
   }
+}
+
+// One LAMB step on n elements; out: {weight_norm, adam_norm, trust_ratio}.
+void lamb_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n, const LambArgs args,
+               bool bias_correction, float lr, bool adam, float max_weight_norm, int threads, float* out) {
+  const LambSums s = lamb_sums(param, grad, exp_avg, exp_avg_sq, n, args, bias_correction, threads);
+  // lamb_finish(); trust_ratio(): w / u, or 1 where either norm is zero (nothing to scale against).
+  const float weight_norm = std::min(std::sqrt(s.weight), max_weight_norm);
+  const float adam_norm = std::sqrt(s.update);
+  const float trust = adam || !(weight_norm > 0 && adam_norm > 0) ? 1.0f : weight_norm / adam_norm;
+  lamb_apply(param, exp_avg, exp_avg_sq, n, args, bias_correction, trust * lr, threads);
   out[0] = weight_norm;
   out[1] = adam_norm;
   out[2] = trust;
@@ -790,6 +826,67 @@ void lamb_steps(const int64_t* table, int64_t count, const float* corrections, f
     *address<float>(r[5]) = out[0];
     *address<float>(r[6]) = out[1];
     *address<float>(r[7]) = out[2];
+  });
+}
+
+// The two passes apart, for a tensor whose pieces live on several processes
+// (a sharded parameter): lamb16_partials() writes each row's Lamb16Partials
+// into out (count x 4) and changes nothing; the caller combines the pieces'
+// partials and finishes them; lamb16_applies() then runs pass 2 with each
+// row's {new m scale, new v scale, step_size} from finished (count x 3),
+// reading the old scales from the table and leaving every 0-dim tensor as it is.
+void lamb16_partials(const int64_t* table, int64_t count, float beta1, float beta2, float one_minus_beta1,
+                     float one_minus_beta2, float eps, float weight_decay, int seed, int threads, float* out) {
+  each_tensor(table, LAMB16_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB16_COLUMNS;
+    const Lamb16Args args{*address<float>(r[5]), *address<float>(r[6]), beta1, beta2, one_minus_beta1,
+                          one_minus_beta2, eps, weight_decay, seed != 0};
+    const Lamb16Partials s = lamb16_sums(address<const float>(r[0]), address<const float>(r[1]),
+                                         address<const uint8_t>(r[2]), address<const uint8_t>(r[3]), r[4], args,
+                                         tensor_threads);
+    float* row = out + 4 * t;
+    row[0] = s.m_stat, row[1] = s.v_stat, row[2] = s.weight, row[3] = s.update;
+  });
+}
+
+void lamb16_applies(const int64_t* table, int64_t count, float beta1, float beta2, float one_minus_beta1,
+                    float one_minus_beta2, float eps, float weight_decay, int seed, int threads, const float* finished) {
+  each_tensor(table, LAMB16_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB16_COLUMNS;
+    const Lamb16Args args{*address<float>(r[5]), *address<float>(r[6]), beta1, beta2, one_minus_beta1,
+                          one_minus_beta2, eps, weight_decay, seed != 0};
+    const float* f = finished + 3 * t;
+    lamb16_apply(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]), address<uint8_t>(r[3]),
+                 r[4], args, f[0], f[1], f[2], tensor_threads);
+  });
+}
+
+// Likewise for LAMB: lamb_partials() runs pass 1 (it writes the moments) and
+// each row's {weight, update} square sums into out (count x 2);
+// lamb_applies() runs pass 2 with each row's step_size.
+void lamb_partials(const int64_t* table, int64_t count, const float* corrections, float beta1, float beta2,
+                   float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
+                   int threads, float* out) {
+  each_tensor(table, LAMB_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB_COLUMNS;
+    const float* correction = corrections + 2 * t;
+    const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, correction[0], correction[1]};
+    const LambSums s = lamb_sums(address<const float>(r[0]), address<const float>(r[1]), address<float>(r[2]),
+                                 address<float>(r[3]), r[4], args, bias_correction != 0, tensor_threads);
+    out[2 * t] = s.weight;
+    out[2 * t + 1] = s.update;
+  });
+}
+
+void lamb_applies(const int64_t* table, int64_t count, const float* corrections, float beta1, float beta2,
+                  float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
+                  int threads, const float* step_sizes) {
+  each_tensor(table, LAMB_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * LAMB_COLUMNS;
+    const float* correction = corrections + 2 * t;
+    const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, correction[0], correction[1]};
+    lamb_apply(address<float>(r[0]), address<const float>(r[2]), address<const float>(r[3]), r[4], args,
+               bias_correction != 0, step_sizes[t], tensor_threads);
   });
 }
 

@@ -1,0 +1,95 @@
+"""Steps on sharded parameters (DTensors, as FSDP2's fully_shard and tensor
+parallelism make them): each process updates its own piece of each tensor.
+
+The trust ratio and the fp8 scales are reductions over the whole tensor, so a
+step runs in the pieces the reference is written in: pass 1 on each local
+piece gives its partial sums and maxima; one all-gather per process group
+(per parameter group and step, not per tensor) brings every piece's partials
+to every process, which combine them in the same order and so agree exactly;
+the whole tensor's statistics are finished from them; pass 2 writes each local
+piece. The passes run on the same fast paths as unsharded tensors (the CPU
+kernels, or the compiled reference off the CPU).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import native
+from ._common import Job, Shard
+from .dispatch import run_reference
+
+def all_gather(output: Tensor, input: Tensor, group: Any) -> None:
+    """Every process's `input`, one after another along dim 0 of `output`
+    (all_gather_single from torch 2.12, all_gather_into_tensor before)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def sharding_groups(param: Tensor) -> list[Any]:
+    """The process groups over which a parameter's pieces differ: one per mesh
+    dimension that shards it (on a Replicate dimension every process holds the same)."""
+    mesh = param.device_mesh
+    return [mesh.get_group(dim) for dim, placement in enumerate(param.placements) if isinstance(placement, Shard)]
+
+
+def combine_over_shards(partials: Tensor, params: list[Tensor], combine: tuple[str, ...]) -> Tensor:
+    """Each tensor's partials (a row of `partials`) combined over the processes
+    holding its pieces: a sum or a max per column, as `combine` says. One
+    all_gather per process group, for all the rows sharded over it."""
+    rows_by_group: dict[Any, list[int]] = {}
+    for row, param in enumerate(params):
+        for group in sharding_groups(param):
+            rows_by_group.setdefault(group, []).append(row)
+    columns = torch.tensor([how == "max" for how in combine], device=partials.device)
+    for group, rows in rows_by_group.items():
+        index = torch.tensor(rows, device=partials.device)
+        mine = partials.index_select(0, index).contiguous()
+        gathered = mine.new_empty((dist.get_world_size(group) * len(rows), mine.shape[1]))
+        all_gather(gathered, mine, group=group)
+        gathered = gathered.view(-1, *mine.shape)  # (processes, rows, columns)
+        # Every process reduces the same gathered rows in the same order: all get the same bits.
+        combined = torch.where(columns, gathered.amax(0), gathered.sum(0))
+        partials = partials.index_copy(0, index, combined)
+    return partials
+
+
+def first_pass(
+    reference: Callable[..., Tensor], native_partials: Callable[..., Tensor], jobs: list[Job], fused: bool | None,
+    width: int, **kwargs: Any,
+) -> Tensor:
+    """Pass 1 on every job's local tensors: a (jobs, width) tensor of partials.
+    An empty piece (uneven sharding leaves some) adds nothing: zeros."""
+    device = jobs[0][0][0].device
+    partials = torch.zeros(len(jobs), width, device=device)
+    on_native = [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
+    if on_native:
+        partials[on_native] = native_partials([jobs[i] for i in on_native], **kwargs).to(device)
+    for i, (inputs, _, extra) in enumerate(jobs):
+        if i not in on_native and inputs[0].numel():
+            partials[i] = run_reference(reference, inputs, fused, **kwargs, **extra)
+    return partials
+
+
+def second_pass(
+    reference: Callable[..., None], native_applies: Callable[..., None], jobs: list[Job], fused: bool | None,
+    finished: Tensor, **kwargs: Any,
+) -> None:
+    """Pass 2 on every job's local tensors, row i of `finished` holding the
+    finished statistics job i's writes take (its reference's extra arguments)."""
+    on_native = [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
+    if on_native:
+        native_applies([jobs[i] for i in on_native], finished[on_native].cpu(), **kwargs)
+    for i, (inputs, _, extra) in enumerate(jobs):
+        if i not in on_native and inputs[0].numel():
+            run_reference(reference, inputs + tuple(finished[i].unbind()), fused, **kwargs, **extra)
+
+
+def write_results(jobs: list[Job], results: tuple[Tensor, ...]) -> None:
+    """Each job's statistics into its 0-dim state tensors: results[k][i] into job i's output k."""
+    for i, (_, outputs, _) in enumerate(jobs):
+        for output, result in zip(outputs, results):
+            output.copy_(result[i])
