@@ -15,7 +15,7 @@ import click
 
 import lamb16
 from experiments import bench as benchmarks
-from experiments import quantization, registry, studies
+from experiments import parallel, quantization, registry, studies
 from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, RunConfig, parse_seeds
 from experiments.data import load_mnist, load_train_and_test
 from experiments.errors import Interrupted, UserError
@@ -33,8 +33,10 @@ class Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(parallel.rank_prefix() + str(error)) from None
         except Interrupted as stopped:
+            if not parallel.is_main_process():
+                ctx.exit(INTERRUPTED_EXIT)
             hint = ctx.meta.get("resume_hint", "python cli.py train --resume {run_dir}").format(run_dir=stopped.run_dir)
             click.echo(f"interrupted: {stopped.run_dir} keeps what was written; resume with: {hint}", err=True)
             ctx.exit(INTERRUPTED_EXIT)
@@ -112,8 +114,11 @@ def warn_batch(config: RunConfig, train_size: int) -> None:
 
 @click.group(cls=Commands, context_settings=dict(help_option_names=["-h", "--help"], max_content_width=110))
 @click.version_option(lamb16.__version__, prog_name="lamb16")
-def cli() -> None:
+@click.pass_context
+def cli(ctx) -> None:
     """Train and compare Adam, LAMB, LAMB16 and their peers on MNIST (a 2-layer CNN)."""
+    if parallel.launched_processes() > 1 and ctx.invoked_subcommand != "train":
+        raise UserError(f"only train runs across processes; start {ctx.invoked_subcommand} with python, not torchrun")
 
 
 @cli.command()
@@ -123,21 +128,27 @@ def cli() -> None:
 @data_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs", show_default=True, help="Folder the run directories go in.")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue this run directory from its last finished epoch.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun, shard the model and optimizer state with FSDP2 (default: DDP).")
 @click.pass_context
 def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, seeds,
-          data_dir, download, device, progress, out, resume_dir):
+          data_dir, download, device, progress, out, resume_dir, fsdp):
     """Train the CNN with one optimizer (one run directory per seed under --out).
+    Started by torchrun, it trains on all its processes, each batch split across them.
 
     \b
     Examples:
       python cli.py train --optimizer lamb16 --batch-size 1024 --lr 0.02 --epochs 10
       python cli.py train --resume runs/lamb16_b1024_lr0.02_wd0.01_seed1
+      torchrun --nproc-per-node 2 cli.py train --optimizer lamb16 --fsdp
     """
     if resume_dir is not None:
         train_data, test_data = load_data(data_dir, download, device)
-        with stop_on_signals() as stop:
-            summary = studies.resume_run(resume_dir, train_data, test_data, bars=progress, echo=click.echo, stop=stop)
-        click.echo(f"{resume_dir}: {summary['status']}, final accuracy {100 * (summary['final_test_accuracy'] or 0):.2f}%")
+        with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
+            summary = studies.resume_run(resume_dir, train_data, test_data, bars=progress, echo=click.echo, stop=stop,
+                                         parallel=processes)
+        if processes.is_main:
+            click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
+                       f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
         return
     config = replace(base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale), optimizer=optimizer)
     seed_list = seeds_of(seeds, seed)
@@ -146,11 +157,13 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(config, len(train_data))
     out = writable_dir(out)
-    with stop_on_signals() as stop:
+    with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
+        parallel.check_batch(config.batch_size, processes)
         paths = studies.train_seeds(config, seed_list, out, train_data, test_data, data_dir,
-                                    bars=progress, echo=click.echo, stop=stop)
-    for path in paths:
-        click.echo(f"run written to {path}")
+                                    bars=progress, echo=click.echo, stop=stop, parallel=processes)
+    if processes.is_main:
+        for path in paths:
+            click.echo(f"run written to {path}")
 
 
 def check_options(config: RunConfig) -> None:

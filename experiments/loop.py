@@ -27,16 +27,21 @@ from . import registry
 from .config import DIVERGENCE_FACTOR, RunConfig
 from .data import Split
 from .errors import Interrupted
+from .parallel import SINGLE, Parallel, any_rank, mean_over_ranks, share, sum_over_ranks, whole_state, wrap
+from .parallel import load_whole_state
 from .runs import RunDir, finite_or_none, now
 
 Echo = Callable[[str], None]
 
 
-def make_model(device: torch.device) -> nn.Module:
+def make_model(device: torch.device, parallel: Parallel = SINGLE) -> nn.Module:
     """The CNN, laid out for speed: on the CPU, channels-last weights let oneDNN
-    run the convolutions about 1.5x faster at batch 1024 (`cli.py bench`)."""
+    run the convolutions about 1.5x faster at batch 1024 (`cli.py bench`);
+    across processes, wrapped for DDP or FSDP2 (whose shards need plain layouts)."""
     model = MnistCNN().to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+    if device.type == "cpu" and parallel.mode != "fsdp":
+        model = model.to(memory_format=torch.channels_last)
+    return wrap(model, parallel)
 
 
 @contextlib.contextmanager
@@ -98,12 +103,15 @@ def batch_indices(order: Tensor, batch_size: int) -> Iterator[Tensor]:
 
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
-    mark: Callable[[str], None] | None = None,
+    mark: Callable[[str], None] | None = None, divisor: float | None = None,
 ) -> Tensor:
     """One optimizer step on a batch; returns the batch's loss (not synchronized).
-    `mark(phase)` is called as forward, backward and optimizer end (for timing)."""
+    `mark(phase)` is called as forward, backward and optimizer end (for timing).
+    With a `divisor` the loss is the batch's summed loss over it: a rank's share
+    of a global batch's mean, times the ranks that average it (see parallel)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = F.nll_loss(model(images), labels)
+    output = model(images)
+    loss = F.nll_loss(output, labels) if divisor is None else F.nll_loss(output, labels, reduction="sum") / divisor
     if mark:
         mark("forward")
     loss.backward()
@@ -116,17 +124,18 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
-    """Mean NLL loss and accuracy over a split, in batches."""
+def evaluate(model: nn.Module, split: Split, batch_size: int, parallel: Parallel = SINGLE) -> tuple[float, float]:
+    """Mean NLL loss and accuracy over a split, in batches (each split across the ranks)."""
     model.eval()
-    total_loss = torch.zeros((), device=split.images.device)
-    correct = torch.zeros((), device=split.images.device, dtype=torch.int64)
+    totals = torch.zeros(2, device=split.images.device, dtype=torch.float64)  # loss, correct
     for index in batch_indices(torch.arange(len(split), device=split.images.device), batch_size):
+        index = share(index, parallel)
         output = model(split.images[index])
-        total_loss += F.nll_loss(output, split.labels[index], reduction="sum")
-        correct += (output.argmax(dim=1) == split.labels[index]).sum()
+        totals[0] += F.nll_loss(output, split.labels[index], reduction="sum")
+        totals[1] += (output.argmax(dim=1) == split.labels[index]).sum()
     model.train()
-    return total_loss.item() / len(split), correct.item() / len(split)
+    total_loss, correct = sum_over_ranks(totals, parallel).tolist()
+    return total_loss / len(split), correct / len(split)
 
 
 def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -142,6 +151,16 @@ def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 def is_diverged(loss: float, first_loss: float) -> bool:
     """Not finite, or far above where training started."""
     return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * first_loss
+
+
+class DiscardedLog:
+    """The metrics log of a rank that does not write (all but rank 0)."""
+
+    def write(self, **record) -> None:
+        pass
+
+
+DISCARD = DiscardedLog()
 
 
 class Progress:
@@ -164,10 +183,12 @@ class Progress:
 
 def train_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, data: Split, order: Tensor, config: RunConfig,
-    progress: Progress, log, label: str, bars: bool | None, stop: StopRequest | None,
+    progress: Progress, log, label: str, bars: bool | None, stop: StopRequest | None, parallel: Parallel = SINGLE,
 ) -> tuple[str, float | None]:
     """One pass over `data` in `order`. Returns ("done", mean train loss),
-    ("diverged", loss) or ("stopped", None), the last leaving the epoch unfinished."""
+    ("diverged", loss) or ("stopped", None), the last leaving the epoch unfinished.
+    Across processes each rank trains on its share of every batch, and all
+    stop at the same batch."""
     n_batches = math.ceil(len(order) / config.batch_size)
     epoch = progress.epoch + 1
     running, in_interval, epoch_loss, epoch_batches = torch.zeros((), device=order.device), 0, 0.0, 0
@@ -175,16 +196,18 @@ def train_epoch(
                leave=False, disable=None if bars is None else not bars, unit="batch")
     with contextlib.closing(bar):
         for batch, index in enumerate(bar):
-            if stop is not None and stop.requested:
+            if any_rank(stop is not None and stop.requested, order.device, parallel):
                 return "stopped", None
-            loss = train_step(model, optimizer, data.images[index], data.labels[index])
+            mine = share(index, parallel)
+            divisor = len(index) / parallel.world if parallel.distributed else None
+            loss = train_step(model, optimizer, data.images[mine], data.labels[mine], divisor=divisor)
             if progress.first_loss is None:
-                progress.first_loss = loss.item()
+                progress.first_loss = mean_over_ranks(loss.clone(), parallel).item()
             progress.samples += len(index)
             running += loss
             in_interval += 1
             if in_interval == config.log_interval or batch == n_batches - 1:
-                mean_loss = running.item() / in_interval  # one sync per interval
+                mean_loss = mean_over_ranks(running, parallel).item() / in_interval  # one sync per interval
                 if is_diverged(mean_loss, progress.first_loss):
                     log.write(kind="diverged", epoch=epoch, samples=progress.samples, loss=str(mean_loss))
                     return "diverged", mean_loss
@@ -203,27 +226,31 @@ def train_epoch(
 
 def train_run(
     config: RunConfig, run: RunDir, train_data: Split, test_data: Split, *,
-    bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None,
+    bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
 ) -> dict:
     """Train one model in `run`, from its last checkpoint if it has one; returns
     the summary it writes. A stop request ends it after the current batch with
     status "interrupted" (raising Interrupted); a run is "diverged" when its
-    loss is not finite or exceeds DIVERGENCE_FACTOR times its first batch's."""
+    loss is not finite or exceeds DIVERGENCE_FACTOR times its first batch's.
+    Across processes (`parallel`) every rank calls it with the same run, and
+    rank 0 alone writes to it."""
     device = train_data.images.device
+    writes = parallel.is_main
+    if not writes:
+        echo, bars = (lambda line: None), False
     torch.manual_seed(config.seed)  # the same initial weights for every optimizer
-    model = make_model(device)
+    model = make_model(device, parallel)
     optimizer = build_optimizer(config, model)
     order_generator = torch.Generator().manual_seed(config.seed)  # the same data order too
     progress = Progress()
     checkpoint = run.load_checkpoint()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_whole_state(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         order_generator.set_state(checkpoint["order_generator"])
         progress.load_state_dict(checkpoint["progress"])
-    if run.metrics_path.exists():  # drop the records of an epoch cut short (or of all, with no checkpoint)
+    if writes and run.metrics_path.exists():  # drop the records of an epoch cut short (or of all, with no checkpoint)
         run.rewind_metrics(progress.epoch)
-    with run.log() as log:
+    with run.log() if writes else contextlib.nullcontext(DISCARD) as log:
         if checkpoint is not None:
             log.write(kind="resumed", epoch=progress.epoch, samples=progress.samples, time=now())
             echo(f"{run.path.name}: resuming after epoch {progress.epoch}")
@@ -237,12 +264,12 @@ def train_run(
                     epoch_start = time.perf_counter()
                     order = torch.randperm(len(train_data), generator=order_generator).to(device)
                     outcome, train_loss = train_epoch(
-                        model, optimizer, train_data, order, config, progress, log, label, bars, stop
+                        model, optimizer, train_data, order, config, progress, log, label, bars, stop, parallel
                     )
                     if outcome != "done":
                         status, diverged_loss = ("interrupted", None) if outcome == "stopped" else (outcome, train_loss)
                         break
-                    test_loss, accuracy = evaluate(model, test_data, config.test_batch_size)
+                    test_loss, accuracy = evaluate(model, test_data, config.test_batch_size, parallel)
                     epoch_seconds = time.perf_counter() - epoch_start
                     progress.epoch += 1
                     if is_diverged(test_loss, progress.first_loss):
@@ -255,12 +282,14 @@ def train_run(
                     log.write(kind="test", epoch=progress.epoch, samples=progress.samples, test_loss=test_loss,
                               test_accuracy=accuracy, train_loss=train_loss, epoch_time=epoch_seconds,
                               wall_time=progress.train_seconds + time.perf_counter() - session_start)
-                    run.save_checkpoint(dict(
-                        model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        order_generator=order_generator.get_state(),
-                        progress=dict(progress.state_dict(),
-                                      train_seconds=progress.train_seconds + time.perf_counter() - session_start),
-                    ))
+                    if writes or parallel.mode == "fsdp":  # FSDP: every rank gathers its pieces
+                        model_state, optimizer_state = whole_state(model, optimizer)
+                    if writes:
+                        run.save_checkpoint(dict(
+                            model=model_state, optimizer=optimizer_state, order_generator=order_generator.get_state(),
+                            progress=dict(progress.state_dict(),
+                                          train_seconds=progress.train_seconds + time.perf_counter() - session_start),
+                        ))
                     echo(f"{label:22s} epoch {progress.epoch:2d}/{config.epochs}  train loss {train_loss:.4f}  "
                          f"test loss {test_loss:.4f}  accuracy {100 * accuracy:.2f}%  {epoch_seconds:.1f}s")
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the batch loop
@@ -269,8 +298,9 @@ def train_run(
         if status == "diverged":
             echo(f"{label:22s} epoch {progress.epoch + 1:2d}/{config.epochs}  diverged (loss {diverged_loss:.3g})")
 
-    summary = summarize(config, model, optimizer, progress, status, len(train_data))
-    run.write_summary(summary)
+    summary = summarize(config, model, optimizer, progress, status, len(train_data), parallel)
+    if writes:
+        run.write_summary(summary)
     if status == "interrupted":
         raise Interrupted(run.path)
     return summary
@@ -278,7 +308,7 @@ def train_run(
 
 def summarize(
     config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, status: str,
-    train_size: int,
+    train_size: int, parallel: Parallel = SINGLE,
 ) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     state_bytes = state_nbytes(optimizer)
@@ -300,7 +330,9 @@ def summarize(
         median_epoch_seconds=statistics.median(progress.epoch_seconds) if progress.epoch_seconds else None,
         effective_batch_size=min(config.batch_size, train_size),
         parameters=n_params,
-        state_bytes=state_bytes,
+        state_bytes=state_bytes,  # on rank 0: its share, when sharded
         state_bytes_per_parameter=state_bytes / n_params,
+        parallel=parallel.mode,
+        processes=parallel.world,
         ended=now(),
     )

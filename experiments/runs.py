@@ -33,6 +33,7 @@ import lamb16
 
 from .config import RunConfig
 from .errors import UserError
+from .parallel import SINGLE, Parallel
 
 FINISHED = ("completed", "diverged")  # statuses that a resume leaves alone
 
@@ -322,7 +323,9 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
-def run_metadata(config: RunConfig, device: torch.device, data_dir: Path, train_size: int) -> dict[str, Any]:
+def run_metadata(
+    config: RunConfig, device: torch.device, data_dir: Path, train_size: int, parallel: Parallel = SINGLE
+) -> dict[str, Any]:
     """config.json: the settings, then where, on what and with what code it ran."""
     from .data import checksums
 
@@ -330,7 +333,9 @@ def run_metadata(config: RunConfig, device: torch.device, data_dir: Path, train_
         config.to_dict(),
         effective_batch_size=min(config.batch_size, train_size),
         train_size=train_size,
-        channels_last=device.type == "cpu",
+        parallel=parallel.mode,
+        processes=parallel.world,
+        channels_last=device.type == "cpu" and parallel.mode != "fsdp",
         cpu_flush_denormal=device.type == "cpu",
         data_dir=str(Path(data_dir).resolve()),
         data_sha256=checksums(data_dir),

@@ -17,6 +17,7 @@ from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfi
 from .data import Split
 from .errors import UserError
 from .loop import StopRequest, train_run
+from .parallel import SINGLE, Parallel, from_main
 from .runs import FINISHED, RunDir, fresh_dir, load_runs, run_metadata, write_atomic
 
 Echo = Callable[[str], None]
@@ -147,24 +148,29 @@ def reproduce(
 
 def train_seeds(
     base: RunConfig, seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
-    bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None,
+    bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
 ) -> list[Path]:
-    """One optimizer, each seed a new run directory under `out` (never overwriting one)."""
+    """One optimizer, each seed a new run directory under `out` (never overwriting
+    one); across processes, rank 0 makes it and every rank trains."""
     device = train_data.images.device
     paths = []
     for k, seed in enumerate(seeds, 1):
         config = replace(base, seed=seed)
-        run = RunDir.create(fresh_dir(out, config.run_name()), run_metadata(config, device, data_dir, len(train_data)))
-        if len(seeds) > 1:
+        path = None
+        if parallel.is_main:
+            metadata = run_metadata(config, device, data_dir, len(train_data), parallel)
+            path = RunDir.create(fresh_dir(out, config.run_name()), metadata).path
+        run = RunDir(from_main(path, parallel))
+        if len(seeds) > 1 and parallel.is_main:
             echo(f"[run {k} of {len(seeds)}] {config.optimizer}, seed {seed}")
         paths.append(run.path)
-        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel)
     return paths
 
 
 def resume_run(path: Path, train_data: Split, test_data: Split, *, bars: bool | None = None, echo: Echo = print,
-               stop: StopRequest | None = None) -> dict:
-    """Continue a run directory from its last checkpoint."""
+               stop: StopRequest | None = None, parallel: Parallel = SINGLE) -> dict:
+    """Continue a run directory from its last checkpoint, on any number of processes."""
     run = RunDir(path)
     if run.status() in FINISHED:
         raise UserError(f"{path} already {run.status()}; nothing to resume (start a new run instead)")
@@ -172,7 +178,7 @@ def resume_run(path: Path, train_data: Split, test_data: Split, *, bars: bool | 
     if trained_on is not None and trained_on != len(train_data):
         raise UserError(f"{path} trained on {trained_on} images, this data has {len(train_data)}; "
                         "resume with the same --data-dir")
-    return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+    return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel)
 
 
 def device_of(name: str) -> torch.device:
