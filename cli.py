@@ -117,8 +117,9 @@ def warn_batch(config: RunConfig, train_size: int) -> None:
 @click.pass_context
 def cli(ctx) -> None:
     """Train and compare Adam, LAMB, LAMB16 and their peers on MNIST (a 2-layer CNN)."""
-    if parallel.launched_processes() > 1 and ctx.invoked_subcommand != "train":
-        raise UserError(f"only train runs across processes; start {ctx.invoked_subcommand} with python, not torchrun")
+    if parallel.launched_processes() > 1 and ctx.invoked_subcommand not in ("train", "bench"):
+        raise UserError(f"only train and bench run across processes; start {ctx.invoked_subcommand} with python, "
+                        "not torchrun")
 
 
 @cli.command()
@@ -314,8 +315,12 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
     time goes, and the training throughput of `train` against a DataLoader.
 
     \b
-    Example:
+    Under torchrun, the steps alone on parameters sharded over the processes.
+
+    \b
+    Examples:
       python cli.py bench --sizes cnn,10m --json bench.json
+      torchrun --nproc-per-node 2 cli.py bench --sizes 10m --optimizers "adam fused,lamb,lamb16"
     """
     import json
 
@@ -327,8 +332,10 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
         writable_dir(json_path.parent, "--json")
     torch_device = studies.device_of(device)
     train_data = load_mnist(data_dir, True, torch_device, download=None)
-    report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device, click.echo)
-    if json_path is not None:
+    with parallel.process_group(False, torch_device) as processes:
+        report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device,
+                                click.echo, processes)
+    if json_path is not None and processes.is_main:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"\nwritten to {json_path}")
 

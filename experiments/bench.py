@@ -20,6 +20,7 @@ from models import MnistCNN
 from . import registry
 from .data import MNIST_MEAN, MNIST_STD, Split
 from .loop import cpu_flush_denormal, make_model, train_step
+from .parallel import SINGLE, Parallel, barrier, shard_rows
 
 # What `bench` can time: a registry optimizer with implementation options.
 IMPLEMENTATIONS: dict[str, tuple[str, dict]] = {
@@ -86,23 +87,27 @@ def traffic_run(pattern: str, grads: list[Tensor]) -> Callable[[], None]:
 
 
 def step_times(
-    shapes: list[tuple[int, ...]], optimizers: list[str], device: torch.device, warmup: int, steps: int
+    shapes: list[tuple[int, ...]], optimizers: list[str], device: torch.device, warmup: int, steps: int,
+    parallel: Parallel = SINGLE,
 ) -> list[dict]:
     """Median step time of each optimizer on its own copy of the parameters,
     sharing one set of gradients; on the CPU also the time of the memory
     traffic alone of each design's step. Everything takes turns, one step each
-    per round."""
+    per round. Across processes the parameters and gradients are sharded as
+    FSDP2 shards them (rows split over the ranks), the ranks start each step
+    together, and the figures are rank 0's."""
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(shape, generator=gen).to(device) * 1e-2 for shape in shapes]
+    grads = [shard_rows(torch.randn(shape, generator=gen).to(device) * 1e-2, parallel) for shape in shapes]
     runs: dict[str, Callable[[], object]] = {}
     optimizer_runs: dict[str, tuple[list[nn.Parameter], torch.optim.Optimizer]] = {}
     for name in optimizers:
-        params = [nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.05) for shape in shapes]
+        params = [nn.Parameter(shard_rows(torch.randn(shape, generator=gen).to(device) * 0.05, parallel))
+                  for shape in shapes]
         for p, g in zip(params, grads):
             p.grad = g
         optimizer_runs[name] = (params, build(name, params))
         runs[name] = optimizer_runs[name][1].step
-    if device.type == "cpu" and lamb16.native.library() is not None:
+    if device.type == "cpu" and lamb16.native.library() is not None and not parallel.distributed:
         for pattern in dict.fromkeys(design_of(name) for name in optimizers):
             if pattern in lamb16.native.TRAFFIC_PATTERNS:
                 runs[f"{pattern} traffic"] = traffic_run(pattern, grads)
@@ -112,6 +117,7 @@ def step_times(
     for round_ in range(warmup + steps):
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
             synchronize(device)
+            barrier(parallel)
             start = time.perf_counter()
             runs[name]()
             synchronize(device)
@@ -133,7 +139,7 @@ def step_times(
             median_ms=1e3 * median,
             first_step_s=first_step[name],
             state_bytes_per_parameter=state_nbytes(optimizer) / n,
-            min_gb_per_s=min_bytes * n / median / 1e9 if min_bytes else None,
+            min_gb_per_s=min_bytes * n / parallel.world / median / 1e9 if min_bytes else None,  # this rank's part
             traffic_ms=1e3 * statistics.median(traffic) if traffic else None,
         )
         row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
@@ -224,11 +230,17 @@ def throughput_dataloader(data_dir: Path, batch_size: int, batches: int, workers
 
 def run(
     sizes: list[str], optimizers: list[str], steps: int, warmup: int, batches: int, train_data: Split,
-    data_dir: Path, device: torch.device, echo: Callable[[str], None],
+    data_dir: Path, device: torch.device, echo: Callable[[str], None], parallel: Parallel = SINGLE,
 ) -> dict:
-    """The whole benchmark, printed as markdown tables through `echo`; returns its figures."""
-    report: dict = dict(device=str(device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={})
+    """The whole benchmark, printed as markdown tables through `echo`; returns its
+    figures. Across processes, the optimizer steps alone, on sharded parameters."""
+    if not parallel.is_main:
+        echo = lambda line: None  # noqa: E731
+    report: dict = dict(device=str(device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={},
+                        processes=parallel.world)
     where = f"{device} ({torch.get_num_threads()} threads)"
+    if parallel.distributed:
+        where += f", parameters sharded over {parallel.world} processes as FSDP2 shards them (rank 0's times)"
     if device.type == "cpu":
         report["cpu_loops"] = lamb16.native.loops()
         where += f", Lamb16 and Lamb on the {report['cpu_loops']} kernel loops"
@@ -245,7 +257,7 @@ def run(
         n = sum(math.prod(shape) for shape in shapes)
         # The eager reference shows what fusing buys; on the CPU past 20 M elements it only costs time.
         chosen = [o for o in optimizers if not (o.endswith("eager") and n > 20_000_000 and device.type == "cpu")]
-        rows = step_times(shapes, chosen, device, warmup, steps)
+        rows = step_times(shapes, chosen, device, warmup, steps, parallel)
         report["steps"][set_name] = rows
         for r in rows:
             traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["traffic_ms"] else "- | -"
@@ -258,6 +270,8 @@ def run(
             if "peak_extra_mb" in r:
                 line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"
             echo(line)
+    if parallel.distributed:
+        return report
 
     with cpu_flush_denormal(device):
         breakdown = training_step_breakdown(train_data, 128, batches, device)

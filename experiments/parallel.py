@@ -152,6 +152,23 @@ def from_main(value: Any, parallel: Parallel) -> Any:
     return box[0]
 
 
+def barrier(parallel: Parallel) -> None:
+    if parallel.distributed:
+        dist.barrier()
+
+
+def shard_rows(tensor: Tensor, parallel: Parallel) -> Tensor:
+    """A tensor split by rows over all the processes, as FSDP2 splits a parameter
+    (a DTensor placed Shard(0) on a 1-D mesh); itself in a single process."""
+    if not parallel.distributed:
+        return tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh(tensor.device.type, (parallel.world,))
+    return distribute_tensor(tensor, mesh, [Shard(0)], src_data_rank=None)
+
+
 # ------------------------------------------------------------ checkpoints ----
 
 

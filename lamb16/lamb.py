@@ -121,11 +121,14 @@ def lamb_sharded_steps(
     pass 1, the square sums added over the shards (one collective per process
     group), the norms and trust ratio finished, then pass 2 (lamb16.sharded)."""
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
-    partials = sharded.first_pass(lamb_partials, native.lamb_partials, jobs, fused, len(PARTIALS), **moments)
+    native_rows = sharded.on_native(jobs, fused)
+    partials = sharded.first_pass(lamb_partials, native.lamb_partials, jobs, fused, native_rows, len(PARTIALS),
+                                  **moments)
     partials = sharded.combine_over_shards(partials, params, COMBINE)
     results = lamb_finish(partials, adam=adam, max_weight_norm=max_weight_norm)
-    sharded.second_pass(lamb_apply, native.lamb_applies, jobs, fused, (results[2] * lr)[:, None], **moments)
-    sharded.write_results(jobs, results)
+    # The outputs' values (norms, trust ratio), then the step size that pass 2 takes.
+    finished = torch.stack([*results, results[2] * lr], dim=1)
+    sharded.second_pass(lamb_apply, native.lamb_applies, jobs, fused, native_rows, finished, [3], **moments)
 
 
 class Lamb(CheckedOptimizer):

@@ -165,14 +165,16 @@ def lamb16_sharded_steps(
     pass 1, the partials combined over the shards (one collective per process
     group), finished as for a whole tensor, then pass 2 (lamb16.sharded)."""
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
-    partials = sharded.first_pass(lamb16_partials, native.lamb16_partials, jobs, fused, len(PARTIALS), **moments)
+    native_rows = sharded.on_native(jobs, fused)
+    partials = sharded.first_pass(lamb16_partials, native.lamb16_partials, jobs, fused, native_rows,
+                                  len(PARTIALS), **moments)
     partials = sharded.combine_over_shards(partials, params, COMBINE[scaling])
     numel = torch.tensor([float(p.numel()) for p in params], device=partials.device)
     results = lamb16_finish(partials, numel, lr=lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
-    m_scale, v_scale, _, _, trust = results
-    finished = torch.stack([m_scale, v_scale, trust * lr], dim=1)
-    sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, finished, **moments)
-    sharded.write_results(jobs, results)
+    # The outputs' values (new scales, norms, trust ratio), then the step size; pass 2 takes columns 0, 1, 5.
+    finished = torch.stack([*results, results[4] * lr], dim=1)
+    sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, native_rows, finished, [0, 1, 5],
+                        **moments)
 
 
 class Lamb16(CheckedOptimizer):

@@ -47,11 +47,11 @@ SIGNATURES = {
     # weight_decay, bias_correction, adam, max_weight_norm, threads
     "lamb_steps": [_ptr, _i64, _ptr] + [_f] * 7 + [_i, _i, _f, _i],
     # table, count, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, seed,
-    # threads, partials out (count x 4) / finished in (count x 3)
+    # threads, partials out (count x 4) / finished in (count x 6)
     "lamb16_partials": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
     "lamb16_applies": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
     # table, count, corrections, beta1, beta2, 1 - beta1, 1 - beta2, eps,
-    # weight_decay, bias_correction, threads, partials out (count x 2) / step sizes in
+    # weight_decay, bias_correction, threads, partials out (count x 2) / finished in (count x 4)
     "lamb_partials": [_ptr, _i64, _ptr] + [_f] * 6 + [_i, _i, _ptr],
     "lamb_applies": [_ptr, _i64, _ptr] + [_f] * 6 + [_i, _i, _ptr],
     "encode_e4m3_array": [_ptr, _ptr, _i64],
@@ -251,7 +251,8 @@ def lamb16_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, 
 def lamb16_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: float, eps: float,
                    weight_decay: float, scaling: str) -> None:
     """lamb16_apply() of many tensors on the CPU kernels, row t of `finished`
-    holding tensor t's new m scale, new v scale and step size. Writes no 0-dim tensor."""
+    holding tensor t's new m scale, new v scale, weight_norm, adam_norm,
+    trust_ratio and step size; the first five then go into its 0-dim state tensors."""
     table, finished = lamb16_table(jobs), finished.to(torch.float32).contiguous()
     library().lamb16_applies(  # type: ignore[union-attr]
         table.buffer_info()[0], len(jobs), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
@@ -293,7 +294,9 @@ def lamb_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, we
 
 def lamb_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: float, eps: float, weight_decay: float,
                  bias_correction: bool) -> None:
-    """lamb_apply() of many tensors on the CPU kernels, row t of `finished` holding tensor t's step size."""
+    """lamb_apply() of many tensors on the CPU kernels, row t of `finished`
+    holding tensor t's weight_norm, adam_norm, trust_ratio and step size; the
+    first three then go into its 0-dim state tensors."""
     (table, corrections), finished = lamb_table(jobs, beta1, beta2), finished.to(torch.float32).contiguous()
     library().lamb_applies(  # type: ignore[union-attr]
         table.buffer_info()[0], len(jobs), corrections.data_ptr(), beta1, beta2, 1 - beta1, 1 - beta2, eps,

@@ -57,39 +57,43 @@ def combine_over_shards(partials: Tensor, params: list[Tensor], combine: tuple[s
     return partials
 
 
+def on_native(jobs: list[Job], fused: bool | None) -> list[int]:
+    """The jobs the CPU kernels take (an empty piece needs no kernel)."""
+    return [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
+
+
 def first_pass(
     reference: Callable[..., Tensor], native_partials: Callable[..., Tensor], jobs: list[Job], fused: bool | None,
-    width: int, **kwargs: Any,
+    native_rows: list[int], width: int, **kwargs: Any,
 ) -> Tensor:
-    """Pass 1 on every job's local tensors: a (jobs, width) tensor of partials.
-    An empty piece (uneven sharding leaves some) adds nothing: zeros."""
-    device = jobs[0][0][0].device
-    partials = torch.zeros(len(jobs), width, device=device)
-    on_native = [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
-    if on_native:
-        partials[on_native] = native_partials([jobs[i] for i in on_native], **kwargs).to(device)
+    """Pass 1 on every job's local tensors: a (jobs, width) tensor of partials,
+    those of `native_rows` from the CPU kernels. An empty piece (uneven
+    sharding leaves some) adds nothing: zeros."""
+    partials = torch.zeros(len(jobs), width, device=jobs[0][0][0].device)
+    if native_rows:
+        partials[native_rows] = native_partials([jobs[i] for i in native_rows], **kwargs).to(partials.device)
+    native = set(native_rows)
     for i, (inputs, _, extra) in enumerate(jobs):
-        if i not in on_native and inputs[0].numel():
+        if i not in native and inputs[0].numel():
             partials[i] = run_reference(reference, inputs, fused, **kwargs, **extra)
     return partials
 
 
 def second_pass(
     reference: Callable[..., None], native_applies: Callable[..., None], jobs: list[Job], fused: bool | None,
-    finished: Tensor, **kwargs: Any,
+    native_rows: list[int], finished: Tensor, apply_columns: list[int], **kwargs: Any,
 ) -> None:
-    """Pass 2 on every job's local tensors, row i of `finished` holding the
-    finished statistics job i's writes take (its reference's extra arguments)."""
-    on_native = [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
-    if on_native:
-        native_applies([jobs[i] for i in on_native], finished[on_native].cpu(), **kwargs)
-    for i, (inputs, _, extra) in enumerate(jobs):
-        if i not in on_native and inputs[0].numel():
-            run_reference(reference, inputs + tuple(finished[i].unbind()), fused, **kwargs, **extra)
-
-
-def write_results(jobs: list[Job], results: tuple[Tensor, ...]) -> None:
-    """Each job's statistics into its 0-dim state tensors: results[k][i] into job i's output k."""
-    for i, (_, outputs, _) in enumerate(jobs):
-        for output, result in zip(outputs, results):
-            output.copy_(result[i])
+    """Pass 2 on every job's local tensors. Row i of `finished` holds job i's
+    results (its outputs', in order), then what its writes take: the columns
+    `apply_columns` are the reference's extra arguments. The CPU kernels write
+    their jobs' results themselves; the others are copied here."""
+    if native_rows:
+        native_applies([jobs[i] for i in native_rows], finished[native_rows].cpu(), **kwargs)
+    native = set(native_rows)
+    for i, (inputs, outputs, extra) in enumerate(jobs):
+        if i in native:
+            continue
+        if inputs[0].numel():
+            run_reference(reference, inputs + tuple(finished[i, apply_columns].unbind()), fused, **kwargs, **extra)
+        for k, output in enumerate(outputs):
+            output.copy_(finished[i, k])

@@ -833,8 +833,9 @@ void lamb_steps(const int64_t* table, int64_t count, const float* corrections, f
 // (a sharded parameter): lamb16_partials() writes each row's Lamb16Partials
 // into out (count x 4) and changes nothing; the caller combines the pieces'
 // partials and finishes them; lamb16_applies() then runs pass 2 with each
-// row's {new m scale, new v scale, step_size} from finished (count x 3),
-// reading the old scales from the table and leaving every 0-dim tensor as it is.
+// row of finished (count x 6): {new m scale, new v scale, weight_norm,
+// adam_norm, trust_ratio, step_size}, reading the old scales from the table,
+// then writes the row's first five into the row's 0-dim tensors.
 void lamb16_partials(const int64_t* table, int64_t count, float beta1, float beta2, float one_minus_beta1,
                      float one_minus_beta2, float eps, float weight_decay, int seed, int threads, float* out) {
   each_tensor(table, LAMB16_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
@@ -855,15 +856,18 @@ void lamb16_applies(const int64_t* table, int64_t count, float beta1, float beta
     const int64_t* r = table + t * LAMB16_COLUMNS;
     const Lamb16Args args{*address<float>(r[5]), *address<float>(r[6]), beta1, beta2, one_minus_beta1,
                           one_minus_beta2, eps, weight_decay, seed != 0};
-    const float* f = finished + 3 * t;
+    const float* f = finished + 6 * t;
     lamb16_apply(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]), address<uint8_t>(r[3]),
-                 r[4], args, f[0], f[1], f[2], tensor_threads);
+                 r[4], args, f[0], f[1], f[5], tensor_threads);
+    for (int k = 0; k < 5; ++k) *address<float>(r[5 + k]) = f[k];
   });
 }
 
 // Likewise for LAMB: lamb_partials() runs pass 1 (it writes the moments) and
 // each row's {weight, update} square sums into out (count x 2);
-// lamb_applies() runs pass 2 with each row's step_size.
+// lamb_applies() runs pass 2 with each row of finished (count x 4):
+// {weight_norm, adam_norm, trust_ratio, step_size}, then writes the first
+// three into the row's 0-dim tensors.
 void lamb_partials(const int64_t* table, int64_t count, const float* corrections, float beta1, float beta2,
                    float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
                    int threads, float* out) {
@@ -880,13 +884,15 @@ void lamb_partials(const int64_t* table, int64_t count, const float* corrections
 
 void lamb_applies(const int64_t* table, int64_t count, const float* corrections, float beta1, float beta2,
                   float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, int bias_correction,
-                  int threads, const float* step_sizes) {
+                  int threads, const float* finished) {
   each_tensor(table, LAMB_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * LAMB_COLUMNS;
     const float* correction = corrections + 2 * t;
     const LambArgs args{beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, correction[0], correction[1]};
+    const float* f = finished + 4 * t;
     lamb_apply(address<float>(r[0]), address<const float>(r[2]), address<const float>(r[3]), r[4], args,
-               bias_correction != 0, step_sizes[t], tensor_threads);
+               bias_correction != 0, f[3], tensor_threads);
+    for (int k = 0; k < 3; ++k) *address<float>(r[5 + k]) = f[k];
   });
 }
 
