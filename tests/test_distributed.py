@@ -18,6 +18,7 @@ from torch import nn
 from experiments import loop
 from lamb16 import Lamb, Lamb16, state_nbytes
 from models import MnistCNN
+from stops import StopAtCheck
 
 OPTIMIZERS = {"lamb16": Lamb16, "lamb": Lamb}
 # Every way a sharded step can run: both optimizers, Lamb16's two scalings,
@@ -354,18 +355,6 @@ def test_train_under_torchrun_matches_one_process_with_the_global_batch(mode, op
             assert (weight - expected[name]).norm() <= 3e-3 * travelled, (mode, name)
 
 
-class StopAtBatch:
-    """A stop request that turns on after n batches (the loop asks once per batch)."""
-
-    def __init__(self, n: int) -> None:
-        self.left = n
-
-    @property
-    def requested(self) -> bool:
-        self.left -= 1
-        return self.left < 0
-
-
 def test_a_run_stopped_in_one_process_resumes_under_fsdp2_on_two(data_dir, tmp_path, monkeypatch):
     """Checkpoints hold whole tensors: a run stopped inside epoch 2 in one
     process resumes with `torchrun ... train --resume RUN --fsdp`, each rank
@@ -384,7 +373,7 @@ def test_a_run_stopped_in_one_process_resumes_under_fsdp2_on_two(data_dir, tmp_p
     loop.train_run(config, runs["whole"], train, test, echo=lambda line: None)
     with pytest.raises(Interrupted):
         loop.train_run(config, runs["cut"], train, test, echo=lambda line: None,
-                       stop=StopAtBatch(6))  # the 2nd batch of epoch 2
+                       stop=StopAtCheck(6))  # the 2nd batch of epoch 2
     assert runs["cut"].summary()["epochs_completed"] == 1
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mnist_files import write_synthetic_mnist
+from stops import StopAtCheck
 
 import cli
 from experiments import aggregate, quantization, registry
@@ -141,18 +142,6 @@ def test_options_an_optimizer_does_not_take_are_refused():
 
 
 # ---------------------------------------------------------------- interrupt and resume
-
-
-class StopAtCheck:
-    """A stop request that turns on at the n-th time the loop asks (once per batch)."""
-
-    def __init__(self, n: int) -> None:
-        self.left = n
-
-    @property
-    def requested(self) -> bool:
-        self.left -= 1
-        return self.left < 0
 
 
 def comparable(run_dir: Path) -> list[dict]:
