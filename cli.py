@@ -15,9 +15,10 @@ import click
 
 import lamb16
 from experiments import bench as benchmarks
-from experiments import parallel, quantization, registry, studies
+from experiments import parallel, quantization, registry, studies, tuning
+from experiments import sweep as sweeps
 from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, RunConfig, parse_seeds
-from experiments.data import load_mnist, load_train_and_test
+from experiments.data import hold_out, load_mnist, load_train_and_test
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
 from experiments.runs import free_path, fresh_dir, writable_dir
@@ -239,6 +240,64 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
                                  bars=progress, echo=click.echo, stop=stop)
     click.echo(text)
     click.echo(f"figures and results.md written to {out}")
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(list(sweeps.PRESETS)), default=None, help="A ready grid (claims: the original README's claims); other options override it.")
+@click.option("--optimizers", default=None, help=f"Comma-separated [default: adamw,lamb,lamb16], from: {', '.join(registry.OPTIMIZERS)}.")
+@click.option("--lrs", default=None, help="Learning rates, comma-separated (required without --preset).")
+@click.option("--batch-sizes", default=None, help=f"Batch sizes, comma-separated [default: {DEFAULTS.batch_size}].")
+@click.option("--wds", default=None, help=f"Weight decays, comma-separated [default: {DEFAULTS.wd:g}].")
+@seeds_option(None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs per run [default: {DEFAULTS.epochs}].")
+@click.option("--val-size", type=click.IntRange(min=1), default=None, help="Training images held out to choose the learning rate by [default: 10000].")
+@click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True, help="Validation accuracy whose samples-to-reach the report gives.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
+@click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes (the CPU threads split between them).")
+@data_options
+@click.pass_context
+def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, target, out, storage, workers,
+          data_dir, download, device, progress):
+    """Tune: every optimizer x learning rate x batch size (x weight decay) x seed,
+    each point a run under --out, run through an Optuna study; then the lr chosen
+    by validation accuracy per optimizer and batch size, its test accuracy over
+    seeds, results.csv, results.md and figures. Run it again (or on another
+    machine with the same --storage) to join: no point runs twice, a stopped one
+    resumes, a finished one never trains again.
+
+    \b
+    Examples:
+      python cli.py sweep --optimizers adamw,lamb16 --lrs 0.005,0.02 --batch-sizes 2048 --seeds 1 --epochs 1
+      python cli.py sweep --preset claims --workers 2
+    """
+    chosen = sweeps.from_options(preset, optimizers and parse_list(optimizers, list(registry.OPTIMIZERS), "--optimizers"),
+                                 lrs, batch_sizes, wds, seeds, epochs, val_size)
+    sweeps.check_sweep(chosen)
+    out = writable_dir(out)
+    train_data, test_data = load_data(data_dir, download, device)
+    hold_out(train_data, chosen.val_size)  # a --val-size too large fails here, before the study exists
+    ctx.meta["resume_hint"] = "the same python cli.py sweep command again (it resumes {run_dir})"
+    sweeps.open_study(chosen, out, storage, echo=click.echo)
+    if workers == 1:
+        with stop_on_signals() as stop:
+            sweeps.work(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, bars=progress, stop=stop)
+    else:
+        sweeps.run_workers(chosen, out, storage, data_dir, train_data.images.device, workers, echo=click.echo)
+    click.echo(tuning.report(out, target) + f"\nresults.csv, results.md and figures written to {out}")
+
+
+@cli.command()
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True, help="Validation accuracy whose samples-to-reach the report gives.")
+def report(sweep_dir, target):
+    """Write a sweep's results.csv, results.md and figures from its stored runs, without training.
+
+    \b
+    Example:
+      python cli.py report runs/sweep
+    """
+    click.echo(tuning.report(sweep_dir, target) + f"\nresults.csv, results.md and figures written to {sweep_dir}")
 
 
 @cli.command()

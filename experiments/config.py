@@ -17,6 +17,7 @@ class RunConfig:
     seed: int = 1  # initial weights and data order
     log_interval: int = 10  # batches per train-loss record
     trust_scale: float | None = None  # LAMB16's exponent; None: the optimizer's default
+    val_size: int = 0  # training images held out for validation (the last ones); 0: none
 
     def setting(self) -> str:
         """The settings a comparison shares, as a folder name."""
@@ -69,3 +70,18 @@ def parse_seeds(text: str) -> list[int]:
     if repeated:
         raise UserError(f"invalid --seeds {text!r}: seed {repeated[0]} is listed twice; list each seed once")
     return seeds
+
+
+def parse_numbers(text: str, option: str, kind: type = float, allow_zero: bool = False) -> tuple:
+    """"0.005,0.02" -> (0.005, 0.02), or a one-line error naming the option."""
+    from .errors import UserError
+
+    try:
+        values = tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 0 or (v == 0 and not allow_zero) for v in values):
+        sign = "non-negative" if allow_zero else "positive"
+        raise UserError(f"invalid {option} {text!r}: give comma-separated {sign} {kind.__name__}s, e.g. "
+                        f"{option} {'0.005,0.02' if kind is float else '128,1024'}")
+    return values

@@ -31,6 +31,19 @@ class Split:
         return len(self.labels)
 
 
+def hold_out(train: Split, val_size: int) -> tuple[Split, Split | None]:
+    """The training set less its last `val_size` images, and those images as a
+    validation split: the same images for every run and seed, never trained on,
+    so that choosing a setting by them leaves the test set unseen."""
+    if val_size == 0:
+        return train, None
+    if not 0 < val_size < len(train):
+        raise UserError(f"--val-size {val_size} must leave training images: the training set has {len(train)}; "
+                        f"use at most {len(train) - 1}")
+    cut = len(train) - val_size
+    return (Split(train.images[:cut], train.labels[:cut]), Split(train.images[cut:], train.labels[cut:]))
+
+
 def raw_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 

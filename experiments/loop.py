@@ -25,7 +25,7 @@ from models import MnistCNN
 
 from . import registry
 from .config import DIVERGENCE_FACTOR, RunConfig
-from .data import Split
+from .data import Split, hold_out
 from .errors import Interrupted
 from .parallel import SINGLE, Parallel, any_rank, mean_over_ranks, share, sum_over_ranks, whole_state, wrap
 from .parallel import load_whole_state
@@ -235,6 +235,7 @@ def train_run(
     Across processes (`parallel`) every rank calls it with the same run, and
     rank 0 alone writes to it."""
     device = train_data.images.device
+    train_data, val_data = hold_out(train_data, config.val_size)
     writes = parallel.is_main
     if not writes:
         echo, bars = (lambda line: None), False
@@ -270,6 +271,10 @@ def train_run(
                         status, diverged_loss = ("interrupted", None) if outcome == "stopped" else (outcome, train_loss)
                         break
                     test_loss, accuracy = evaluate(model, test_data, config.test_batch_size, parallel)
+                    validation = {}
+                    if val_data is not None:
+                        val_loss, val_accuracy = evaluate(model, val_data, config.test_batch_size, parallel)
+                        validation = dict(val_loss=val_loss, val_accuracy=val_accuracy)
                     epoch_seconds = time.perf_counter() - epoch_start
                     progress.epoch += 1
                     if is_diverged(test_loss, progress.first_loss):
@@ -278,9 +283,9 @@ def train_run(
                         break
                     progress.epoch_seconds.append(epoch_seconds)
                     progress.tests.append(dict(epoch=progress.epoch, accuracy=accuracy, loss=test_loss,
-                                               train_loss=train_loss))
+                                               train_loss=train_loss, **validation))
                     log.write(kind="test", epoch=progress.epoch, samples=progress.samples, test_loss=test_loss,
-                              test_accuracy=accuracy, train_loss=train_loss, epoch_time=epoch_seconds,
+                              test_accuracy=accuracy, train_loss=train_loss, **validation, epoch_time=epoch_seconds,
                               wall_time=progress.train_seconds + time.perf_counter() - session_start)
                     if writes or parallel.mode == "fsdp":  # FSDP: every rank gathers its pieces
                         model_state, optimizer_state = whole_state(model, optimizer)
@@ -326,6 +331,8 @@ def summarize(
         best_test_accuracy=best["accuracy"] if best else None,
         best_epoch=best["epoch"] if best else None,
         test_accuracy_by_epoch=[t["accuracy"] for t in progress.tests],
+        final_val_accuracy=final.get("val_accuracy") if final else None,
+        val_accuracy_by_epoch=[t["val_accuracy"] for t in progress.tests if "val_accuracy" in t],
         train_seconds=progress.train_seconds,
         median_epoch_seconds=statistics.median(progress.epoch_seconds) if progress.epoch_seconds else None,
         effective_batch_size=min(config.batch_size, train_size),

@@ -331,7 +331,7 @@ def run_metadata(
 
     return dict(
         config.to_dict(),
-        effective_batch_size=min(config.batch_size, train_size),
+        effective_batch_size=min(config.batch_size, train_size - config.val_size),
         train_size=train_size,
         parallel=parallel.mode,
         processes=parallel.world,

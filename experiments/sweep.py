@@ -1,0 +1,295 @@
+"""Sweeps: optimizers x learning rates x batch sizes x weight decays x seeds,
+each point an ordinary run directory, run through an Optuna study.
+
+The study holds the grid (Optuna's GridSampler over it) and every point as a
+queued trial (enqueue_trial): a worker takes the next point by popping a
+queued trial, which the storage does atomically, so two workers never run the
+same point, on one machine or on many sharing a database (--storage). The
+GridSampler alone is not enough for that: at the end of a grid it hands
+points still running elsewhere to idle workers, by design. A point stopped by
+Ctrl-C is queued again at once; one whose worker died is found by Optuna's
+heartbeat and queued again; its run directory resumes from its last epoch. A
+finished run is never trained again: its directory is the record.
+
+The learning rate is chosen per optimizer and batch size by validation
+accuracy (training images held out, the same for every run), never by the
+test set; the report gives the test accuracy of that choice.
+"""
+
+import itertools
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .config import DEFAULTS, RunConfig, parse_numbers, parse_seeds
+from .data import Split, load_train_and_test
+from .errors import Interrupted, UserError
+from .loop import StopRequest, stop_on_signals, train_run
+from .runs import FINISHED, RunDir, run_metadata
+
+Echo = Callable[[str], None]
+STUDY_NAME = "lamb16-sweep"
+DATABASE = "sweep.db"  # the default storage, inside the sweep's folder
+HEARTBEAT_SECONDS = 30  # a running point's worker reports this often...
+GRACE_SECONDS = 180  # ...and is taken for dead (its point queued again) after this long without
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep's grid and the settings every point shares."""
+
+    optimizers: tuple[str, ...]
+    lrs: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    wds: tuple[float, ...] = (DEFAULTS.wd,)
+    seeds: tuple[int, ...] = (1,)
+    epochs: int = DEFAULTS.epochs
+    val_size: int = 10_000
+    test_batch_size: int = DEFAULTS.test_batch_size
+    log_interval: int = DEFAULTS.log_interval
+
+    def points(self) -> list[RunConfig]:
+        """Seed-major, so that a sweep cut short has whole grids of its first seeds;
+        within a seed, the largest batches (the quickest runs) first."""
+        grid = itertools.product(self.seeds, sorted(self.batch_sizes, reverse=True), self.optimizers, self.lrs,
+                                 self.wds)
+        return [RunConfig(optimizer=o, batch_size=b, lr=lr, wd=wd, seed=s, epochs=self.epochs,
+                          test_batch_size=self.test_batch_size, log_interval=self.log_interval,
+                          val_size=self.val_size)
+                for s, b, o, lr, wd in grid]
+
+    def search_space(self) -> dict[str, list]:
+        return dict(optimizer=list(self.optimizers), batch_size=list(self.batch_sizes), lr=list(self.lrs),
+                    wd=list(self.wds), seed=list(self.seeds))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Sweep":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# The original README's claims (LAMB16 enables much larger batches, and beats
+# 8-bit AdamW at large batches), tuned: every batch size from 128 to 8192 by
+# factors of 4, learning rates on a half-decade log grid, 3 seeds, 10 epochs.
+PRESETS = {
+    "claims": Sweep(
+        optimizers=("adamw", "bnb-adamw8bit", "lamb", "lamb16", "lamb16-seed"),
+        lrs=(0.001, 0.003, 0.01, 0.03, 0.1),
+        batch_sizes=(128, 512, 2048, 8192),
+        seeds=(1, 2, 3),
+        epochs=10,
+    ),
+}
+
+
+def from_options(
+    preset: str | None, optimizers: list[str] | None, lrs: str | None, batch_sizes: str | None, wds: str | None,
+    seeds: str | None, epochs: int | None, val_size: int | None,
+) -> Sweep:
+    """The sweep the command line asks for: a preset's grid (or the defaults)
+    with each option given replacing its part."""
+    base = PRESETS[preset] if preset else Sweep(optimizers=("adamw", "lamb", "lamb16"), lrs=(),
+                                                batch_sizes=(DEFAULTS.batch_size,))
+    sweep = Sweep(
+        optimizers=tuple(optimizers) if optimizers else base.optimizers,
+        lrs=parse_numbers(lrs, "--lrs") if lrs else base.lrs,
+        batch_sizes=parse_numbers(batch_sizes, "--batch-sizes", int) if batch_sizes else base.batch_sizes,
+        wds=parse_numbers(wds, "--wds", allow_zero=True) if wds else base.wds,
+        seeds=tuple(parse_seeds(seeds)) if seeds else base.seeds,
+        epochs=epochs or base.epochs,
+        val_size=val_size or base.val_size,
+    )
+    if not sweep.lrs:
+        raise UserError("no learning rates: give --lrs (e.g. --lrs 0.005,0.02) or a --preset")
+    return sweep
+
+
+def storage_url(out: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out / DATABASE).resolve()}"
+
+
+def open_storage(url: str):
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # workers take turns
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.8
+            # A point whose worker stopped reporting is queued again (the callback's name since Optuna 4.9, and before).
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            callback = dict(heartbeat_stale_trial_callback=retry()) if retry else dict(
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback())
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS, **callback)
+    except Exception as error:  # a URL SQLAlchemy cannot open: a driver missing, a wrong host
+        raise UserError(f"cannot open --storage {url}: {str(error).splitlines()[0]}; check the URL and its "
+                        "database driver") from error
+
+
+def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print):
+    """The sweep's study, created with every point queued, or joined: then its
+    grid and settings must be this sweep's."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=open_storage(storage_url(out, storage)), direction="maximize",
+        sampler=optuna.samplers.GridSampler(sweep.search_space(), seed=0), load_if_exists=True,
+    )
+    stored = study.user_attrs.get("sweep")
+    if stored is None:
+        study.set_user_attr("sweep", sweep.to_dict())
+        for config in sweep.points():
+            params = {k: getattr(config, k) for k in sweep.search_space()}
+            study.enqueue_trial(params, user_attrs={"run": config.run_name()}, skip_if_exists=True)
+        echo(f"sweep of {len(sweep.points())} points queued in {storage_url(out, storage)}")
+    elif Sweep.from_dict(stored) != sweep:
+        raise UserError(f"{storage_url(out, storage)} holds another sweep ({describe(Sweep.from_dict(stored))}); "
+                        "join it with the same options, or choose another --out or --storage")
+    return study
+
+
+def describe(sweep: Sweep) -> str:
+    return (f"optimizers {','.join(sweep.optimizers)}, lrs {','.join(f'{x:g}' for x in sweep.lrs)}, batch sizes "
+            f"{','.join(map(str, sweep.batch_sizes))}, wds {','.join(f'{x:g}' for x in sweep.wds)}, seeds "
+            f"{','.join(map(str, sweep.seeds))}, {sweep.epochs} epochs, val size {sweep.val_size}")
+
+
+def remaining(study) -> int:
+    """Points still queued (after queueing again those whose worker died)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since Optuna 2.9
+        optuna.storages.fail_stale_trials(study)
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def run_point(config: RunConfig, out: Path, data_dir: Path, train, test, *, echo: Echo, stop: StopRequest | None,
+              bars: bool | None) -> dict:
+    """One point's run: trained (or resumed) in out/runs/<name>, or read back if it has ended."""
+    path = out / "runs" / config.run_name()
+    if path.exists() and RunDir(path).status() in FINISHED:
+        return RunDir(path).summary()
+    run = RunDir(path) if path.exists() else RunDir.create(
+        path, run_metadata(config, train.images.device, data_dir, len(train)))
+    return train_run(config, run, train, test, bars=bars, echo=echo, stop=stop)
+
+
+def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Split, test: Split, *,
+         echo: Echo = print, bars: bool | None = None, stop: StopRequest | None = None,
+         worker: str = "worker") -> int:
+    """Take queued points one at a time until none is left; returns how many
+    this worker trained. Each point is a trial of the study (its heartbeat
+    kept by Optuna while it runs); a point stopped by Ctrl-C is queued again."""
+    import optuna
+
+    study = open_study(sweep, out, storage, echo=lambda line: None)
+    trained = 0
+    while remaining(study):
+        current: dict[str, Any] = {}
+
+        def objective(trial) -> float:
+            name = trial.user_attrs.get("run")
+            if name is None:  # not a queued point: another worker took the last one first
+                raise optuna.TrialPruned("no point left")
+            params = {k: trial.suggest_categorical(k, v) for k, v in sweep.search_space().items()}
+            current.update(params=params, name=name)
+            config = replace(sweep.points()[0], **params)
+            echo(f"[{worker}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, wd {config.wd:g}, "
+                 f"seed {config.seed} ({remaining(study)} more queued)")
+            summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars)
+            current["trained"] = True
+            trial.set_user_attr("status", summary["status"])
+            trial.set_user_attr("final_test_accuracy", summary.get("final_test_accuracy"))
+            # A diverged run scores 0: a learning rate that diverges on some seed is a poor choice.
+            completed = summary["status"] == "completed"
+            return (summary.get("final_val_accuracy") or 0.0) if completed else 0.0
+
+        try:
+            study.optimize(objective, n_trials=1, gc_after_trial=False)
+        except (Interrupted, KeyboardInterrupt):
+            if "params" in current:  # queued again for whoever comes next; its run resumes
+                study.enqueue_trial(current["params"], user_attrs={"run": current["name"]})
+            raise
+        if "name" not in current:
+            break
+        trained += 1
+    return trained
+
+
+def worker_process(index: int, sweep: dict, out: str, storage: str | None, data_dir: str, device: str,
+                   threads: int) -> None:
+    """One of --workers N local processes (multiprocessing's spawn)."""
+    torch.set_num_threads(threads)
+    name = f"worker {index + 1}"
+    try:
+        train, test = load_train_and_test(Path(data_dir), torch.device(device))
+        with stop_on_signals() as stop:
+            work(Sweep.from_dict(sweep), Path(out), storage, Path(data_dir), train, test,
+                 echo=lambda line: print(line, flush=True), bars=False, stop=stop, worker=name)
+    except (Interrupted, KeyboardInterrupt):
+        print(f"[{name}] stopped; its point is queued again", flush=True)
+        raise SystemExit(130)
+    except UserError as error:
+        print(f"[{name}] error: {error}", flush=True)
+        raise SystemExit(1)
+
+
+def run_workers(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, device: torch.device,
+                workers: int, echo: Echo = print) -> None:
+    """--workers N: N processes split the machine's threads and take points from
+    the study until none is left. Ctrl-C stops them all, each point it stops
+    queued again."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_process,
+                                 args=(i, sweep.to_dict(), str(out), storage, str(data_dir), str(device), threads))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.join()
+    codes = [p.exitcode for p in processes]
+    if any(code == 130 for code in codes):
+        raise Interrupted(out)
+    if any(code != 0 for code in codes):
+        raise UserError(f"a sweep worker failed (exit codes {codes}); its lines above say why")
+
+
+def load_sweep(out: Path, storage: str | None) -> Sweep:
+    """The sweep stored in a folder's (or a storage's) study."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url(out, storage)
+    if storage is None and not (out / DATABASE).is_file():
+        raise UserError(f"{out} holds no sweep ({DATABASE} is missing); give the folder a sweep wrote, or --storage")
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(url))
+    except KeyError as error:
+        raise UserError(f"{url} holds no sweep; give the folder or --storage a sweep wrote") from error
+    return Sweep.from_dict(study.user_attrs["sweep"])
+
+
+def check_sweep(sweep: Sweep) -> None:
+    for name in sweep.optimizers:
+        registry.check_available(name)
+    for name, values in (("--optimizers", sweep.optimizers), ("--lrs", sweep.lrs),
+                         ("--batch-sizes", sweep.batch_sizes), ("--wds", sweep.wds), ("--seeds", sweep.seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"{name} lists {repeated[0]} twice; list each value once")

@@ -1,0 +1,215 @@
+"""A sweep's answer, from its run directories alone: per optimizer and batch
+size, the learning rate (and weight decay) chosen by validation accuracy, and
+the test accuracy of that choice over seeds; results.csv (a row per run),
+results.md and the two figures.
+
+Selection never looks at the test set: a setting's score is its mean final
+validation accuracy over seeds, a diverged seed counting 0. The test figure of
+the chosen setting is then a mean ± std over its seeds with n, and the
+samples (and seconds) it took to reach a target validation accuracy.
+"""
+
+import csv
+import io
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from plots import Band, Series, batch_figure, lr_figure
+
+from . import registry
+from .aggregate import Stat, cell, stat
+from .runs import Run, load_runs, write_atomic
+
+Echo = Callable[[str], None]
+DEFAULT_TARGET = 0.98
+CSV_FIELDS = ("run", "optimizer", "batch_size", "lr", "wd", "seed", "epochs", "status", "epochs_completed",
+              "final_val_accuracy", "final_test_accuracy", "best_test_accuracy", "samples", "train_seconds",
+              "samples_to_target", "seconds_to_target", "state_bytes_per_parameter")
+
+
+def setting_of(run: Run) -> tuple[str, int, float, float]:
+    c = run.config
+    return c["optimizer"], c["batch_size"], c["lr"], c["wd"]
+
+
+def val_score(run: Run) -> float | None:
+    """A run's score for selection: its final validation accuracy, 0 if it
+    diverged, None while it has not ended."""
+    if run.status == "diverged":
+        return 0.0
+    if run.status != "completed":
+        return None
+    return (run.summary or {}).get("final_val_accuracy")
+
+
+def test_accuracy(run: Run) -> float | None:
+    return (run.summary or {}).get("final_test_accuracy") if run.status == "completed" else None
+
+
+def to_target(run: Run, target: float) -> tuple[int, float] | None:
+    """Samples and seconds of training until the validation accuracy first reached `target`."""
+    for record in run.test:
+        if record.get("val_accuracy", 0.0) >= target:
+            return record["samples"], record.get("wall_time", float("nan"))
+    return None
+
+
+@dataclass
+class Choice:
+    """The tuned setting of one optimizer at one batch size."""
+
+    optimizer: str
+    batch_size: int
+    lr: float
+    wd: float
+    val: Stat
+    test: Stat | None
+    runs: list[Run]
+    diverged: int
+
+
+def settings(runs: list[Run]) -> dict[tuple, list[Run]]:
+    grouped: dict[tuple, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(setting_of(run), []).append(run)
+    return grouped
+
+
+def choose(runs: list[Run]) -> dict[tuple[str, int], Choice]:
+    """Per (optimizer, batch size), the (lr, wd) with the best mean validation score."""
+    best: dict[tuple[str, int], Choice] = {}
+    for (optimizer, batch_size, lr, wd), members in settings(runs).items():
+        val = stat([val_score(r) for r in members])
+        if val is None:
+            continue
+        current = best.get((optimizer, batch_size))
+        if current is None or val.mean > current.val.mean:
+            best[(optimizer, batch_size)] = Choice(optimizer, batch_size, lr, wd, val,
+                                                   stat([test_accuracy(r) for r in members]), members,
+                                                   sum(r.diverged for r in members))
+    return best
+
+
+def in_registry_order(names) -> list[str]:
+    order = list(registry.OPTIMIZERS)
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def csv_text(runs: list[Run], target: float) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for run in sorted(runs, key=lambda r: (setting_of(r), r.config["seed"])):
+        summary = run.summary or {}
+        reached = to_target(run, target)
+        writer.writerow(dict(
+            {k: run.config.get(k) for k in ("optimizer", "batch_size", "lr", "wd", "seed", "epochs")},
+            run=run.path.name, status=run.status,
+            **{k: summary.get(k) for k in ("epochs_completed", "final_val_accuracy", "final_test_accuracy",
+                                           "best_test_accuracy", "samples", "train_seconds",
+                                           "state_bytes_per_parameter")},
+            samples_to_target=reached[0] if reached else None, seconds_to_target=reached[1] if reached else None,
+        ))
+    return out.getvalue()
+
+
+def reach_cell(choice: Choice, target: float) -> str:
+    reached = [to_target(r, target) for r in choice.runs]
+    hits = [r for r in reached if r is not None]
+    if not hits:
+        return f"not reached (0/{len(reached)})"
+    samples = statistics.median(h[0] for h in hits)
+    seconds = statistics.median(h[1] for h in hits)
+    return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(reached)})"
+
+
+def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], target: float, title: str) -> str:
+    lines = [
+        f"## {title}",
+        "",
+        "Per optimizer and batch size: the learning rate (and weight decay) with the best mean final validation "
+        "accuracy over seeds (a diverged seed counts 0), then the test accuracy of that choice, mean ± std over "
+        f"seeds, and the median samples and seconds to {100 * target:g}% validation accuracy (seeds that got there).",
+        "",
+        "| optimizer | batch | chosen lr | wd | validation | test | diverged | to target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for optimizer in in_registry_order({o for o, _ in choices}):
+        for batch_size in sorted(b for o, b in choices if o == optimizer):
+            c = choices[(optimizer, batch_size)]
+            lines.append(f"| {label(optimizer)} | {batch_size} | {c.lr:g} | {c.wd:g} | {cell(c.val)} | {cell(c.test)} "
+                         f"| {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
+    unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
+    lines += ["", f"{len(runs)} runs, {unfinished} not ended."]
+    return "\n".join(lines) + "\n"
+
+
+def label(optimizer: str) -> str:
+    spec = registry.OPTIMIZERS.get(optimizer)
+    return spec.label if spec else optimizer
+
+
+def style(optimizer: str) -> dict:
+    spec = registry.OPTIMIZERS.get(optimizer)
+    return dict(spec.style) if spec else dict(color="black", linestyle="-", marker=".")
+
+
+def band_of(points: list[tuple[float, Stat]]) -> Band:
+    points = sorted(points)
+    return Band([x for x, _ in points], [s.mean for _, s in points], [s.low for _, s in points],
+                [s.high for _, s in points])
+
+
+def lr_series(runs: list[Run]) -> dict[int, list[Series]]:
+    """Per batch size, per optimizer, validation accuracy over seeds against lr
+    (at each lr, the best weight decay's)."""
+    by_point: dict[tuple[str, int, float], Stat] = {}
+    for (optimizer, batch_size, lr, _), members in settings(runs).items():
+        val = stat([val_score(r) for r in members])
+        key = (optimizer, batch_size, lr)
+        if val is not None and (key not in by_point or val.mean > by_point[key].mean):
+            by_point[key] = val
+    panels: dict[int, list[Series]] = {}
+    for batch_size in sorted({b for _, b, _ in by_point}):
+        for optimizer in in_registry_order({o for o, b, _ in by_point if b == batch_size}):
+            points = [(lr, s) for (o, b, lr), s in by_point.items() if o == optimizer and b == batch_size]
+            panels.setdefault(batch_size, []).append(Series(label(optimizer), style(optimizer), band_of(points)))
+    return panels
+
+
+def batch_series(choices: dict[tuple[str, int], Choice]) -> list[Series]:
+    series = []
+    for optimizer in in_registry_order({o for o, _ in choices}):
+        points = [(b, c.test) for (o, b), c in choices.items() if o == optimizer and c.test is not None]
+        if points:
+            series.append(Series(label(optimizer), style(optimizer), band_of(points)))
+    return series
+
+
+def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print) -> str:
+    """results.csv, results.md, lr.png and batch.png of the runs under out/runs; returns the table."""
+    runs = [r for r in load_runs([out / "runs"], warn=lambda line: None) if "val_size" in r.config]
+    if not runs:
+        raise_no_runs(out)
+    seeds = len({r.config["seed"] for r in runs})
+    epochs = max(r.config["epochs"] for r in runs)
+    title = f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''}, validation {runs[0].config['val_size']} images"
+    choices = choose(runs)
+    write_atomic(out / "results.csv", csv_text(runs, target).encode())
+    text = results_markdown(choices, runs, target, title)
+    figures = []
+    if choices:
+        figures.append(lr_figure(lr_series(runs), out / "lr.png", f"Validation accuracy against learning rate\n{title}"))
+        if batch_series(choices):
+            figures.append(batch_figure(batch_series(choices), out / "batch.png", f"Tuned test accuracy\n{title}"))
+    text += "".join(f"\n![{f.stem}]({f.name})\n" for f in figures)
+    write_atomic(out / "results.md", text.encode())
+    return text
+
+
+def raise_no_runs(out: Path) -> None:
+    from .errors import UserError
+
+    raise UserError(f"{out} holds no sweep runs (no {out / 'runs'} with run directories); give the --out of a sweep")
