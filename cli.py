@@ -8,6 +8,7 @@ compare them over seeds, plot, reproduce the original README's figures, benchmar
 Thin click commands over the `experiments` package, which does the work.
 """
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,12 +61,8 @@ def seeds_of(seeds: str | None, seed: int | None) -> list[int]:
 
 
 def options(*decorators):
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
+    """Several click decorators as one."""
+    return lambda command: functools.reduce(lambda c, d: d(c), reversed(decorators), command)
 
 
 data_dir_option = click.option(
@@ -79,6 +76,10 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 progress_option = click.option("--progress/--no-progress", default=None,
                                help="tqdm bars [default: on when output is a terminal].")
 data_options = options(data_dir_option, download_option, device_option, progress_option)
+
+
+target_option = click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True,
+                             help="Validation accuracy whose samples-to-reach the report gives.")
 
 
 def seeds_option(default: str | None):
@@ -155,7 +156,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
     config = replace(base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale), optimizer=optimizer)
     seed_list = seeds_of(seeds, seed)
     studies.check_optimizers([optimizer])
-    check_options(config)
+    studies.check_options(config)
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(config, len(train_data))
     out = writable_dir(out)
@@ -166,12 +167,6 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
     if processes.is_main:
         for path in paths:
             click.echo(f"run written to {path}")
-
-
-def check_options(config: RunConfig) -> None:
-    """Options an optimizer does not take (LAMB16's --trust-scale for Adam) fail before training."""
-    if config.trust_scale is not None and "trust_scale" not in registry.spec(config.optimizer).options:
-        raise UserError(f"--trust-scale applies to LAMB16 only, not {config.optimizer}; drop it")
 
 
 @cli.command()
@@ -195,7 +190,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     names = studies.check_optimizers([o.strip() for o in optimizers.split(",") if o.strip()])
     base = base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale)
     for name in names:
-        check_options(replace(base, optimizer=name))
+        studies.check_options(replace(base, optimizer=name))
     seed_list = seeds_of(seeds, seed)
     if resume and out is None:
         raise UserError("--resume needs --out, the folder of the comparison to finish")
@@ -251,20 +246,18 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @seeds_option(None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs per run [default: {DEFAULTS.epochs}].")
 @click.option("--val-size", type=click.IntRange(min=1), default=None, help="Training images held out to choose the learning rate by [default: 10000].")
-@click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True, help="Validation accuracy whose samples-to-reach the report gives.")
+@target_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
 @click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes (the CPU threads split between them).")
+@click.option("--retrain", is_flag=True, help="Then train each chosen setting again on all the training images (into --out/retrained).")
 @data_options
 @click.pass_context
 def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, target, out, storage, workers,
-          data_dir, download, device, progress):
-    """Tune: every optimizer x learning rate x batch size (x weight decay) x seed,
-    each point a run under --out, run through an Optuna study; then the lr chosen
-    by validation accuracy per optimizer and batch size, its test accuracy over
-    seeds, results.csv, results.md and figures. Run it again (or on another
-    machine with the same --storage) to join: no point runs twice, a stopped one
-    resumes, a finished one never trains again.
+          retrain, data_dir, download, device, progress):
+    """Tune: optimizers x lrs x batch sizes x wds x seeds, each point a run under
+    --out, through an Optuna study; the lr chosen by validation, its test accuracy,
+    reports. Run again (or elsewhere, same --storage) to join or resume.
 
     \b
     Examples:
@@ -284,12 +277,15 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
             sweeps.work(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, bars=progress, stop=stop)
     else:
         sweeps.run_workers(chosen, out, storage, data_dir, train_data.images.device, workers, echo=click.echo)
+    if retrain:
+        with stop_on_signals() as stop:
+            sweeps.retrain(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, stop=stop, bars=progress)
     click.echo(tuning.report(out, target) + f"\nresults.csv, results.md and figures written to {out}")
 
 
 @cli.command()
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True, help="Validation accuracy whose samples-to-reach the report gives.")
+@target_option
 def report(sweep_dir, target):
     """Write a sweep's results.csv, results.md and figures from its stored runs, without training.
 

@@ -37,6 +37,12 @@ def check_optimizers(names: list[str]) -> list[str]:
     return names
 
 
+def check_options(config: RunConfig) -> None:
+    """Options an optimizer does not take (LAMB16's --trust-scale for Adam) fail before training."""
+    if config.trust_scale is not None and "trust_scale" not in registry.spec(config.optimizer).options:
+        raise UserError(f"--trust-scale applies to LAMB16 only, not {config.optimizer}; drop it")
+
+
 def plan(base: RunConfig, optimizers: list[str], seeds: list[int]) -> list[RunConfig]:
     """Seed-major: with a study cut short, every optimizer has the same seeds done."""
     return [replace(base, optimizer=o, seed=s) for s in seeds for o in optimizers]

@@ -141,6 +141,7 @@ def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)  # the runs, and the default storage
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=open_storage(storage_url(out, storage)), direction="maximize",
         sampler=optuna.samplers.GridSampler(sweep.search_space(), seed=0), load_if_exists=True,
@@ -175,9 +176,9 @@ def remaining(study) -> int:
 
 
 def run_point(config: RunConfig, out: Path, data_dir: Path, train, test, *, echo: Echo, stop: StopRequest | None,
-              bars: bool | None) -> dict:
-    """One point's run: trained (or resumed) in out/runs/<name>, or read back if it has ended."""
-    path = out / "runs" / config.run_name()
+              bars: bool | None, folder: str = "runs") -> dict:
+    """One point's run: trained (or resumed) in out/<folder>/<name>, or read back if it has ended."""
+    path = out / folder / config.run_name()
     if path.exists() and RunDir(path).status() in FINISHED:
         return RunDir(path).summary()
     run = RunDir(path) if path.exists() else RunDir.create(
@@ -187,14 +188,14 @@ def run_point(config: RunConfig, out: Path, data_dir: Path, train, test, *, echo
 
 def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Split, test: Split, *,
          echo: Echo = print, bars: bool | None = None, stop: StopRequest | None = None,
-         worker: str = "worker") -> int:
-    """Take queued points one at a time until none is left; returns how many
-    this worker trained. Each point is a trial of the study (its heartbeat
+         worker: str = "worker") -> list[str]:
+    """Take queued points one at a time until none is left; returns the run
+    names of the points this worker took. Each point is a trial of the study (its heartbeat
     kept by Optuna while it runs); a point stopped by Ctrl-C is queued again."""
     import optuna
 
     study = open_study(sweep, out, storage, echo=lambda line: None)
-    trained = 0
+    taken: list[str] = []
     while remaining(study):
         current: dict[str, Any] = {}
 
@@ -208,7 +209,6 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             echo(f"[{worker}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, wd {config.wd:g}, "
                  f"seed {config.seed} ({remaining(study)} more queued)")
             summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars)
-            current["trained"] = True
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("final_test_accuracy", summary.get("final_test_accuracy"))
             # A diverged run scores 0: a learning rate that diverges on some seed is a poor choice.
@@ -223,8 +223,8 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             raise
         if "name" not in current:
             break
-        trained += 1
-    return trained
+        taken.append(current["name"])
+    return taken
 
 
 def worker_process(index: int, sweep: dict, out: str, storage: str | None, data_dir: str, device: str,
@@ -293,3 +293,29 @@ def check_sweep(sweep: Sweep) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
             raise UserError(f"{name} lists {repeated[0]} twice; list each value once")
+
+
+def retrain(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Split, test: Split, *,
+            echo: Echo = print,
+            stop: StopRequest | None = None, bars: bool | None = None) -> None:
+    """Each chosen setting (per optimizer and batch size) trained again on the
+    whole training set, validation images included, for every seed, into
+    out/retrained: the figure a final model would get. Runs that ended are kept."""
+    import optuna
+
+    from .runs import load_runs
+    from .tuning import choose
+
+    study = open_study(sweep, out, storage, echo=lambda line: None)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if remaining(study) or running:
+        echo(f"retrain waits until every point has ended ({remaining(study)} queued, {len(running)} running); "
+             "run this sweep with --retrain again then")
+        return
+    choices = choose(load_runs([out / "runs"], warn=lambda line: None))
+    configs = [replace(sweep.points()[0], optimizer=c.optimizer, batch_size=c.batch_size, lr=c.lr, wd=c.wd, seed=s,
+                       val_size=0) for c in choices.values() for s in sweep.seeds]
+    for k, config in enumerate(configs, 1):
+        echo(f"[retrain {k} of {len(configs)}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, "
+             f"seed {config.seed}, on all {len(train)} training images")
+        run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars, folder="retrained")

@@ -125,22 +125,26 @@ def reach_cell(choice: Choice, target: float) -> str:
     return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(reached)})"
 
 
-def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], target: float, title: str) -> str:
+def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], target: float, title: str,
+                     retrained_runs: list[Run] | None = None) -> str:
     lines = [
         f"## {title}",
         "",
         "Per optimizer and batch size: the learning rate (and weight decay) with the best mean final validation "
         "accuracy over seeds (a diverged seed counts 0), then the test accuracy of that choice, mean ± std over "
-        f"seeds, and the median samples and seconds to {100 * target:g}% validation accuracy (seeds that got there).",
+        f"seeds (and, with `sweep --retrain`, of that setting trained again on all the training images), and the "
+        f"median samples and seconds to {100 * target:g}% validation accuracy (seeds that got there).",
         "",
-        "| optimizer | batch | chosen lr | wd | validation | test | diverged | to target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| optimizer | batch | chosen lr | wd | validation | test | retrained on all | diverged | to target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    retrained = settings(retrained_runs or [])
     for optimizer in in_registry_order({o for o, _ in choices}):
         for batch_size in sorted(b for o, b in choices if o == optimizer):
             c = choices[(optimizer, batch_size)]
+            again = stat([test_accuracy(r) for r in retrained.get((optimizer, batch_size, c.lr, c.wd), [])])
             lines.append(f"| {label(optimizer)} | {batch_size} | {c.lr:g} | {c.wd:g} | {cell(c.val)} | {cell(c.test)} "
-                         f"| {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
+                         f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
     unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
     lines += ["", f"{len(runs)} runs, {unfinished} not ended."]
     return "\n".join(lines) + "\n"
@@ -198,7 +202,8 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print) -> str
     title = f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''}, validation {runs[0].config['val_size']} images"
     choices = choose(runs)
     write_atomic(out / "results.csv", csv_text(runs, target).encode())
-    text = results_markdown(choices, runs, target, title)
+    retrained = load_runs([out / "retrained"], warn=lambda line: None) if (out / "retrained").is_dir() else []
+    text = results_markdown(choices, runs, target, title, retrained)
     figures = []
     if choices:
         figures.append(lr_figure(lr_series(runs), out / "lr.png", f"Validation accuracy against learning rate\n{title}"))

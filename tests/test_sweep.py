@@ -1,0 +1,191 @@
+"""Sweeps through Optuna on small synthetic MNIST files: every point once,
+never again after it ended, resumed after a stop, split between workers; the
+learning rate chosen by validation, never by the test set."""
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from mnist_files import TRAIN_SIZE
+from stops import StopAtCheck
+
+import cli
+from experiments import sweep as sweeps
+from experiments import tuning
+from experiments.config import RunConfig
+from experiments.data import hold_out, load_train_and_test
+from experiments.errors import Interrupted
+from experiments.runs import Run, load_runs, read_records
+
+VAL = 100  # of the 300 synthetic training images
+GRID = ["--optimizers", "adamw,lamb16", "--lrs", "0.005,0.02", "--batch-sizes", "64", "--seeds", "1", "--epochs", "1",
+        "--val-size", str(VAL)]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
+
+
+def sweep_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["sweep", *GRID, "--data-dir", str(data_dir), "--no-download", "--out", str(out), *extra]
+
+
+def trained_epochs(out: Path) -> dict[str, int]:
+    """Per run directory, how many epochs its log records (a run trained twice would show more)."""
+    return {p.name: sum(r["kind"] == "test" for r in read_records(p / "metrics.jsonl")[0])
+            for p in sorted((out / "runs").iterdir())}
+
+
+def queued_trials(out: Path) -> list:
+    study = optuna.load_study(study_name=sweeps.STUDY_NAME, storage=sweeps.storage_url(out, None))
+    return [t for t in study.get_trials() if "run" in t.user_attrs]
+
+
+def test_sweep_runs_each_point_once_writes_reports_and_a_rerun_trains_nothing(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke(*sweep_args(data_dir, out))
+    assert result.exit_code == 0, result.output
+    assert trained_epochs(out) == {f"{o}_b64_lr{lr}_wd0.01_seed1": 1 for o in ("adamw", "lamb16")
+                                   for lr in ("0.005", "0.02")}
+    trials = queued_trials(out)
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    assert all(0 <= float(r["final_val_accuracy"]) <= 1 for r in rows)
+    assert (out / "lr.png").stat().st_size > 0 and (out / "batch.png").stat().st_size > 0
+    markdown = (out / "results.md").read_text()
+    assert "| AdamW | 64 |" in markdown and "| LAMB16 | 64 |" in markdown
+    for path in (out / "runs").iterdir():  # each trained on the training images less the validation ones
+        summary = json.loads((path / "summary.json").read_text())
+        assert summary["samples"] == TRAIN_SIZE - VAL and summary["final_val_accuracy"] is not None
+
+    again = invoke(*sweep_args(data_dir, out))
+    assert again.exit_code == 0, again.output
+    assert "epoch  1/1" not in again.output  # nothing trained
+    assert trained_epochs(out) == {name: 1 for name in trained_epochs(out)}
+    assert len(queued_trials(out)) == 4
+
+
+def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path):
+    """Stopped inside its third point, the sweep queues that point again; run
+    again, it trains the two it had not finished (the stopped one resumed from
+    its run directory) and not the two it had."""
+    out = tmp_path / "sweep"
+    sweep = sweeps.Sweep(optimizers=("adamw", "lamb16"), lrs=(0.005, 0.02), batch_sizes=(64,), epochs=2,
+                         val_size=VAL)
+    train, test = load_train_and_test(data_dir, torch.device("cpu"))
+    sweeps.open_study(sweep, out, None, echo=lambda line: None)
+    batches = -(-(TRAIN_SIZE - VAL) // 64) * 2  # per point
+    with pytest.raises(Interrupted):
+        sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None,
+                    stop=StopAtCheck(2 * batches + batches // 2 + 1))
+    statuses = {p.name: json.loads((p / "summary.json").read_text())["status"] for p in (out / "runs").iterdir()}
+    assert sorted(statuses.values()) == ["completed", "completed", "interrupted"]
+    stopped = next(name for name, status in statuses.items() if status == "interrupted")
+
+    taken = sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None)
+    assert len(taken) == 2 and stopped in taken
+    assert all(s == 2 for s in trained_epochs(out).values())
+    kinds = [r["kind"] for r in read_records(out / "runs" / stopped / "metrics.jsonl")[0]]
+    assert kinds.count("resumed") == 1
+    assert sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None) == []
+
+
+def test_two_workers_split_the_grid_and_never_run_a_point_twice(data_dir, tmp_path, capfd):
+    out = tmp_path / "sweep"
+    args = sweep_args(data_dir, out, "--workers", "2")
+    args[args.index("--lrs") + 1] = "0.001,0.003,0.01"  # 6 points
+    result = invoke(*args)
+    printed = capfd.readouterr().out  # the worker processes print to the terminal
+    assert result.exit_code == 0, result.output
+    assert "[worker 1]" in printed and "[worker 2]" in printed  # both took points
+    assert trained_epochs(out) == {name: 1 for name in trained_epochs(out)} and len(trained_epochs(out)) == 6
+    trials = queued_trials(out)
+    assert len(trials) == 6 and len({t.user_attrs["run"] for t in trials}) == 6
+    runs_by_worker = [line for line in printed.splitlines() if line.startswith("[worker")]
+    assert len(runs_by_worker) == 6  # each point announced once, by the worker that ran it
+
+
+def test_a_second_sweep_with_another_grid_on_the_same_folder_is_refused(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    assert invoke(*sweep_args(data_dir, out)).exit_code == 0
+    args = sweep_args(data_dir, out)
+    args[args.index("--lrs") + 1] = "0.1"
+    result = invoke(*args)
+    assert result.exit_code == 1 and "holds another sweep" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--lrs", "fast", "invalid --lrs 'fast'"),
+    ("--batch-sizes", "0", "invalid --batch-sizes '0'"),
+    ("--val-size", "300", "--val-size 300 must leave training images"),
+    ("--optimizers", "adam,nope", "unknown nope"),
+])
+def test_bad_sweep_options_are_one_line_errors(data_dir, tmp_path, option, value, fragment):
+    args = sweep_args(data_dir, tmp_path / "sweep")
+    args[args.index(option) + 1] = value
+    result = invoke(*args)
+    assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "sweep" / "sweep.db").exists()  # nothing queued
+
+
+def test_report_of_a_folder_without_a_sweep_is_a_one_line_error(tmp_path):
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 1 and "holds no sweep runs" in result.output
+
+
+def test_validation_split_is_the_last_images_the_same_for_every_run(data_dir):
+    train, _ = load_train_and_test(data_dir, torch.device("cpu"))
+    kept, val = hold_out(train, VAL)
+    assert len(kept) == TRAIN_SIZE - VAL and len(val) == VAL
+    assert torch.equal(val.images, train.images[-VAL:]) and torch.equal(kept.labels, train.labels[:-VAL])
+
+
+def fake_run(optimizer: str, lr: float, seed: int, val: float | None, test: float, status: str = "completed") -> Run:
+    config = RunConfig(optimizer=optimizer, lr=lr, seed=seed, batch_size=128, val_size=VAL).to_dict()
+    summary = dict(status=status, final_val_accuracy=val, final_test_accuracy=test)
+    return Run(path=Path(f"{optimizer}_{lr}_{seed}"), config=config, summary=summary,
+               test=[dict(epoch=1, samples=1000, val_accuracy=val or 0.0, test_accuracy=test, wall_time=2.0)])
+
+
+def test_the_learning_rate_is_chosen_by_validation_never_by_test():
+    """lr 0.01 validates better, lr 0.02 tests better: 0.01 is chosen and its
+    test accuracy reported; a diverged seed counts 0 for its setting."""
+    runs = [fake_run("lamb16", 0.01, s, 0.95, 0.90) for s in (1, 2)]
+    runs += [fake_run("lamb16", 0.02, s, 0.90, 0.99) for s in (1, 2)]
+    runs += [fake_run("lamb16", 0.05, 1, 0.99, 0.99), fake_run("lamb16", 0.05, 2, None, 0.1, "diverged")]
+    (choice,) = tuning.choose(runs).values()
+    assert choice.lr == 0.01 and choice.test.mean == pytest.approx(0.90) and choice.test.n == 2
+    assert choice.val.mean == pytest.approx(0.95)
+    assert tuning.reach_cell(choice, 0.94) == "1k samples, 2 s (2/2)"
+    assert tuning.reach_cell(choice, 0.99).startswith("not reached (0/2)")
+
+
+def test_retrain_trains_each_chosen_setting_on_all_training_images(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke(*sweep_args(data_dir, out, "--retrain"))
+    assert result.exit_code == 0, result.output
+    retrained = sorted((out / "retrained").iterdir())
+    assert len(retrained) == 2  # one chosen setting per optimizer (one batch size, one seed)
+    choices = tuning.choose(load_runs([out / "runs"]))
+    for path in retrained:
+        config = json.loads((path / "config.json").read_text())
+        choice = choices[(config["optimizer"], 64)]
+        assert config["val_size"] == 0 and config["lr"] == choice.lr
+        assert json.loads((path / "summary.json").read_text())["samples"] == TRAIN_SIZE
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| LAMB16 | 64 |")]
+    assert len(rows) == 1 and rows[0].split("|")[7].strip() != "-"  # the retrained test accuracy
+
+
+def test_retrain_waits_for_points_still_queued(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    sweep = sweeps.Sweep(optimizers=("lamb16",), lrs=(0.01,), batch_sizes=(64,), epochs=1, val_size=VAL)
+    sweeps.open_study(sweep, out, None, echo=lambda line: None)
+    train, test = load_train_and_test(data_dir, torch.device("cpu"))
+    lines = []
+    sweeps.retrain(sweep, out, None, data_dir, train, test, echo=lines.append)
+    assert "retrain waits until every point has ended (1 queued" in lines[0] and not (out / "retrained").exists()
