@@ -57,7 +57,7 @@ class Sweep:
 
     def points(self) -> list[RunConfig]:
         """Seed-major, so that a sweep cut short has whole grids of its first seeds;
-        within a seed, the largest batches (the quickest runs) first."""
+        within a seed, the largest batches (the regime LAMB is for) first."""
         grid = itertools.product(self.seeds, sorted(self.batch_sizes, reverse=True), self.optimizers, self.lrs,
                                  self.wds)
         return [RunConfig(optimizer=o, batch_size=b, lr=lr, wd=wd, seed=s, epochs=self.epochs,

@@ -20,6 +20,7 @@ from plots import Band, Series, batch_figure, lr_figure
 
 from . import registry
 from .aggregate import Stat, cell, stat
+from .errors import UserError
 from .runs import Run, load_runs, write_atomic
 
 Echo = Callable[[str], None]
@@ -196,7 +197,8 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print) -> str
     """results.csv, results.md, lr.png and batch.png of the runs under out/runs; returns the table."""
     runs = [r for r in load_runs([out / "runs"], warn=lambda line: None) if "val_size" in r.config]
     if not runs:
-        raise_no_runs(out)
+        raise UserError(f"{out} holds no sweep runs (no {out / 'runs'} with run directories); give the --out of a "
+                        "sweep")
     seeds = len({r.config["seed"] for r in runs})
     epochs = max(r.config["epochs"] for r in runs)
     title = f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''}, validation {runs[0].config['val_size']} images"
@@ -212,9 +214,3 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print) -> str
     text += "".join(f"\n![{f.stem}]({f.name})\n" for f in figures)
     write_atomic(out / "results.md", text.encode())
     return text
-
-
-def raise_no_runs(out: Path) -> None:
-    from .errors import UserError
-
-    raise UserError(f"{out} holds no sweep runs (no {out / 'runs'} with run directories); give the --out of a sweep")
