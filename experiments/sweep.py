@@ -16,16 +16,22 @@ accuracy (training images held out, the same for every run), never by the
 test set; the report gives the test accuracy of that choice.
 """
 
+import contextlib
 import itertools
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl  # POSIX: a dead worker's point is found at once; elsewhere by heartbeat alone
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
 
 from . import registry
 from .config import DEFAULTS, RunConfig, parse_numbers, parse_seeds
@@ -165,10 +171,59 @@ def describe(sweep: Sweep) -> str:
             f"{','.join(map(str, sweep.seeds))}, {sweep.epochs} epochs, val size {sweep.val_size}")
 
 
-def remaining(study) -> int:
+def lock_path(out: Path, name: str, trial_number: int) -> Path:
+    """The file a worker holds locked while it runs a trial's point: the
+    operating system lets go of it when the worker dies, however it dies."""
+    return out / ".running" / f"{name}.{trial_number}"
+
+
+@contextlib.contextmanager
+def holding(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def abandoned(path: Path) -> bool:
+    """Whether a point's lock file is there but nobody holds it: its worker died."""
+    if fcntl is None or not path.exists():
+        return False
+    try:
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except (BlockingIOError, FileNotFoundError):
+        return False
+
+
+def requeue_abandoned(study, out: Path) -> None:
+    """Points whose worker died on this machine (its lock let go) are queued
+    again at once, without waiting for the heartbeat's grace period. Of several
+    workers that notice, the one whose FAIL the storage takes queues it."""
+    import optuna
+
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name = trial.user_attrs.get("run")
+        if name is None or not abandoned(lock_path(out, name, trial.number)):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another worker got there first
+            continue
+        lock_path(out, name, trial.number).unlink(missing_ok=True)
+        study.enqueue_trial(trial.params, user_attrs={"run": name})
+
+
+def remaining(study, out: Path) -> int:
     """Points still queued (after queueing again those whose worker died)."""
     import optuna
 
+    requeue_abandoned(study, out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since Optuna 2.9
         optuna.storages.fail_stale_trials(study)
@@ -196,7 +251,7 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
 
     study = open_study(sweep, out, storage, echo=lambda line: None)
     taken: list[str] = []
-    while remaining(study):
+    while remaining(study, out):
         current: dict[str, Any] = {}
 
         def objective(trial) -> float:
@@ -207,8 +262,9 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             current.update(params=params, name=name)
             config = replace(sweep.points()[0], **params)
             echo(f"[{worker}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, wd {config.wd:g}, "
-                 f"seed {config.seed} ({remaining(study)} more queued)")
-            summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars)
+                 f"seed {config.seed} ({remaining(study, out)} more queued)")
+            with holding(lock_path(out, name, trial.number)):
+                summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars)
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("final_test_accuracy", summary.get("final_test_accuracy"))
             # A diverged run scores 0: a learning rate that diverges on some seed is a poor choice.
@@ -308,8 +364,8 @@ def retrain(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train:
 
     study = open_study(sweep, out, storage, echo=lambda line: None)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    if remaining(study) or running:
-        echo(f"retrain waits until every point has ended ({remaining(study)} queued, {len(running)} running); "
+    if remaining(study, out) or running:
+        echo(f"retrain waits until every point has ended ({remaining(study, out)} queued, {len(running)} running); "
              "run this sweep with --retrain again then")
         return
     choices = choose(load_runs([out / "runs"], warn=lambda line: None))

@@ -189,3 +189,42 @@ def test_retrain_waits_for_points_still_queued(data_dir, tmp_path):
     lines = []
     sweeps.retrain(sweep, out, None, data_dir, train, test, echo=lines.append)
     assert "retrain waits until every point has ended (1 queued" in lines[0] and not (out / "retrained").exists()
+
+
+def test_a_sweep_killed_halfway_finishes_the_rest_when_started_again(data_dir, tmp_path):
+    """SIGKILL (no chance to clean up) in the middle of a point: started again,
+    the sweep takes that point up at once (its worker's lock is gone), resumes
+    it from its run directory, and trains no point that had ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = sweep_args(data_dir, out)
+    args[args.index("--epochs") + 1] = "3"
+    args[args.index("--batch-sizes") + 1] = "16"  # slow enough to be caught in the middle
+    command = [sys.executable, str(Path(cli.__file__)), *args]
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the second point has a finished epoch
+        done = [p for p in (out / "runs").glob("*/checkpoint.pt")] if (out / "runs").is_dir() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    ended = {p.parent.name for p in (out / "runs").glob("*/summary.json")}
+    assert len(ended) < 4  # it was killed with work left
+
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    epochs = trained_epochs(out)
+    assert len(epochs) == 4 and all(n == 3 for n in epochs.values())  # no point trained past its epochs
+    resumed = {name: [r["kind"] for r in read_records(out / "runs" / name / "metrics.jsonl")[0]].count("resumed")
+               for name in epochs}
+    assert all(resumed[name] == 0 for name in ended)  # the points that had ended were not touched again
+    assert sorted(resumed.values())[-1] == 1  # the killed point resumed from its checkpoint
+    trials = queued_trials(out)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
