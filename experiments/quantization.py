@@ -1,12 +1,15 @@
 """The scaling study: how well each fp8 scaling of LAMB16 keeps the moments of
-real MNIST CNN gradients (`python cli.py scaling`)."""
+real MNIST CNN gradients, and how far each LAMB16 step's trajectory strays
+from the same step with float32 state (`python cli.py scaling`)."""
 
+import math
 import statistics
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
-from lamb16.lamb16 import new_moments
+from lamb16.lamb16 import adam_direction, clamped_square_sum, lamb16_trust_ratio, new_moments, weight_norm_of
 from lamb16.quantize import E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, dequantize, store_absmax, store_seed
 
 from . import registry
@@ -103,3 +106,66 @@ def markdown(rows: list[dict]) -> str:
             f"{100 * r['flushed_m']:.2f}% | {100 * r['flushed_v']:.2f}% |"
         )
     return "\n".join(lines)
+
+
+class Float32StateLamb16(Optimizer):
+    """LAMB16's exact step with its moments kept in float32: what the fp8 state
+    and the single pass depart from. For the deviation study only."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
+                 trust_scale: float = 0.382) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, trust_scale=trust_scale))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = state["m"], state["v"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = adam_direction(m, v, p, group["eps"], group["weight_decay"])
+                update_norm = clamped_square_sum(update, group["eps"]).sqrt() / p.numel()
+                trust = lamb16_trust_ratio(weight_norm_of(p, group["eps"]), update_norm, group["lr"],
+                                           group["trust_scale"])
+                p.sub_(update * (trust * group["lr"]))
+
+
+def trajectory_deviation(
+    train_data: Split, steps: int, batch_size: int, lr: float, seed: int, optimizers: tuple[str, ...],
+    weight_decay: float = 0.01,
+) -> dict[str, float]:
+    """How far each optimizer's weights end from those of LAMB16 with float32
+    state, relative to the distance that one travelled: ||w - w32|| / ||w32 - w0||
+    over all the CNN's weights after `steps` steps.
+
+    Open loop: the float32-state LAMB16 trains the CNN on MNIST batches, and
+    each optimizer, from the same initial weights, takes the very gradients it
+    was given, so that the deviation measures the steps alone, not where
+    different weights would have led the gradients."""
+    device = train_data.images.device
+    torch.manual_seed(seed)
+    model = make_model(device)
+    start = [p.detach().clone() for p in model.parameters()]
+    reference = Float32StateLamb16(model.parameters(), lr=lr, weight_decay=weight_decay)
+    followers = {}
+    for name in optimizers:
+        params = [nn.Parameter(p.clone()) for p in start]
+        followers[name] = (params, registry.build(name, params, lr=lr, weight_decay=weight_decay))
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed)).to(device)
+    for step in range(steps):
+        index = order[step * batch_size % len(train_data):][:batch_size]
+        train_step(model, reference, train_data.images[index], train_data.labels[index])
+        for params, optimizer in followers.values():
+            for p, q in zip(params, model.parameters()):
+                p.grad = q.grad.clone()
+            optimizer.step()
+    weights = [p.detach() for p in model.parameters()]
+    travelled = math.sqrt(sum(float((p - w0).square().sum()) for p, w0 in zip(weights, start)))
+    return {
+        name: math.sqrt(sum(float((p.detach() - q).square().sum()) for p, q in zip(params, weights))) / travelled
+        for name, (params, _) in followers.items()
+    }

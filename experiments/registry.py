@@ -76,6 +76,10 @@ def _lamb16_seed(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="seed", **options)
 
 
+def _lamb16_single_pass(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, single_pass=True, **options)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -86,6 +90,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("lamb16", "LAMB16", _lamb16, "tab:blue", "-", "o", 2.0, options=("trust_scale",)),
         OptimizerSpec(
             "lamb16-seed", "LAMB16, seed scaling", _lamb16_seed, "tab:cyan", ":", "x", 2.0, options=("trust_scale",)
+        ),
+        OptimizerSpec(
+            "lamb16-1pass", "LAMB16, single pass", _lamb16_single_pass, "navy", (0, (6, 2)), "d", 2.0,
+            options=("trust_scale",),
         ),
         # torchao keeps tensors under 4096 elements in float32; blocks of 256
         # (8-bit, fp8) or 128 (4-bit) elements share a float32 scale per moment.

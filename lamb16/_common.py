@@ -153,6 +153,10 @@ def is_dense(t: Tensor) -> bool:
     return False
 
 
+# Every update's first inputs: the per-element tensors (weights, gradient, the two moments).
+ELEMENTWISE = 4
+
+
 def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     """Whether an update's tensors can be walked as flat arrays: the parameter is
     dense in one memory layout (plain or channels-last) and every other
@@ -177,8 +181,9 @@ def update_eagerly(update: Callable[[], None]) -> None:
     update()
 
 
-# Group options added after state_dicts were first saved: an older one may lack them.
-LATER_GROUP_KEYS = frozenset({"max_weight_norm"})
+# Group options and state added after state_dicts were first saved: an older one may lack them.
+LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass"})
+LATER_STATE_KEYS = frozenset({"carry"})
 
 
 def saved_by(group: dict[str, Any]) -> str:
@@ -202,11 +207,13 @@ class CheckedOptimizer(Optimizer):
     state_dict of its own kind.
 
     Subclasses say what their state holds: per-element tensors and their dtypes
-    (`element_state`), and 0-dim tensors (`scalar_state`).
+    (`element_state`), 0-dim tensors (`scalar_state`) and 1-dim ones of a fixed
+    length (`vector_state`).
     """
 
     element_state: dict[str, torch.dtype] = {}
     scalar_state: tuple[str, ...] = ()
+    vector_state: dict[str, int] = {}
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
@@ -234,6 +241,11 @@ class CheckedOptimizer(Optimizer):
         for key in self.scalar_state:
             if not isinstance(state.get(key), Tensor) or state[key].dim() != 0:
                 raise ValueError(f"{name}: state {key!r} is missing or not a 0-dim tensor; start from a fresh optimizer")
+        for key, length in self.vector_state.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor) or value.shape != (length,) or value.dtype != torch.float32:
+                raise ValueError(f"{name}: state {key!r} is missing or not a float32 tensor of {length} elements; "
+                                 "start from a fresh optimizer")
 
     def params_to_step(self) -> list[list[Tensor]]:
         """Per group, its parameters that have a gradient (and elements), every
@@ -261,9 +273,9 @@ class CheckedOptimizer(Optimizer):
                     f"Invalid state_dict for {name}: it was saved by {saved_by(group)} (its parameter groups lack "
                     f"{', '.join(sorted(missing))}); load it into the kind of optimizer that saved it"
                 )
-        expected = set(self.element_state) | set(self.scalar_state)
+        expected = set(self.element_state) | set(self.scalar_state) | set(self.vector_state)
         for state in state_dict.get("state", {}).values():
-            if set(state) != expected:
+            if not expected - LATER_STATE_KEYS <= set(state) <= expected:
                 raise ValueError(
                     f"Invalid state_dict for {name}: its state holds {', '.join(sorted(state))}, not "
                     f"{', '.join(sorted(expected))}; load it into the kind of optimizer that saved it"

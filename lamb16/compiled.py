@@ -1,15 +1,21 @@
-"""The fast path off the CPU: the reference per-tensor updates, compiled once by torch.compile.
+"""The fast path off the CPU: the reference updates, compiled by torch.compile.
 
-Each update runs on flat (1-D) aliases with dynamic shapes and with its
-hyperparameters as 0-dim tensors, so one compiled graph serves every tensor,
-every step and every learning rate (Inductor makes one for tensors of up to
-4096 elements and one for larger). With aggressive fusion, Inductor turns the
-reference's two passes into exactly two loops over memory (Triton kernels on CUDA,
-C++ on the CPU): one for all the reductions, one for all the writes. Where it
-cannot compile (no C compiler, an unsupported device), the optimizer falls back
-to the reference with one warning.
+A parameter group's updates run as one compiled call (`run_group`): one graph
+holds every tensor of the group, with static shapes (a model's shapes do not
+change), so a step costs the host one call per group, not one per tensor. The
+tensors go in as flat (1-D) aliases, so that tensors of equal size share
+Inductor's kernels, and the hyperparameters as 0-dim tensors, so that a new
+learning rate is a new input, not a new graph. With aggressive fusion,
+Inductor turns each tensor's reference into its passes over memory (Triton
+kernels on CUDA, C++ on the CPU).
+
+`run_compiled` compiles one tensor's update at a time, with dynamic shapes (one
+graph for every tensor): the sharded step's passes take it. Where it cannot
+compile (no C compiler, an unsupported device), the optimizer falls back to the
+reference with one warning.
 """
 
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,18 +23,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import same_dense_layout
+from ._common import ELEMENTWISE, Job, same_dense_layout
 
 _compiled: dict[Callable, Callable] = {}
+_groups: dict[tuple, Callable] = {}  # a compiled group step per update, options and group of tensors
 _unavailable: str | None = None  # why compilation failed, once it has
 _scalars: dict[tuple[float, torch.device], Tensor] = {}  # hyperparameters as graph inputs
+MAX_GROUP_GRAPHS = 64  # past this many groups met in one process, older graphs are dropped
+
+
+def laid_out_alike(tensors: tuple[Tensor, ...]) -> bool:
+    """The per-element tensors walk as flat arrays alike, and the rest live on their device."""
+    device = tensors[0].device
+    return same_dense_layout(tensors[:ELEMENTWISE]) and all(t.device == device for t in tensors[ELEMENTWISE:])
 
 
 def can_compile(tensors: tuple[Tensor, ...]) -> bool:
-    """Whether an update's tensors can go through the compiled path: laid out as
-    flat arrays alike, and the parameter has more than one element
-    (torch.compile specializes sizes 0 and 1)."""
-    return _unavailable is None and tensors[0].numel() > 1 and same_dense_layout(tensors)
+    """Whether one update can go through the per-tensor compiled path: laid out
+    alike, and the parameter has more than one element (with dynamic shapes,
+    torch.compile specializes sizes 0 and 1)."""
+    return _unavailable is None and tensors[0].numel() > 1 and laid_out_alike(tensors)
 
 
 def as_input(value: Any, like: Tensor) -> Any:
@@ -53,10 +67,21 @@ def flat_alias(t: Tensor) -> Tensor:
     return alias.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
+def fall_back(error: Exception) -> None:
+    """Compilation failed: warn once; from now on the reference runs eagerly."""
+    global _unavailable
+    _unavailable = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    warnings.warn(
+        f"lamb16: compiling the fused step failed ({_unavailable}); using the reference "
+        "implementation (pass fused=False to silence this)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: Any) -> Any:
     """Call `update` compiled, on flat aliases of its tensor arguments; `hyper`
     holds numbers (made 0-dim tensors) and static options (strings and bools)."""
-    global _unavailable
     if _unavailable is not None:  # already warned
         return update(*reference_args, **hyper)
     flat = tuple(flat_alias(t) for t in reference_args)
@@ -70,14 +95,58 @@ def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: 
     try:
         return compiled(*flat, **kwargs)
     except Exception as error:  # a compiler or device that torch.compile cannot use
-        _unavailable = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        warnings.warn(
-            f"lamb16: compiling the fused step failed ({_unavailable}); using the reference "
-            "implementation (pass fused=False to silence this)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        fall_back(error)
         return update(*reference_args, **hyper)
+
+
+def group_step(update: Callable, inputs: list[tuple], extras: list[dict], hyper: dict[str, Any]) -> list:
+    """Every job of a group through its update (which writes the weights and
+    moments in place), in one graph; the results come back for the caller to
+    copy into their state tensors. Copying them inside the graph would be one
+    launch fewer, but Inductor (torch 2.14) then fuses some copies after the
+    writes they must precede: a result read from the carry came back as the new
+    carry's value."""
+    return [update(*job_inputs, **hyper, **extra) for job_inputs, extra in zip(inputs, extras)]
+
+
+def compiled_group_step(key: tuple) -> Callable:
+    """The compiled group step for `key`, compiled from a code object of its own:
+    Dynamo keeps its graphs, and its limit on recompilations, per code object,
+    so two groups (or two models in one process) never evict each other's."""
+    compiled = _groups.get(key)
+    if compiled is None:
+        if len(_groups) >= MAX_GROUP_GRAPHS:
+            _groups.clear()
+        step = types.FunctionType(group_step.__code__.replace(), group_step.__globals__, "group_step")
+        compiled = _groups[key] = torch.compile(
+            step, dynamic=False, fullgraph=True, options={"aggressive_fusion": True}
+        )
+    return compiled
+
+
+def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
+    """All of a group's `jobs` through `update` in one compiled call, and their
+    results into the jobs' output tensors in one more; `hyper` as for
+    run_compiled, and each job's extra keyword arguments (Lamb's step count)
+    inputs as well."""
+    results = None
+    if _unavailable is None:
+        statics = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, (str, bool))))
+        compiled = compiled_group_step((update, statics, tuple(id(inputs[0]) for inputs, _, _ in jobs)))
+        like = jobs[0][0][0]
+        try:
+            results = compiled(
+                update,
+                [tuple(flat_alias(t) for t in inputs) for inputs, _, _ in jobs],
+                [{k: as_input(v, like) for k, v in extra.items()} for _, _, extra in jobs],
+                {k: as_input(v, like) for k, v in hyper.items()},
+            )
+        except Exception as error:  # a compiler or device that torch.compile cannot use
+            fall_back(error)
+    if results is None:
+        results = [update(*inputs, **hyper, **extra) for inputs, _, extra in jobs]
+    outputs = [output for _, job_outputs, _ in jobs for output in job_outputs]
+    torch._foreach_copy_(outputs, [result for job_results in results for result in job_results])
 
 
 def compiles_on(device: torch.device) -> bool:
@@ -86,6 +155,12 @@ def compiles_on(device: torch.device) -> bool:
 
 
 def usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
-    """Whether this update runs compiled: fused not False, off the CPU, and
-    tensors the compiled graphs take."""
+    """Whether one update runs compiled on its own: fused not False, off the
+    CPU, and tensors the per-tensor graphs take."""
     return fused is not False and compiles_on(tensors[0].device) and can_compile(tensors)
+
+
+def group_usable(tensors: tuple[Tensor, ...], fused: bool | None) -> bool:
+    """Whether an update joins its group's compiled call: fused not False, off
+    the CPU, and tensors laid out alike (any size, shapes being static)."""
+    return fused is not False and _unavailable is None and compiles_on(tensors[0].device) and laid_out_alike(tensors)

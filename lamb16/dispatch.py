@@ -19,16 +19,20 @@ def run_updates(
     update: Callable, native_updates: Callable, jobs: list[Job], fused: bool | None, **hyper: Any
 ) -> None:
     """Run a parameter group's updates: all those the CPU kernels can take in one
-    call to `native_updates`; each other one through `update`, the reference
-    (compiled off the CPU), its results copied into the job's state tensors."""
-    on_native = []
+    call to `native_updates`; all those off the CPU in one compiled call of
+    `update`, the reference; each other one through the reference eagerly, its
+    results copied into the job's state tensors."""
+    on_native, on_compiled = [], []
     for job in jobs:
         inputs, outputs, extra = job
         if native.usable(job, fused):
             on_native.append(job)
-            continue
-        results = run_reference(update, inputs, fused, **hyper, **extra)
-        for output, result in zip(outputs, results):
-            output.copy_(result)
+        elif compiled.group_usable(inputs, fused):
+            on_compiled.append(job)
+        else:
+            for output, result in zip(outputs, update(*inputs, **hyper, **extra)):
+                output.copy_(result)
     if on_native:
         native_updates(on_native, **hyper)
+    if on_compiled:
+        compiled.run_group(update, on_compiled, **hyper)

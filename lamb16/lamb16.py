@@ -20,7 +20,10 @@ from ._common import (
 from .dispatch import run_updates
 from .quantize import (
     E4M3,
+    E4M3_MAX,
     E5M2,
+    E5M2_MAX,
+    E5M2_SMALLEST,
     SCALINGS,
     absmax_scales_from_maxima,
     dequantize,
@@ -157,6 +160,90 @@ def lamb16_update(
     return results
 
 
+# ------------------------------------------------------------ single pass
+#
+# What a single-pass step carries over to the next, per tensor (state["carry"]):
+# the norm of the weights as it wrote them; per moment, the statistic the next
+# step's scale starts from (absmax: the largest |m| and v as stored; seed: the
+# scales computed from this step's moments); and 1 where the tensor's last step
+# wrote them, 0 where it was an exact step, which writes none.
+CARRY = ("weight_norm", "m_stat", "v_stat", "written")
+
+
+def gradient_absmax(grad: Tensor) -> Tensor:
+    """The largest |g| the step will use (non-finite elements count as 0)."""
+    return usable_gradient(grad).abs().amax()
+
+
+def stats_after_exact_step(exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor, scaling: str) -> tuple[Tensor, Tensor]:
+    """The carry's moment statistics where an exact step (which writes none)
+    stored the moments: exactly these. Its largest absmax moments sit at the
+    top of the fp8 range, and seed moments are stored with their own seed scales."""
+    if scaling == "seed":
+        return exp_avg_scale.clone(), exp_avg_sq_scale.clone()
+    return exp_avg_scale * E4M3_MAX, exp_avg_sq_scale * E5M2_MAX
+
+
+def single_pass_scales(
+    m_stat: Tensor, v_stat: Tensor, grad_absmax: Tensor, *, beta1: Number, beta2: Number, scaling: str
+) -> tuple[Tensor, Tensor]:
+    """The scales a single-pass step stores its moments with, known before it
+    reads them. absmax: from exact bounds, |m| <= b1 max|m_old| + (1 - b1) max|g|
+    and v <= b2 max v_old + (1 - b2) max g*g (written in the order new_moments()
+    computes, so that rounding keeps them bounds), so nothing saturates; seed:
+    the scales the last step computed from its moments."""
+    if scaling == "seed":
+        return m_stat, v_stat
+    m_bound = m_stat * beta1 + grad_absmax * (1 - beta1)
+    v_bound = v_stat * beta2 + grad_absmax * grad_absmax * (1 - beta2)
+    return absmax_scales_from_maxima(m_bound, v_bound)
+
+
+def next_stats(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, eps: Number, scaling: str) -> tuple[Tensor, Tensor]:
+    """What the next single-pass step's scales start from. absmax: the largest
+    |m| and v as write_absmax() stores them (fp8 rounding is monotonic, so the
+    largest code is the largest value's); seed: this step's moments' seed scales."""
+    if scaling == "seed":
+        return seed_scales_from_sums(*seed_sums(m, v), m.numel(), eps)
+    m_top = dequantize((m.abs().amax() * (1 / m_scale)).to(E4M3), m_scale)
+    v_top = dequantize((v.amax() * (1 / v_scale)).clamp(min=E5M2_SMALLEST).to(E5M2), v_scale)
+    return m_top, v_top
+
+
+def weight_norm_of(param: Tensor, eps: Number) -> Tensor:
+    return clamped_square_sum(param, eps).sqrt() / param.numel()
+
+
+def lamb16_single_pass_update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    carry: Tensor, adam_norm: Tensor,
+    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One single-pass LAMB16 step on one tensor, the reference: everything it
+    needs before writing comes from the carry, the last step's update norm
+    (`adam_norm`) and the gradient's absmax, so the weights, gradient and codes
+    are read once. Its trust ratio takes the last step's update norm in place of
+    this one's; the weight norm is exact (that of the weights the last step
+    wrote, which the caller recomputes where anything else changed them).
+
+    Returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio,
+    carry) as they are after the step.
+    """
+    m_scale, v_scale = single_pass_scales(carry[1], carry[2], gradient_absmax(grad), beta1=beta1, beta2=beta2,
+                                          scaling=scaling)
+    weight_norm = carry[0]
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    write = write_seed if scaling == "seed" else write_absmax
+    write(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
+    param.sub_(update * (trust * lr))
+    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
+    new_carry = torch.stack([weight_norm_of(param, eps), *next_stats(m, v, m_scale, v_scale, eps, scaling),
+                             torch.ones_like(weight_norm)])
+    return m_scale, v_scale, weight_norm, new_adam_norm, trust, new_carry
+
+
 def lamb16_sharded_steps(
     jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, trust_scale: float, scaling: str,
@@ -195,11 +282,25 @@ class Lamb16(CheckedOptimizer):
         of the fp8 range, so the stored moments stay within fp8's resolution;
         "seed" is the original proof-of-concept's arithmetic, which saturates
         the first moment of large tensors (kept to reproduce its figures).
-    fused: None (default) or True runs the update fused into two passes over
-        memory: on the CPU, C++ kernels built once per machine (lamb16.native);
-        elsewhere, the reference compiled by torch.compile (lamb16.compiled). It
-        falls back to the reference with one warning where it cannot build or
-        compile; False always runs the eager reference.
+    single_pass: False (default) takes the exact step, in two passes over
+        memory: its trust ratio and new scales are reductions over the whole
+        tensor, known only after reading it. True reads the weights, gradient
+        and codes once (plus the gradient's absmax), which differs from the exact
+        step in two ways: the trust ratio takes the last step's update norm in
+        place of this step's (the weight norm stays exact), and the scales come
+        before the moments: absmax ones from exact bounds on this step's largest
+        |m| and v (so nothing saturates, but the largest element may sit a little
+        below the top of the fp8 range), seed ones from the last step's moments.
+        A tensor's first step is exact. The weight norm is that of the weights
+        the last step wrote, recomputed whenever anything else changed them (the
+        parameter's version counter tells; a change through `.data` escapes it:
+        call `refresh_weight_norms()` after one). DTensor parameters (FSDP2)
+        always take the exact step.
+    fused: None (default) or True runs the update fused: on the CPU, C++
+        kernels built once per machine (lamb16.native); elsewhere, the reference
+        compiled by torch.compile, one graph per parameter group
+        (lamb16.compiled). It falls back to the reference with one warning where
+        it cannot build or compile; False always runs the eager reference.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
     `trust_ratio` of that step as 0-dim tensors, for logging (updated in place, as
@@ -208,6 +309,7 @@ class Lamb16(CheckedOptimizer):
 
     element_state = {"exp_avg": E4M3, "exp_avg_sq": E5M2}
     scalar_state = ("exp_avg_scale", "exp_avg_sq_scale", "step", "weight_norm", "adam_norm", "trust_ratio")
+    vector_state = {"carry": len(CARRY)}
 
     def __init__(
         self,
@@ -218,6 +320,7 @@ class Lamb16(CheckedOptimizer):
         weight_decay: float = 0.0,
         trust_scale: float = 0.382,
         scaling: str = "absmax",
+        single_pass: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -227,6 +330,7 @@ class Lamb16(CheckedOptimizer):
             weight_decay=weight_decay,
             trust_scale=trust_scale,
             scaling=scaling,
+            single_pass=single_pass,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -237,42 +341,120 @@ class Lamb16(CheckedOptimizer):
             raise ValueError(f"Invalid trust_scale value: {group['trust_scale']} (must be >= 0)")
         if group["scaling"] not in SCALINGS:
             raise ValueError(f"Invalid scaling: {group['scaling']!r} (choose one of {', '.join(SCALINGS)})")
+        if not isinstance(group["single_pass"], bool):
+            raise ValueError(f"Invalid single_pass value: {group['single_pass']!r} (must be True or False)")
+
+    @property
+    def carried(self) -> dict[Tensor, int | None]:
+        """The parameters whose carry their last step wrote (its state["carry"][3]
+        is 1), each with its version counter right after (None: unknown, as after
+        load_state_dict). Kept here so that no step has to read the device."""
+        return self.__dict__.setdefault("_carried", {})
+
+    def refresh_weight_norms(self) -> None:
+        """Have the next single-pass step recompute every weight norm: needed only
+        after a change to the weights that their version counters miss (`.data`)."""
+        for param in self.carried:
+            self.carried[param] = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Optimizer.load_state_dict casts floating-point state to the parameter's
         # dtype, which would turn the fp8 moments into float32 (4x the memory).
         # fp8 -> float32 -> fp8 is exact, so casting back loses nothing.
         super().load_state_dict(state_dict)
-        for state in self.state.values():
+        self.carried.clear()
+        for group in self.param_groups:
+            group.setdefault("single_pass", False)  # saved before the option existed
+        for param, state in self.state.items():
             if "exp_avg" in state:
                 state["exp_avg"] = state["exp_avg"].to(E4M3)
                 state["exp_avg_sq"] = state["exp_avg_sq"].to(E5M2)
+                if "carry" not in state:  # saved before the single-pass step existed
+                    state["carry"] = new_carry(param)
+                elif state["carry"][3].item() > 0:  # the weights it was written for may not be these
+                    self.carried[param] = None
 
     def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
             hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
-            jobs: list[Job] = []
+            fresh = {param for param in params if not self.state.get(param)}
+            exact_jobs: list[Job] = []
+            single_jobs: list[Job] = []
             sharded_jobs: list[Job] = []
+            carrying: set[Tensor] = set()  # the parameters taking a single-pass step
             for param, state in stepped_states(self, params, init_state):
                 m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]
                 pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-                inputs = (*pieces, m_scale, v_scale)
                 # The new scales replace the old in place; then the step's statistics.
                 outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
-                (sharded_jobs if is_dtensor(param) else jobs).append((inputs, outputs, {}))
-            run_updates(lamb16_update, native.lamb16_steps, jobs, group["fused"], **hyper)
+                if is_dtensor(param):
+                    sharded_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
+                elif group["single_pass"] and param not in fresh:
+                    carry = state["carry"]
+                    carrying.add(param)
+                    single_jobs.append(((*pieces, m_scale, v_scale, carry, state["adam_norm"]), (*outputs, carry), {}))
+                else:
+                    exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
+            if self.carried:
+                self.forget_carries({param for param in params if param not in carrying})
+            run_updates(lamb16_update, native.lamb16_steps, exact_jobs, group["fused"], **hyper)
+            if single_jobs:
+                self.prepare_carries(single_jobs, group["fused"], hyper["eps"], hyper["scaling"])
+                run_updates(lamb16_single_pass_update, native.lamb16_single_pass_steps, single_jobs, group["fused"],
+                            **hyper)
+                for (inputs, _, _) in single_jobs:
+                    self.carried[inputs[0]] = inputs[0]._version
             if sharded_jobs:
                 sharded_params = [p for p in params if is_dtensor(p)]
                 lamb16_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
 
+    def forget_carries(self, exact: set[Tensor]) -> None:
+        """Parameters about to take an exact step, which writes no carry: theirs goes stale."""
+        for param in [p for p in self.carried if p in exact]:
+            del self.carried[param]
+            self.state[param]["carry"][3] = 0.0
+
+    def prepare_carries(self, jobs: list[Job], fused: bool | None, eps: float, scaling: str) -> None:
+        """Make every job's carry right for its step: after an exact step (no
+        carry written), the moment statistics it stored and the weight norm;
+        where something else changed the weights since, the weight norm."""
+        stale = []
+        for job in jobs:
+            param, _, _, _, m_scale, v_scale, carry, _ = job[0]
+            if param not in self.carried:
+                carry[1:3] = torch.stack(stats_after_exact_step(m_scale, v_scale, scaling))
+                carry[3] = 1.0
+            if self.carried.get(param) != param._version:
+                stale.append(job)
+        if stale:
+            refresh_weight_norms(stale, fused, eps)
+
+
+def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float) -> None:
+    """Write the weight norm of each single-pass job's weights into its carry,
+    by the same arithmetic as the step that writes it (so that a resumed run
+    recomputes the very bits an uninterrupted one carried)."""
+    on_native = [job for job in jobs if native.usable(job, fused)]
+    if on_native:
+        native.lamb16_weight_norms(on_native, eps=eps)
+    native_ids = {id(job) for job in on_native}
+    for inputs, _, _ in (job for job in jobs if id(job) not in native_ids):
+        inputs[6][0] = weight_norm_of(inputs[0], eps)
+
+
+def new_carry(param: Tensor) -> Tensor:
+    """A carry that no step has written (CARRY[3] = 0)."""
+    return torch.zeros(len(CARRY), device=param.device)
+
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:
     """Zero moments in fp8 and unit scales, as the first step expects; the step
-    counter and the statistics."""
+    counter, the statistics and the single-pass carry."""
     init_step_and_statistics(state, param)
     # zeros_like of a DTensor is a DTensor placed as it is: state sharded as its parameter.
     state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
     state["exp_avg_scale"] = torch.ones((), device=param.device)
     state["exp_avg_sq_scale"] = torch.ones((), device=param.device)
+    state["carry"] = new_carry(param)

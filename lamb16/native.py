@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import Job, same_dense_layout
+from ._common import ELEMENTWISE, Job, same_dense_layout
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -43,6 +43,8 @@ SIGNATURES = {
     # table, count, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
     # trust_scale, seed, threads
     "lamb16_steps": [_ptr, _i64] + [_f] * 8 + [_i, _i],
+    "lamb16_single_pass_steps": [_ptr, _i64] + [_f] * 8 + [_i, _i],
+    "lamb16_weight_norms": [_ptr, _i64, _f, _i],  # table, count, eps, threads
     # table, count, corrections, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps,
     # weight_decay, bias_correction, adam, max_weight_norm, threads
     "lamb_steps": [_ptr, _i64, _ptr] + [_f] * 7 + [_i, _i, _f, _i],
@@ -63,7 +65,8 @@ SIGNATURES = {
 }
 RESULTS = {"use_hand_vectorized": _i, "traffic": _i64}
 # A step's design, as traffic() mimics it: its passes, and its moments' dtype.
-TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8)}
+TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8),
+                    "lamb16-1pass": (3, torch.uint8)}
 
 
 def cache_dir() -> Path:
@@ -197,16 +200,17 @@ def usable(job: Job, fused: bool | None) -> bool:
     (or buildable), and tensors they can walk as flat arrays through raw
     pointers, which forgive no mismatch: float32 weights and gradient on the
     CPU, the moments in the parameter's own dense layout, every other tensor a
-    float32 scalar there. Moments have their dtypes by construction (and
-    Lamb16.load_state_dict)."""
+    float32 scalar there (or the single-pass carry, of four). Moments have their
+    dtypes by construction (and Lamb16.load_state_dict)."""
     inputs, outputs, _ = job
     param, grad = inputs[0], inputs[1]
     return (
         fused is not False
         and param.is_cpu
         and param.dtype == grad.dtype == torch.float32
-        and same_dense_layout(inputs[:4])
-        and all(t.is_cpu and t.dtype == torch.float32 and t.dim() == 0 for t in inputs[4:] + outputs)
+        and same_dense_layout(inputs[:ELEMENTWISE])
+        and all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and t.dim() <= 1
+                for t in inputs[ELEMENTWISE:] + outputs)
         and library() is not None
     )
 
@@ -235,6 +239,34 @@ def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps:
         table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
         trust_scale, scaling == "seed", torch.get_num_threads(),
     )
+
+
+def lamb16_single_pass_table(jobs: list[Job]) -> array.array:
+    """A row per single-pass job: the exact step's, then the carry's address."""
+    table = array.array("q")
+    for (param, grad, exp_avg, exp_avg_sq, m_scale, v_scale, carry, _), (*_, weight_norm, adam_norm, trust, _), _ in jobs:
+        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
+                     + addresses(m_scale, v_scale, weight_norm, adam_norm, trust, carry))
+    return table
+
+
+def lamb16_single_pass_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float,
+                             weight_decay: float, trust_scale: float, scaling: str) -> None:
+    """lamb16_single_pass_update() on the CPU kernels, for many tensors in one
+    call; each job's results, the new carry among them, go into its state
+    tensors in place (adam_norm is read first: it holds the last step's)."""
+    table = lamb16_single_pass_table(jobs)
+    library().lamb16_single_pass_steps(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+        trust_scale, scaling == "seed", torch.get_num_threads(),
+    )
+
+
+def lamb16_weight_norms(jobs: list[Job], *, eps: float) -> None:
+    """Each single-pass job's weight norm written into its carry, block by block
+    as the single pass sums it (so that the bits agree)."""
+    table = lamb16_single_pass_table(jobs)
+    library().lamb16_weight_norms(table.buffer_info()[0], len(jobs), eps, torch.get_num_threads())  # type: ignore[union-attr]
 
 
 def lamb16_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -308,8 +340,9 @@ def traffic(pattern: str, tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]]) 
     """The reads and writes alone of a step of the given design over (param,
     grad, exp_avg, exp_avg_sq) tensors, with the arithmetic left out: "adam"
     (one pass), "lamb" or "lamb16" (the kernels' two passes). For benchmarks:
-    what memory alone costs such a step. It leaves the gradients as they were
-    and overwrites the rest with meaningless bits."""
+    what memory alone costs such a step; "lamb16-1pass" reads the gradient
+    alone, then makes LAMB16's second pass. It leaves the gradients as they
+    were and overwrites the rest with meaningless bits."""
     if pattern not in TRAFFIC_PATTERNS:
         raise ValueError(f"Invalid traffic pattern: {pattern!r}; use one of {', '.join(TRAFFIC_PATTERNS)}")
     code, moment_dtype = TRAFFIC_PATTERNS[pattern]

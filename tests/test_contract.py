@@ -14,6 +14,8 @@ OPTIMIZERS = {
     "lamb": Lamb,
     "lamb16": Lamb16,
     "lamb16-seed": lambda params, **kw: Lamb16(params, scaling="seed", **kw),
+    "lamb16-1pass": lambda params, **kw: Lamb16(params, single_pass=True, **kw),
+    "lamb16-seed-1pass": lambda params, **kw: Lamb16(params, scaling="seed", single_pass=True, **kw),
 }
 
 
@@ -231,12 +233,14 @@ def conv_net() -> nn.Module:
 @pytest.mark.parametrize(
     "make_optimizer, per_param, per_tensor_max",
     [
-        (lambda ps: Lamb16(ps), 2, 32),
-        (lambda ps: Lamb16(ps, scaling="seed"), 2, 32),
+        # Six float32 scalars (two scales, the step, three statistics) and the single-pass carry's four.
+        (lambda ps: Lamb16(ps), 2, 40),
+        (lambda ps: Lamb16(ps, scaling="seed"), 2, 40),
+        (lambda ps: Lamb16(ps, single_pass=True), 2, 40),
         (lambda ps: Lamb(ps), 8, 16),
         (lambda ps: torch.optim.Adam(ps), 8, 16),
     ],
-    ids=["lamb16", "lamb16-seed", "lamb", "adam"],
+    ids=["lamb16", "lamb16-seed", "lamb16-1pass", "lamb", "adam"],
 )
 def test_state_nbytes_measures_bytes_per_parameter(make_optimizer, per_param, per_tensor_max):
     model = conv_net()

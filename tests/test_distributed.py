@@ -281,7 +281,7 @@ def test_fsdp2_trains_as_one_process_keeps_a_quarter_of_adams_state_and_resumes_
                 assert continued.dtype == resumed.dtype and torch.equal(continued, resumed), name
     assert [r["lamb16"]["local_elements"] for r in ranks] == [17 * 12 + 17 + 33 + 1, 16 * 12 + 16]  # rank 1: no piece of the last layer
     for rank in ranks:
-        scalars = 6 * 4 * 4  # 4 tensors, six 0-dim float32 states each (scales, step, statistics)
+        scalars = (6 + 4) * 4 * 4  # 4 tensors: six 0-dim float32 states (scales, step, statistics), a carry of four
         assert rank["lamb16"]["nbytes"] == 2 * rank["lamb16"]["local_elements"] + scalars
         assert rank["lamb"]["nbytes"] == 8 * rank["lamb"]["local_elements"] + 4 * 4 * 4
         assert rank["adam"]["nbytes"] == 8 * rank["adam"]["local_elements"] + 4 * 4

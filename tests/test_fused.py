@@ -30,7 +30,19 @@ CASES = {
     "lamb-bias-correction": dict(cls=Lamb, hyper=dict(bias_correction=True, betas=(0.8, 0.99))),
     # The paper's LAMB: most SHAPES have a norm above 10, where the default clamp acts.
     "lamb-no-weight-clamp": dict(cls=Lamb, hyper=dict(bias_correction=True, max_weight_norm=None, weight_decay=0.01)),
+    "lamb16-1pass": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, single_pass=True)),
+    "lamb16-seed-1pass": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, scaling="seed", single_pass=True)),
 }
+
+
+def kernel_calls(case: str, tensors: int, steps: int = STEPS) -> list[tuple[str, int]]:
+    """The kernel calls a case makes: one a step, for every tensor (a
+    single-pass Lamb16's first step is exact)."""
+    if CASES[case]["cls"] is Lamb:
+        return [("lamb_steps", tensors)] * steps
+    if CASES[case]["hyper"].get("single_pass"):
+        return [("lamb16_steps", tensors)] + [("lamb16_single_pass_steps", tensors)] * (steps - 1)
+    return [("lamb16_steps", tensors)] * steps
 
 
 def twin_runs(cls, hyper: dict, shapes=SHAPES, steps: int = STEPS):
@@ -73,7 +85,7 @@ def assert_fused_matches_reference(fused, reference, fast_opt, ref_opt) -> None:
         off = ~torch.isclose(p, q, rtol=1e-5, atol=1e-6)
         assert off.float().mean() <= 1e-3
         assert (p - q).abs().max() <= 1e-3
-        for key in ("exp_avg_scale", "exp_avg_sq_scale", "weight_norm", "adam_norm", "trust_ratio"):
+        for key in ("exp_avg_scale", "exp_avg_sq_scale", "weight_norm", "adam_norm", "trust_ratio", "carry"):
             if key in ref:
                 torch.testing.assert_close(fast[key], ref[key], rtol=1e-4, atol=1e-9)
 
@@ -89,7 +101,7 @@ def compiled_on_cpu(monkeypatch) -> None:
 def native_calls(monkeypatch) -> list[tuple[str, int]]:
     """The kernels the optimizers call, each with the number of tensors it took."""
     calls: list[tuple[str, int]] = []
-    for name in ("lamb16_steps", "lamb_steps"):
+    for name in ("lamb16_steps", "lamb16_single_pass_steps", "lamb_steps"):
         original = getattr(lamb16.native, name)
 
         def spy(jobs, _name=name, _original=original, **kwargs):
@@ -113,16 +125,17 @@ def loops(request) -> str:
 
 
 @pytest.fixture
-def compiled_calls(monkeypatch) -> list[str]:
-    """The names of the updates sent down the compiled path."""
-    calls: list[str] = []
-    original = lamb16.compiled.run_compiled
+def compiled_calls(monkeypatch) -> list[tuple[str, int]]:
+    """The compiled calls the optimizers make: each update's name, with the
+    number of tensors the call took."""
+    calls: list[tuple[str, int]] = []
+    original = lamb16.compiled.run_group
 
-    def spy(update, *args, **kwargs):
-        calls.append(update.__name__)
-        return original(update, *args, **kwargs)
+    def spy(update, jobs, **kwargs):
+        calls.append((update.__name__, len(jobs)))
+        return original(update, jobs, **kwargs)
 
-    monkeypatch.setattr(lamb16.compiled, "run_compiled", spy)
+    monkeypatch.setattr(lamb16.compiled, "run_group", spy)
     return calls
 
 
@@ -130,8 +143,7 @@ def compiled_calls(monkeypatch) -> list[str]:
 def test_cpu_kernels_match_reference(case, native_calls, loops):
     assert lamb16.native.loops() == loops
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
-    kernel = "lamb16_steps" if CASES[case]["cls"] is Lamb16 else "lamb_steps"
-    assert native_calls == [(kernel, len(SHAPES))] * STEPS  # one call a step, for every tensor
+    assert native_calls == kernel_calls(case, len(SHAPES))
 
 
 # Each under the kernels' 32768 elements for splitting one tensor across
@@ -139,7 +151,7 @@ def test_cpu_kernels_match_reference(case, native_calls, loops):
 SMALL_MANY = [(100, 50)] * 7 + [(3000,), (7,), (256, 160)]
 
 
-@pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction"])
+@pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction", "lamb16-1pass"])
 def test_cpu_kernels_share_out_many_small_tensors_as_the_reference(case, native_calls, loops):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"], shapes=SMALL_MANY))
 
@@ -194,10 +206,12 @@ BAD_GRADIENTS = {(7, 3): float("nan"), (8, 4): float("inf"), (9, 5): -float("inf
 def runs_with_bad_gradients(fused: bool | None, bad: bool, scaling: str) -> tuple[list[nn.Parameter], Lamb16]:
     """Lamb16 on a 300x200 and a 50-element tensor for 4 steps; in step 2 some
     elements of the first gradient are NaN, infinite or square past float32
-    (bad=True), or 0 in their place (bad=False)."""
+    (bad=True), or 0 in their place (bad=False). A scaling ending in "-1pass"
+    takes single-pass steps."""
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(300, 200, generator=gen)), nn.Parameter(torch.randn(50, generator=gen))]
-    optimizer = Lamb16(params, lr=1e-2, weight_decay=0.01, scaling=scaling, fused=fused)
+    optimizer = Lamb16(params, lr=1e-2, weight_decay=0.01, scaling=scaling.removesuffix("-1pass"), fused=fused,
+                       single_pass=scaling.endswith("-1pass"))
     for step in range(4):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
@@ -228,23 +242,24 @@ def assert_policy_holds(fused: bool, scaling: str) -> None:
     assert all(v.float().isfinite().all() for s in optimizer.state.values() for v in s.values())
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_kernels(scaling, loops):
     assert_policy_holds(True, scaling)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_reference(scaling):
     assert_policy_holds(False, scaling)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_compiled(scaling, compiled_on_cpu):
     assert_policy_holds(True, scaling)
 
 
-def test_kernels_apply_the_gradient_policy_as_the_reference(loops):
-    fast, ref = (runs_with_bad_gradients(f, bad=True, scaling="absmax") for f in (True, False))
+@pytest.mark.parametrize("scaling", ["absmax", "absmax-1pass"])
+def test_kernels_apply_the_gradient_policy_as_the_reference(scaling, loops):
+    fast, ref = (runs_with_bad_gradients(f, bad=True, scaling=scaling) for f in (True, False))
     assert_fused_matches_reference(fast[0], ref[0], fast[1], ref[1])
 
 
@@ -405,18 +420,38 @@ def test_traffic_takes_only_its_designs_dtypes():
         lamb16.native.traffic("sgd", [])
 
 
-def test_fused_path_is_actually_compiled(compiled_on_cpu, compiled_calls):
-    twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(40, 40), (1,)], steps=2)
-    assert compiled_calls == ["lamb16_update"] * 2  # the 1-element tensor takes the reference
+def test_fused_path_is_actually_compiled_one_call_per_group(compiled_on_cpu, compiled_calls):
+    twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(40, 40), (1,), ()], steps=2)
+    assert compiled_calls == [("lamb16_update", 3)] * 2  # every tensor of the group, each step
     assert lamb16.compiled._unavailable is None
-    assert lamb16.lamb16.lamb16_update in lamb16.compiled._compiled
 
 
-def test_new_shapes_and_learning_rates_do_not_recompile(compiled_on_cpu):
-    twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(300,), (70, 80)], steps=2)  # warm: both size classes
+def step_counting_graphs(optimizer, params, steps: int) -> int:
+    """Graphs compiled during `steps` steps with new gradients and a new learning rate each."""
+    gen = torch.Generator().manual_seed(1)
     torch._dynamo.utils.counters.clear()
-    twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(17,), (9, 9, 9), (5000,), (3, 40, 50)], steps=3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.param_groups[0]["lr"] = 1e-2 * 0.9**step
+        optimizer.step()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("cls", [Lamb16, Lamb])
+def test_a_group_compiles_once_and_new_learning_rates_do_not_recompile(cls, compiled_on_cpu):
+    """One graph per group, at its first step; a second model in the same
+    process gets its own graph and leaves the first one's in place."""
+    gen = torch.Generator().manual_seed(0)
+    first = [nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(30, 20), (20,), (7, 3, 5)]]
+    second = [nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(11,), (4, 4)]]
+    # Lamb16's single pass: an exact first step, then single-pass steps: two graphs.
+    hyper, warm_up = (dict(bias_correction=True), 1) if cls is Lamb else (dict(single_pass=True), 2)
+    first_opt, second_opt = cls(first, lr=1e-2, **hyper), cls(second, lr=1e-2, **hyper)
+    assert step_counting_graphs(first_opt, first, warm_up) == warm_up
+    assert step_counting_graphs(second_opt, second, warm_up) == warm_up
+    assert step_counting_graphs(first_opt, first, 3) == 0  # Lamb's bias correction: a new step count each step
+    assert step_counting_graphs(second_opt, second, 3) == 0
 
 
 def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeypatch, compiled_on_cpu):
@@ -428,6 +463,7 @@ def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeyp
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(lamb16.compiled, "_compiled", {})
+    monkeypatch.setattr(lamb16.compiled, "_groups", {})
     monkeypatch.setattr(lamb16.compiled, "_unavailable", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -490,6 +526,7 @@ def test_fused_false_never_builds_or_compiles(monkeypatch):
     monkeypatch.setattr(lamb16.native, "library", refuse)
     monkeypatch.setattr(lamb16.compiled, "compiles_on", lambda device: True)
     monkeypatch.setattr(lamb16.compiled, "_compiled", {})
+    monkeypatch.setattr(lamb16.compiled, "_groups", {})
     param = nn.Parameter(torch.randn(100))
     optimizer = Lamb16([param], fused=False)
     param.grad = torch.randn(100)
@@ -520,7 +557,7 @@ def test_channels_last_parameters_take_the_fused_path(request, path):
     if path == "native":
         assert calls == [("lamb16_steps", 2)] * 3  # weight and bias, three steps
     else:
-        assert calls == ["lamb16_update"] * 6
+        assert calls == [("lamb16_update", 2)] * 3
     assert_fused_matches_reference(list(conv.parameters()), list(twin.parameters()), fast_opt, ref_opt)
 
 

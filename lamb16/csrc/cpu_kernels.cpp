@@ -162,30 +162,99 @@ Lamb16Sums lamb16_block_sums(const float* __restrict p, const float* __restrict 
   return {m_stat, v_stat, weight, update, m_nans, v_nans};
 }
 
+// One element's writes, as lamb16_apply(): its moments stored with the new
+// scales (their inverses here), its weight moved by step_size times its
+// update. Returns the element's m, v and u, which the single pass also sums.
+struct Element {
+  float m, v, u;
+};
+
+template <bool kSeed>
+inline Element lamb16_write(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                            uint8_t* __restrict vq, int64_t i, const Lamb16Args& a, float m_inverse, float v_inverse,
+                            float step_size) {
+  const float m = lamb16_m(mq[i], g[i], a), v = lamb16_v(vq[i], g[i], a);
+  const float u = m / (std::sqrt(v) + a.eps) + p[i] * a.weight_decay;
+  if (kSeed) {
+    mq[i] = encode_e4m3(clamp(m * m_inverse, -15.0f, 15.0f));
+    vq[i] = encode_e5m2(clamp(v, 0.0f, 10.0f) * v_inverse);
+  } else {
+    mq[i] = encode_e4m3(m * m_inverse);
+    vq[i] = encode_e5m2(std::max(v * v_inverse, 0x1p-16f));
+  }
+  p[i] = p[i] - u * step_size;
+  return {m, v, u};
+}
+
 void lamb16_block_apply(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
                         uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale, float v_scale,
                         float step_size) {
-  const float eps = args.eps, wd = args.weight_decay;
   const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;  // as write_absmax(), write_seed()
   if (args.seed) {
 #pragma omp simd simdlen(16)
-    for (int64_t i = 0; i < n; ++i) {
-      const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
-      const float u = m / (std::sqrt(v) + eps) + p[i] * wd;
-      mq[i] = encode_e4m3(clamp(m * m_inverse, -15.0f, 15.0f));
-      vq[i] = encode_e5m2(clamp(v, 0.0f, 10.0f) * v_inverse);
-      p[i] = p[i] - u * step_size;
-    }
+    for (int64_t i = 0; i < n; ++i) lamb16_write<true>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
   } else {
 #pragma omp simd simdlen(16)
+    for (int64_t i = 0; i < n; ++i) lamb16_write<false>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+  }
+}
+
+// The single-pass step (lamb16_single_pass_update() in lamb16.py) reads the
+// weights, gradient and codes once: its scales come from bounds that need only
+// the gradient's absmax (a read of the gradient alone before the pass), its
+// trust ratio from the last step's update norm. While it writes, it sums what
+// the next step will need: this step's update norm, the moments' statistics,
+// and the norm of the weights it wrote.
+
+// The largest |g| of usable gradient elements.
+float gradient_block_absmax(const float* __restrict g, int64_t n) {
+  float largest = 0;
+#pragma omp simd simdlen(16) reduction(max : largest)
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(usable(g[i])));
+  return largest;
+}
+
+// sum(clamp(p*p, eps, 1)): the single pass runs it over each block it has just
+// written, and a recomputed weight norm over the same blocks, so that both
+// give the same bits.
+float weight_block_sum(const float* __restrict p, int64_t n, float eps) {
+  float weight = 0;
+#pragma omp simd simdlen(16) reduction(+ : weight)
+  for (int64_t i = 0; i < n; ++i) weight += clamp(p[i] * p[i], eps, 1.0f);
+  return weight;
+}
+
+struct SinglePassSums {
+  float update;          // sum of clamp(u*u, eps, 1)
+  float m_stat, v_stat;  // absmax: largest |m| and v before storing; seed: sums of clamp(x*x, 0, 10)
+  float m_nans, v_nans;  // NaN moments seen (a max over them would drop them)
+};
+
+SinglePassSums lamb16_block_single_pass(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                                        uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale,
+                                        float v_scale, float step_size) {
+  const float eps = args.eps, m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;
+  float update = 0, m_stat = 0, v_stat = 0, m_nans = 0, v_nans = 0;
+  if (args.seed) {
+#pragma omp simd simdlen(16) reduction(+ : update, m_stat, v_stat)
     for (int64_t i = 0; i < n; ++i) {
-      const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
-      const float u = m / (std::sqrt(v) + eps) + p[i] * wd;
-      mq[i] = encode_e4m3(m * m_inverse);
-      vq[i] = encode_e5m2(std::max(v * v_inverse, 0x1p-16f));
-      p[i] = p[i] - u * step_size;
+      const Element e = lamb16_write<true>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+      update += clamp(e.u * e.u, eps, 1.0f);
+      m_stat += clamp(e.m * e.m, 0.0f, 10.0f);
+      v_stat += clamp(e.v * e.v, 0.0f, 10.0f);
+    }
+  } else {
+#pragma omp simd simdlen(16) reduction(max : m_stat, v_stat) reduction(+ : update, m_nans, v_nans)
+    for (int64_t i = 0; i < n; ++i) {
+      const Element e = lamb16_write<false>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+      update += clamp(e.u * e.u, eps, 1.0f);
+      m_stat = std::max(m_stat, std::fabs(e.m));
+      v_stat = std::max(v_stat, e.v);
+      m_nans += e.m != e.m ? 1.0f : 0.0f;
+      v_nans += e.v != e.v ? 1.0f : 0.0f;
     }
   }
+  return {update, m_stat, v_stat, m_nans, v_nans};
 }
 
 // --------------------------------------------------------------- LAMB ----
@@ -431,6 +500,29 @@ Lamb16Sums lamb16_block_sums(const float* __restrict p, const float* __restrict 
   return {m_nan ? 0.0f : m_stat, v_nan ? 0.0f : v_stat, sum(weight), sum(update), float(m_nan), float(v_nan)};
 }
 
+// One vector's writes, as the portable lamb16_write. What the exact step
+// encodes needs less than the general conversions (kGeneral false): m over its
+// scale is no NaN and needs no saturation (the seed clamps it, the absmax scale
+// bounds it; a NaN or infinite m makes a scale that takes the portable loops).
+// In either, v is at least +0 or NaN (a sum of products of non-negative
+// numbers; old codes below 0 are clamped away).
+template <bool kSeed, bool kGeneral>
+inline void lamb16_store(float* p, uint8_t* mq, uint8_t* vq, int64_t i, Lanes k, const Moments& x, Floats m_to_code,
+                         Floats v_to_code, float step_size) {
+  const auto encode_m = [](Floats m) {
+    return kGeneral ? encode_e4m3_in_half(m) : encode_unsaturated_e4m3_in_half(m);
+  };
+  if (kSeed) {
+    const float m_bound = 15.0f * E4M3_IN_HALF;
+    store_codes(mq + i, k, encode_m(clamp(_mm512_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
+    store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
+  } else {
+    store_codes(mq + i, k, encode_m(_mm512_mul_ps(x.m, m_to_code)));
+    store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(x.v, v_to_code))));
+  }
+  _mm512_mask_storeu_ps(p + i, k, _mm512_fnmadd_ps(x.u, splat(step_size), x.p));
+}
+
 template <bool kSeed>
 void lamb16_block_apply(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
                         uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale, float v_scale,
@@ -439,21 +531,59 @@ void lamb16_block_apply(float* __restrict p, const float* __restrict g, uint8_t*
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
   for_each_16(n, [&](int64_t i, Lanes k) {
     const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
-    // What these loops encode needs less than the general conversions: m over
-    // its scale is no NaN and needs no saturation (the seed clamps it, the
-    // absmax scale bounds it; a NaN or infinite m makes a scale that takes the
-    // portable loops), and v is at least +0 or NaN (a sum of products of
-    // non-negative numbers; old codes below 0 are clamped away).
-    if (kSeed) {
-      const float m_bound = 15.0f * E4M3_IN_HALF;
-      store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(clamp(_mm512_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
-      store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
-    } else {
-      store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(_mm512_mul_ps(x.m, m_to_code)));
-      store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(x.v, v_to_code))));
-    }
-    _mm512_mask_storeu_ps(p + i, k, _mm512_fnmadd_ps(x.u, splat(step_size), x.p));
+    lamb16_store<kSeed, false>(p, mq, vq, i, k, x, m_to_code, v_to_code, step_size);
   });
+}
+
+// The single pass, as the portable loops. m over its scale goes through the
+// general encoder: the scales come from bounds, which rounding may pass by an
+// ulp, and a NaN moment (from NaN codes in a loaded state) does not make the
+// scale NaN here, as it does in the exact step.
+inline float gradient_block_absmax(const float* __restrict g, int64_t n) {
+  Ints top = _mm512_setzero_si512();  // magnitudes as bits, in the order of their values
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    prefetch(g, i);
+    const Floats loaded = _mm512_maskz_loadu_ps(k, g + i);
+    const Lanes finite = _mm512_cmp_ps_mask(_mm512_mul_ps(loaded, loaded),
+                                            splat(std::numeric_limits<float>::infinity()), _CMP_LT_OQ);
+    top = _mm512_mask_max_epu32(top, finite, top, magnitude_bits(loaded));
+  });
+  return largest(top);
+}
+
+inline float weight_block_sum(const float* __restrict p, int64_t n, float eps) {
+  Floats weight = _mm512_setzero_ps();
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Floats x = _mm512_maskz_loadu_ps(k, p + i);
+    weight = _mm512_mask_add_ps(weight, k, weight, clamp(_mm512_mul_ps(x, x), eps, 1.0f));
+  });
+  return sum(weight);
+}
+
+template <bool kSeed>
+SinglePassSums lamb16_block_single_pass(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                                        uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale,
+                                        float v_scale, float step_size) {
+  const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;  // as the portable loops
+  const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
+  Floats update = _mm512_setzero_ps(), m_sum = update, v_sum = update;
+  Ints m_max = _mm512_setzero_si512(), v_max = m_max;  // as bits: a NaN's order above any number's
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
+    lamb16_store<kSeed, true>(p, mq, vq, i, k, x, m_to_code, v_to_code, step_size);
+    if (kSeed) {  // lanes past the end hold m = v = 0, which add nothing here
+      m_sum = _mm512_add_ps(m_sum, clamp(_mm512_mul_ps(x.m, x.m), 0.0f, 10.0f));
+      v_sum = _mm512_add_ps(v_sum, clamp(_mm512_mul_ps(x.v, x.v), 0.0f, 10.0f));
+    } else {
+      m_max = _mm512_max_epu32(m_max, magnitude_bits(x.m));
+      v_max = _mm512_max_epu32(v_max, magnitude_bits(x.v));
+    }
+    update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
+  });
+  if (kSeed) return {sum(update), sum(m_sum), sum(v_sum), 0.0f, 0.0f};
+  const float m_stat = largest(m_max), v_stat = largest(v_max);
+  const bool m_nan = m_stat != m_stat, v_nan = v_stat != v_stat;
+  return {sum(update), m_nan ? 0.0f : m_stat, v_nan ? 0.0f : v_stat, float(m_nan), float(v_nan)};
 }
 
 // LAMB: as lamb_update and the portable loops.
@@ -611,6 +741,113 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
   out[4] = trust;
 }
 
+// ---------------------------------------------------- LAMB16, single pass ----
+
+// Which loops the single pass takes: the hand-vectorized ones where built in
+// and exact for both scales (as lamb16_apply); the weight sums and the
+// gradient's absmax by the switch alone, so that a recomputed weight norm
+// always takes the same loop as the pass that carried it.
+float gradient_absmax(const float* grad, int64_t n, int threads) {
+  auto block_absmax = gradient_block_absmax;
+#ifdef LAMB16_AVX512
+  if (hand_vectorized) block_absmax = avx512::gradient_block_absmax;
+#endif
+  float top = 0;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(max : top)
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
+    const int64_t lo = b * BLOCK;
+    top = std::max(top, block_absmax(grad + lo, std::min(n - lo, BLOCK)));
+  }
+  return top;
+}
+
+using WeightSum = float (*)(const float*, int64_t, float);
+
+WeightSum weight_sum_loop() {
+#ifdef LAMB16_AVX512
+  if (hand_vectorized) return avx512::weight_block_sum;
+#endif
+  return weight_block_sum;
+}
+
+// weight_norm_of(): sqrt(sum(clamp(p*p, eps, 1))) / n, block by block as the single pass sums it.
+float weight_norm(const float* param, int64_t n, float eps, int threads) {
+  const WeightSum block_sum = weight_sum_loop();
+  double weight = 0;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight)
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
+    const int64_t lo = b * BLOCK;
+    weight += block_sum(param + lo, std::min(n - lo, BLOCK), eps);
+  }
+  return std::sqrt(float(weight)) / float(n);
+}
+
+// One single-pass LAMB16 step on n elements, from the old scales in args, the
+// carry (CARRY in lamb16.py) and the last step's update norm; out: {new m
+// scale, new v scale, weight_norm, adam_norm, trust_ratio, then the new carry's four}.
+void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
+                             const Lamb16Args args, float lr, float trust_scale, const float* carry,
+                             float last_adam_norm, int threads, float* out) {
+  const float count = float(n), tiny = std::numeric_limits<float>::min();
+  // single_pass_scales(): the carried statistics, and bounds from the gradient's absmax.
+  float m_scale = carry[1], v_scale = carry[2];
+  if (!args.seed) {
+    const float g_max = gradient_absmax(grad, n, threads);
+    const float m_bound = carry[1] * args.beta1 + g_max * args.one_minus_beta1;
+    const float v_bound = carry[2] * args.beta2 + g_max * g_max * args.one_minus_beta2;
+    m_scale = m_bound != m_bound ? m_bound : std::max(m_bound / 448.0f, tiny);  // a NaN stays NaN
+    v_scale = v_bound != v_bound ? v_bound : std::max(v_bound / 57344.0f, tiny);
+  }
+  const float weight_norm = carry[0];
+  const float trust = clamp(std::pow(weight_norm / last_adam_norm / lr * 1e-3f, trust_scale), 0.0f, 2.0f);
+  const float step_size = trust * lr;
+
+  auto block_pass = lamb16_block_single_pass;
+#ifdef LAMB16_AVX512
+  if (hand_vectorized && avx512::exact_for(args.m_scale) && avx512::exact_for(m_scale)) {
+    block_pass = args.seed ? avx512::lamb16_block_single_pass<true> : avx512::lamb16_block_single_pass<false>;
+  }
+#endif
+  const WeightSum block_weight_sum = weight_sum_loop();
+  float m_max = 0, v_max = 0, m_nans = 0, v_nans = 0;
+  double m_sum = 0, v_sum = 0, update = 0, weight = 0;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) \
+    reduction(max : m_max, v_max) reduction(+ : m_sum, v_sum, update, weight, m_nans, v_nans)
+  for (int64_t b = 0; b < blocks_of(n); ++b) {
+    const int64_t lo = b * BLOCK, len = std::min(n - lo, BLOCK);
+    const SinglePassSums s = block_pass(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_scale,
+                                        v_scale, step_size);
+    weight += block_weight_sum(param + lo, len, args.eps);  // the block just written, still in cache
+    update += s.update;
+    m_max = std::max(m_max, s.m_stat);
+    v_max = std::max(v_max, s.v_stat);
+    m_sum += s.m_stat;
+    v_sum += s.v_stat;
+    m_nans += s.m_nans;
+    v_nans += s.v_nans;
+  }
+  // next_stats(): seed scales of this step's moments, or the largest |m| and v as stored.
+  float m_stat, v_stat;
+  if (args.seed) {
+    m_stat = std::sqrt(float(m_sum)) / count + args.eps;
+    v_stat = std::sqrt(float(v_sum)) / count + args.eps;
+  } else {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;
+    m_stat = m_nans > 0 ? nan : decode_e4m3(encode_e4m3(m_max * m_inverse)) * m_scale;
+    v_stat = v_nans > 0 ? nan : decode_e5m2(encode_e5m2(std::max(v_max * v_inverse, 0x1p-16f))) * v_scale;
+  }
+  out[0] = m_scale;
+  out[1] = v_scale;
+  out[2] = weight_norm;
+  out[3] = std::sqrt(float(update)) / count;
+  out[4] = trust;
+  out[5] = std::sqrt(float(weight)) / count;
+  out[6] = m_stat;
+  out[7] = v_stat;
+  out[8] = 1.0f;
+}
+
 // A LAMB step's first pass over n elements: the moments, in place, and the
 // square sums of the weights and the update (lamb_partials()).
 LambSums lamb_sums(const float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
@@ -715,7 +952,15 @@ void lamb16_traffic_second(Word* p, const Word* g, uint8_t* mq, uint8_t* vq, int
   }
 }
 
-enum Pattern { ADAM_PATTERN = 0, LAMB_PATTERN = 1, LAMB16_PATTERN = 2 };
+// LAMB16's single pass: the gradient alone first (its absmax), then the second pass above.
+Word gradient_traffic(const Word* g, int64_t n) {
+  Word seen = 0;
+#pragma omp simd reduction(^ : seen)
+  for (int64_t i = 0; i < n; ++i) seen ^= g[i];
+  return seen;
+}
+
+enum Pattern { ADAM_PATTERN = 0, LAMB_PATTERN = 1, LAMB16_PATTERN = 2, LAMB16_SINGLE_PASS_PATTERN = 3 };
 
 // One tensor's traffic, its blocks split across the threads as a step's are.
 Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64_t n, int threads) {
@@ -732,6 +977,8 @@ Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64
       adam_traffic(p + lo, g + lo, m32 + lo, v32 + lo, len);
     } else if (pattern == LAMB_PATTERN) {
       seen ^= lamb_traffic_first(p + lo, g + lo, m32 + lo, v32 + lo, len);
+    } else if (pattern == LAMB16_SINGLE_PASS_PATTERN) {
+      seen ^= gradient_traffic(g + lo, len);
     } else {
       seen ^= lamb16_traffic_first(p + lo, g + lo, m8 + lo, v8 + lo, len);
     }
@@ -805,6 +1052,42 @@ void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, fl
     *address<float>(r[7]) = out[2];
     *address<float>(r[8]) = out[3];
     *address<float>(r[9]) = out[4];
+  });
+}
+
+// The single-pass step's rows: those of lamb16_steps, then the carry (four
+// floats, read, then overwritten). adam_norm holds the last step's update norm
+// when the step starts, and this step's after.
+constexpr int64_t SINGLE_PASS_COLUMNS = 11;
+
+void lamb16_single_pass_steps(const int64_t* table, int64_t count, float lr, float beta1, float beta2,
+                              float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay,
+                              float trust_scale, int seed, int threads) {
+  each_tensor(table, SINGLE_PASS_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * SINGLE_PASS_COLUMNS;
+    float* m_scale = address<float>(r[5]);
+    float* v_scale = address<float>(r[6]);
+    float* carry = address<float>(r[10]);
+    const Lamb16Args args{*m_scale, *v_scale, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                          eps, weight_decay, seed != 0};
+    float out[9];
+    lamb16_single_pass_step(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                            address<uint8_t>(r[3]), r[4], args, lr, trust_scale, carry, *address<float>(r[8]),
+                            tensor_threads, out);
+    *m_scale = out[0];
+    *v_scale = out[1];
+    for (int k = 2; k < 5; ++k) *address<float>(r[5 + k]) = out[k];
+    for (int k = 0; k < 4; ++k) carry[k] = out[5 + k];
+  });
+}
+
+// Over rows as lamb16_single_pass_steps' (only param, numel and the carry are
+// read): each tensor's weight norm into its carry, as a single pass would have
+// carried it, for weights that something else has changed since.
+void lamb16_weight_norms(const int64_t* table, int64_t count, float eps, int threads) {
+  each_tensor(table, SINGLE_PASS_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * SINGLE_PASS_COLUMNS;
+    address<float>(r[10])[0] = weight_norm(address<const float>(r[0]), r[4], eps, tensor_threads);
   });
 }
 
@@ -896,8 +1179,8 @@ void lamb_applies(const int64_t* table, int64_t count, const float* corrections,
   });
 }
 
-// The traffic of a step of the given pattern (ADAM_PATTERN, LAMB_PATTERN or
-// LAMB16_PATTERN) over a table whose rows start as the steps' do: param, grad,
+// The traffic of a step of the given pattern (ADAM_PATTERN, LAMB_PATTERN,
+// LAMB16_PATTERN or LAMB16_SINGLE_PASS_PATTERN) over a table whose rows start as the steps' do: param, grad,
 // exp_avg, exp_avg_sq, numel. Returns the bits pass 1 read, xor-ed, so that no
 // compiler leaves the reads out.
 int64_t traffic(const int64_t* table, int64_t columns, int64_t count, int pattern, int threads) {
