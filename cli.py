@@ -376,13 +376,14 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
     Examples:
       python cli.py bench --sizes cnn,10m --json bench.json
       torchrun --nproc-per-node 2 cli.py bench --sizes 10m --optimizers "adam fused,lamb,lamb16"
+      python cli.py bench --sizes gpt150 --optimizers "adam fused,lamb16 compiled,lamb16 compiled per tensor"
     """
     import json
 
     names = parse_list(optimizers, benchmarks.choices(), "--optimizers")
     set_names = parse_list(sizes, benchmarks.SIZES, "--sizes")
     for name in names:
-        registry.check_available(benchmarks.IMPLEMENTATIONS.get(name, (name, {}))[0])
+        registry.check_available(benchmarks.registry_name(name))
     if json_path is not None:
         writable_dir(json_path.parent, "--json")
     torch_device = studies.device_of(device)

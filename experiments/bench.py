@@ -4,16 +4,19 @@ throughput against a torchvision DataLoader. Everything timed takes turns in
 one process, so that a slow moment of a shared machine hits all alike; every
 figure is a median."""
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import lamb16
+import lamb16.compiled
+import lamb16.dispatch
 from lamb16 import state_nbytes
 from models import MnistCNN
 
@@ -28,28 +31,71 @@ IMPLEMENTATIONS: dict[str, tuple[str, dict]] = {
     "adam foreach": ("adam", dict(foreach=True)),
     "lamb": ("lamb", {}),
     "lamb16": ("lamb16", {}),
+    "lamb16 1pass": ("lamb16-1pass", {}),
     "lamb16 eager": ("lamb16", dict(fused=False)),
 }
 DEFAULT_BENCH = tuple(IMPLEMENTATIONS)
-SIZES = ("cnn", "10m", "100m")
+# The compiled path that GPUs take, timed on the CPU (where the kernels would
+# otherwise serve): one call per parameter group, or one per tensor as before.
+# On 150 small tensors the step's time is almost all host time.
+COMPILED_ON_CPU: dict[str, tuple[str, bool]] = {
+    "lamb16 compiled": ("lamb16", False),
+    "lamb16 compiled per tensor": ("lamb16", True),
+    "lamb16 1pass compiled": ("lamb16-1pass", False),
+    "lamb16 1pass compiled per tensor": ("lamb16-1pass", True),
+}
+SIZES = ("cnn", "10m", "100m", "gpt150")
 # Bytes per element a step must move at least: parameter read and write, gradient
 # read, state read and write (Adam, LAMB: two float32 moments; LAMB16: two fp8).
-MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4}
+MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4,
+                         "lamb16-1pass": 4 + 4 + 4 + 4}
 
 
 def choices() -> list[str]:
-    return list(IMPLEMENTATIONS) + [name for name in registry.OPTIMIZERS if name not in IMPLEMENTATIONS]
+    return (list(IMPLEMENTATIONS) + list(COMPILED_ON_CPU)
+            + [name for name in registry.OPTIMIZERS if name not in IMPLEMENTATIONS])
+
+
+def registry_name(name: str) -> str:
+    if name in COMPILED_ON_CPU:
+        return COMPILED_ON_CPU[name][0]
+    return IMPLEMENTATIONS.get(name, (name, {}))[0]
 
 
 def build(name: str, params: list[Tensor]) -> torch.optim.Optimizer:
-    optimizer, options = IMPLEMENTATIONS.get(name, (name, {}))
-    registry.check_available(optimizer)
-    return registry.spec(optimizer).build(params, lr=1e-3, weight_decay=0.01, **options)
+    options = IMPLEMENTATIONS.get(name, (name, {}))[1]
+    registry.check_available(registry_name(name))
+    return registry.spec(registry_name(name)).build(params, lr=1e-3, weight_decay=0.01, **options)
 
 
 def design_of(name: str) -> str:
     """The algorithm a benchmarked optimizer runs, whatever its implementation."""
-    return IMPLEMENTATIONS.get(name, (name, {}))[0].removesuffix("-seed")
+    return registry_name(name).removesuffix("-seed")
+
+
+@contextlib.contextmanager
+def compiled_on_cpu(per_tensor: bool) -> Iterator[None]:
+    """Send CPU tensors down the compiled path (per group, or per tensor as
+    before) instead of the CPU kernels, for the length of one step."""
+    saved = lamb16.native.usable, lamb16.compiled.compiles_on, lamb16.dispatch.compile_per_tensor
+    lamb16.native.usable = lambda job, fused: False
+    lamb16.compiled.compiles_on = lambda device: True
+    lamb16.dispatch.compile_per_tensor = per_tensor
+    try:
+        yield
+    finally:
+        lamb16.native.usable, lamb16.compiled.compiles_on, lamb16.dispatch.compile_per_tensor = saved
+
+
+def stepper(name: str, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    if name not in COMPILED_ON_CPU:
+        return optimizer.step
+
+    def step() -> None:
+        with compiled_on_cpu(per_tensor=COMPILED_ON_CPU[name][1]):
+            optimizer.step()
+
+    return step
 
 
 def transformer_shapes(width: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
@@ -66,6 +112,7 @@ def parameter_sets(names: list[str]) -> dict[str, list[tuple[int, ...]]]:
         "cnn": [tuple(p.shape) for p in MnistCNN().parameters()],
         "10m": transformer_shapes(width=512, layers=3, vocab=800),  # 9.9 M
         "100m": transformer_shapes(width=1024, layers=8, vocab=1536),  # 102 M
+        "gpt150": transformer_shapes(width=32, layers=12, vocab=64),  # 147 small tensors: host time
     }
     return {name: sets[name] for name in names}
 
@@ -106,7 +153,7 @@ def step_times(
         for p, g in zip(params, grads):
             p.grad = g
         optimizer_runs[name] = (params, build(name, params))
-        runs[name] = optimizer_runs[name][1].step
+        runs[name] = stepper(name, optimizer_runs[name][1])
     if device.type == "cpu" and lamb16.native.library() is not None and not parallel.distributed:
         for pattern in dict.fromkeys(design_of(name) for name in optimizers):
             if pattern in lamb16.native.TRAFFIC_PATTERNS:

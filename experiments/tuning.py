@@ -19,7 +19,7 @@ from pathlib import Path
 from plots import Band, Series, batch_figure, lr_figure
 
 from . import registry
-from .aggregate import Stat, cell, stat
+from .aggregate import Stat, cell, paired, stat, verdict
 from .errors import UserError
 from .runs import Run, load_runs, write_atomic
 
@@ -148,7 +148,54 @@ def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], ta
                          f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
     unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
     lines += ["", f"{len(runs)} runs, {unfinished} not ended."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + comparisons_markdown(choices)
+
+
+FOCUS = "lamb16"  # the optimizer the sweep's comparisons are about
+VERDICTS = {"met": "higher", "not met": "lower", "within noise": "within noise"}
+
+
+def points(diff: Stat | None) -> str:
+    """"+0.52 ± 0.20 points (n=3), 95% CI +0.02 to +1.02"."""
+    if diff is None:
+        return "-"
+    text = f"{100 * diff.mean:+.2f} ± {100 * diff.std:.2f} points (n={diff.n})"
+    interval = diff.interval()
+    return text + ("" if interval is None else f", 95% CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}")
+
+
+def higher_or_lower(diff: Stat | None) -> str:
+    """Whether a paired difference is above 0 with 95% confidence, below, or neither."""
+    base, _, note = verdict(diff, 0.0).partition(" (")
+    return VERDICTS.get(base, base) + (f" ({note}" if note else "")
+
+
+def comparisons_markdown(choices: dict[tuple[str, int], Choice], focus: str = FOCUS) -> str:
+    """How sure: per batch size, the focus optimizer's tuned test accuracy minus
+    each other's, paired by seed (the same seed gives both the same initial
+    weights and data order); and per optimizer, what going from the smallest
+    batch to the largest costs it."""
+    batch_sizes = sorted({b for _, b in choices})
+    lines = []
+    if any(o == focus for o, _ in choices) and len({o for o, _ in choices}) > 1:
+        lines += ["", f"{label(focus)} minus each other optimizer, each at its own tuned learning rate, paired by seed:",
+                  "", "| batch | against | test accuracy difference | verdict |", "|---|---|---|---|"]
+        for batch_size in batch_sizes:
+            mine = choices.get((focus, batch_size))
+            for other in in_registry_order({o for o, b in choices if b == batch_size and o != focus}):
+                if mine is None:
+                    continue
+                diff = paired(mine.runs, choices[(other, batch_size)].runs, test_accuracy)
+                lines.append(f"| {batch_size} | {label(other)} | {points(diff)} | **{higher_or_lower(diff)}** |")
+    if len(batch_sizes) > 1:
+        small, large = batch_sizes[0], batch_sizes[-1]
+        lines += ["", f"Batch {large} against batch {small}, each tuned, paired by seed:", "",
+                  "| optimizer | test accuracy difference | verdict |", "|---|---|---|"]
+        for optimizer in in_registry_order({o for o, _ in choices}):
+            if (optimizer, small) in choices and (optimizer, large) in choices:
+                diff = paired(choices[(optimizer, large)].runs, choices[(optimizer, small)].runs, test_accuracy)
+                lines.append(f"| {label(optimizer)} | {points(diff)} | **{higher_or_lower(diff)}** |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def label(optimizer: str) -> str:

@@ -1,9 +1,12 @@
 """The fast path off the CPU: the reference updates, compiled by torch.compile.
 
-A parameter group's updates run as one compiled call (`run_group`): one graph
-holds every tensor of the group, with static shapes (a model's shapes do not
-change), so a step costs the host one call per group, not one per tensor. The
-tensors go in as flat (1-D) aliases, so that tensors of equal size share
+A parameter group's updates run as a few compiled calls (`run_group`), each
+over a chunk of its tensors with static shapes (a model's shapes do not
+change), not one call per tensor: the host pays per call, and a GPU step is
+short. Inductor's compile time grows with the tensors a graph holds, so the
+chunks follow the model's repeating blocks (a transformer's layers): identical
+chunks share one graph, and compiling a 12-layer model costs about one layer.
+The tensors go in as flat (1-D) aliases, so that tensors of equal size share
 Inductor's kernels, and the hyperparameters as 0-dim tensors, so that a new
 learning rate is a new input, not a new graph. With aggressive fusion,
 Inductor turns each tensor's reference into its passes over memory (Triton
@@ -26,7 +29,9 @@ from torch import Tensor
 from ._common import ELEMENTWISE, Job, same_dense_layout
 
 _compiled: dict[Callable, Callable] = {}
-_groups: dict[tuple, Callable] = {}  # a compiled group step per update, options and group of tensors
+_groups: dict[tuple, Callable] = {}  # a compiled group step per update, options and chunk signature
+_plans: dict[tuple, list[tuple[int, int, tuple]]] = {}  # per update, options and group: its chunks
+MAX_CHUNK = 32  # the most tensors a chunk takes, when no repetition makes chunks alike
 _unavailable: str | None = None  # why compilation failed, once it has
 _scalars: dict[tuple[float, torch.device], Tensor] = {}  # hyperparameters as graph inputs
 MAX_GROUP_GRAPHS = 64  # past this many groups met in one process, older graphs are dropped
@@ -112,7 +117,7 @@ def group_step(update: Callable, inputs: list[tuple], extras: list[dict], hyper:
 def compiled_group_step(key: tuple) -> Callable:
     """The compiled group step for `key`, compiled from a code object of its own:
     Dynamo keeps its graphs, and its limit on recompilations, per code object,
-    so two groups (or two models in one process) never evict each other's."""
+    so two kinds of chunks (or two models in one process) never evict each other's."""
     compiled = _groups.get(key)
     if compiled is None:
         if len(_groups) >= MAX_GROUP_GRAPHS:
@@ -124,27 +129,67 @@ def compiled_group_step(key: tuple) -> Callable:
     return compiled
 
 
+def signature(job: Job) -> tuple:
+    """What a job's graph depends on: its inputs' sizes, dtypes and devices (as
+    flat aliases), and its extra arguments' names."""
+    inputs, _, extra = job
+    return tuple((t.numel(), t.dim() == 0, t.dtype, t.device) for t in inputs) + tuple(sorted(extra))
+
+
+def chunks(signatures: list[tuple], limit: int = MAX_CHUNK) -> list[tuple[int, int]]:
+    """How a group's jobs split into compiled calls, as (start, end) ranges:
+    every period up to `limit` and every offset is tried, and the cheapest cut
+    kept, counting a tensor traced for each distinct chunk (compile time) and
+    one per chunk (host time per step). A model of repeated blocks is cut at
+    its block's period into identical chunks; a small group stays whole."""
+    n = len(signatures)
+    best: tuple[int, list[tuple[int, int]]] | None = None
+    for period in range(1, min(limit, n) + 1):
+        for offset in range(min(period, n)):
+            cut = ([(0, offset)] if offset else []) + [(a, min(a + period, n)) for a in range(offset, n, period)]
+            traced = sum(len(kind) for kind in {tuple(signatures[a:b]) for a, b in cut})
+            cost = traced + len(cut)
+            if best is None or cost < best[0]:
+                best = (cost, cut)
+    return best[1] if best else []
+
+
+def plan(update: Callable, statics: tuple, jobs: list[Job]) -> list[tuple[int, int, tuple]]:
+    """A group's chunks, found once per group of tensors: (start, end, graph key)."""
+    key = (update, statics, tuple(id(inputs[0]) for inputs, _, _ in jobs))
+    found = _plans.get(key)
+    if found is None:
+        if len(_plans) >= MAX_GROUP_GRAPHS:
+            _plans.clear()
+        signatures = [signature(job) for job in jobs]
+        found = _plans[key] = [(a, b, (update, statics, tuple(signatures[a:b]))) for a, b in chunks(signatures)]
+    return found
+
+
 def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
-    """All of a group's `jobs` through `update` in one compiled call, and their
-    results into the jobs' output tensors in one more; `hyper` as for
+    """A group's `jobs` through `update` in a few compiled calls (one per chunk),
+    and their results into the jobs' output tensors in one more; `hyper` as for
     run_compiled, and each job's extra keyword arguments (Lamb's step count)
     inputs as well."""
-    results = None
+    results: list = []
     if _unavailable is None:
         statics = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, (str, bool))))
-        compiled = compiled_group_step((update, statics, tuple(id(inputs[0]) for inputs, _, _ in jobs)))
         like = jobs[0][0][0]
-        try:
-            results = compiled(
-                update,
-                [tuple(flat_alias(t) for t in inputs) for inputs, _, _ in jobs],
-                [{k: as_input(v, like) for k, v in extra.items()} for _, _, extra in jobs],
-                {k: as_input(v, like) for k, v in hyper.items()},
-            )
-        except Exception as error:  # a compiler or device that torch.compile cannot use
-            fall_back(error)
-    if results is None:
-        results = [update(*inputs, **hyper, **extra) for inputs, _, extra in jobs]
+        numbers = {k: as_input(v, like) for k, v in hyper.items()}
+        for start, end, key in plan(update, statics, jobs):
+            chunk = jobs[start:end]
+            try:
+                results += compiled_group_step(key)(
+                    update,
+                    [tuple(flat_alias(t) for t in inputs) for inputs, _, _ in chunk],
+                    [{k: as_input(v, like) for k, v in extra.items()} for _, _, extra in chunk],
+                    numbers,
+                )
+            except Exception as error:  # a compiler or device that torch.compile cannot use
+                fall_back(error)
+                break
+    # What did not run compiled (all, or the chunks after a failed compilation) runs eagerly.
+    results += [update(*inputs, **hyper, **extra) for inputs, _, extra in jobs[len(results):]]
     outputs = [output for _, job_outputs, _ in jobs for output in job_outputs]
     torch._foreach_copy_(outputs, [result for job_results in results for result in job_results])
 

@@ -7,6 +7,10 @@ from typing import Any
 from . import compiled, native
 from ._common import Job
 
+# The compiled path as it was before groups compiled as one: a call (and its
+# results' copies) per tensor. Kept so that `bench` can time both in one run.
+compile_per_tensor = False
+
 
 def run_reference(update: Callable, inputs: tuple, fused: bool | None, **kwargs: Any) -> Any:
     """One tensor's `update` (a reference function): compiled off the CPU, else eager."""
@@ -27,10 +31,10 @@ def run_updates(
         inputs, outputs, extra = job
         if native.usable(job, fused):
             on_native.append(job)
-        elif compiled.group_usable(inputs, fused):
+        elif compiled.group_usable(inputs, fused) and not compile_per_tensor:
             on_compiled.append(job)
         else:
-            for output, result in zip(outputs, update(*inputs, **hyper, **extra)):
+            for output, result in zip(outputs, run_reference(update, inputs, fused, **hyper, **extra)):
                 output.copy_(result)
     if on_native:
         native_updates(on_native, **hyper)

@@ -259,3 +259,33 @@ def test_runs_of_one_config_differ_only_in_seed():
     base = RunConfig(optimizer="lamb16", batch_size=128)
     assert replace(base, seed=2).run_name() == "lamb16_b128_lr0.0025_wd0.01_seed2"
     assert RunConfig.from_dict(dict(base.to_dict(), hostname="x")) == base
+
+
+def test_bench_times_the_compiled_path_per_group_or_per_tensor_on_the_cpu(monkeypatch):
+    """bench's compiled names send a CPU step down the path GPUs take: one
+    compiled call per group, or one per tensor as before; then everything is
+    as it was. (Compilation itself is faked: this tests the routing.)"""
+    import lamb16.compiled
+    import lamb16.native
+    from experiments import bench
+
+    calls: list[tuple[str, int]] = []
+
+    def group(update, jobs, **hyper):
+        calls.append(("group", len(jobs)))
+        for inputs, outputs, extra in jobs:
+            for output, result in zip(outputs, update(*inputs, **hyper, **extra)):
+                output.copy_(result)
+
+    def per_tensor(update, inputs, **hyper):
+        calls.append(("tensor", 1))
+        return update(*inputs, **hyper)
+
+    monkeypatch.setattr(lamb16.compiled, "run_group", group)
+    monkeypatch.setattr(lamb16.compiled, "run_compiled", per_tensor)
+    usable = lamb16.native.usable
+    rows = bench.step_times([(20, 10), (30,)], ["lamb16 compiled", "lamb16 1pass compiled per tensor"],
+                            torch.device("cpu"), warmup=1, steps=2)
+    assert [r["optimizer"] for r in rows] == ["lamb16 compiled", "lamb16 1pass compiled per tensor"]
+    assert calls.count(("group", 2)) == 3 and calls.count(("tensor", 1)) == 6  # 3 steps of 2 tensors each
+    assert lamb16.native.usable is usable and not lamb16.dispatch.compile_per_tensor

@@ -4,6 +4,7 @@ runs, checked here on the CPU)."""
 
 import _ctypes
 import ctypes
+import math
 import os
 import warnings
 from pathlib import Path
@@ -585,3 +586,26 @@ def test_a_damaged_cached_library_is_rebuilt_once_with_one_warning(monkeypatch, 
         warnings.simplefilter("error")
         Lamb16([param]).step()
         assert lamb16.native.library() is not None
+
+
+def test_a_groups_repeated_blocks_become_identical_chunks_that_share_a_graph():
+    """A transformer's layers: the group is cut at the layer's period, so that
+    all layers share one compiled graph; a small group is one call; with no
+    repetition, chunks of at most MAX_CHUNK tensors."""
+    from experiments.bench import transformer_shapes
+
+    shapes = transformer_shapes(width=32, layers=12, vocab=64)  # 147 tensors: 12 per layer, 3 more
+    cut = lamb16.compiled.chunks([(math.prod(shape),) for shape in shapes])
+    assert [b - a for a, b in cut].count(12) == 12 and len(cut) <= 14
+    assert len({tuple(shapes[a:b]) for a, b in cut}) <= 3  # the layer's graph, and at most two for the ends
+    assert lamb16.compiled.chunks([(n,) for n in (500, 20, 25000, 50, 400000, 500, 5000, 10)]) == [(0, 8)]
+    distinct = lamb16.compiled.chunks([(n,) for n in range(1, 61)])
+    assert [a for a, _ in distinct] == [0, 30] and distinct[-1][1] == 60
+
+
+def test_every_chunk_of_a_group_steps_as_the_reference(compiled_on_cpu, compiled_calls):
+    """Tensors of three repeated 'layers': one compiled call per group, cut into
+    chunks that all match the reference."""
+    shapes = [(16,), (8, 16), (8,)] * 3 + [(5,)]
+    assert_fused_matches_reference(*twin_runs(Lamb16, dict(weight_decay=0.01), shapes=shapes, steps=3))
+    assert compiled_calls == [("lamb16_update", len(shapes))] * 3

@@ -228,3 +228,29 @@ def test_a_sweep_killed_halfway_finishes_the_rest_when_started_again(data_dir, t
     assert sorted(resumed.values())[-1] == 1  # the killed point resumed from its checkpoint
     trials = queued_trials(out)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
+
+
+def test_the_report_says_how_sure_each_comparison_is():
+    """LAMB16 against each other optimizer at each batch size, and each
+    optimizer's largest batch against its smallest, paired by seed, each with
+    its 95% interval and a verdict that follows it."""
+    def runs_of(optimizer, batch_size, tests):
+        return [replace_batch(fake_run(optimizer, 0.01, seed, 0.9, test), batch_size)
+                for seed, test in enumerate(tests, start=1)]
+
+    runs = (runs_of("lamb16", 128, [0.990, 0.991, 0.989]) + runs_of("adamw", 128, [0.980, 0.985, 0.975])
+            + runs_of("lamb16", 8192, [0.970, 0.960, 0.980]) + runs_of("adamw", 8192, [0.975, 0.950, 0.990]))
+    text = tuning.comparisons_markdown(tuning.choose(runs))
+    # Differences +1.0, +0.6, +1.4 points: std 0.4, half-width 4.303 * 0.4 / sqrt(3) = 0.99.
+    assert "| 128 | AdamW | +1.00 ± 0.40 points (n=3), 95% CI +0.01 to +1.99 | **higher** |" in text
+    assert "| 8192 | AdamW | -0.17 ± 1.04 points (n=3), 95% CI -2.75 to +2.42 | **within noise** |" in text
+    # LAMB16 from 128 to 8192: -2.0, -3.1, -0.9 points.
+    assert "| LAMB16 | -2.00 ± 1.10 points (n=3), 95% CI -4.73 to +0.73 | **within noise** |" in text
+    lower = tuning.comparisons_markdown(tuning.choose(runs_of("lamb16", 128, [0.99, 0.99, 0.99])
+                                                      + runs_of("lamb16", 512, [0.95, 0.96, 0.94])))
+    assert "| LAMB16 | -4.00 ± 1.00 points (n=3), 95% CI -6.48 to -1.52 | **lower** |" in lower
+
+
+def replace_batch(run: Run, batch_size: int) -> Run:
+    run.config["batch_size"] = batch_size
+    return run
