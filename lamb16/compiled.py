@@ -6,14 +6,13 @@ change), not one call per tensor: the host pays per call, and a GPU step is
 short. Inductor's compile time grows with the tensors a graph holds, so the
 chunks follow the model's repeating blocks (a transformer's layers): identical
 chunks share one graph, and compiling a 12-layer model costs about one layer.
-The tensors go in as flat (1-D) aliases, so that tensors of equal size share
-Inductor's kernels, and the hyperparameters as 0-dim tensors, so that a new
-learning rate is a new input, not a new graph. With aggressive fusion,
+The hyperparameters go in as 0-dim tensors, so that a new learning rate is a
+new input, not a new graph. With aggressive fusion,
 Inductor turns each tensor's reference into its passes over memory (Triton
 kernels on CUDA, C++ on the CPU).
 
 `run_compiled` compiles one tensor's update at a time, with dynamic shapes (one
-graph for every tensor): the sharded step's passes take it. Where it cannot
+graph for every tensor, on flat aliases): the sharded step's passes take it. Where it cannot
 compile (no C compiler, an unsupported device), the optimizer falls back to the
 reference with one warning.
 """
@@ -130,10 +129,10 @@ def compiled_group_step(key: tuple) -> Callable:
 
 
 def signature(job: Job) -> tuple:
-    """What a job's graph depends on: its inputs' sizes, dtypes and devices (as
-    flat aliases), and its extra arguments' names."""
+    """What a job's graph depends on: its inputs' shapes, strides, dtypes and
+    devices, and its extra arguments' names."""
     inputs, _, extra = job
-    return tuple((t.numel(), t.dim() == 0, t.dtype, t.device) for t in inputs) + tuple(sorted(extra))
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs) + tuple(sorted(extra))
 
 
 def chunks(signatures: list[tuple], limit: int = MAX_CHUNK) -> list[tuple[int, int]]:
@@ -181,7 +180,7 @@ def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
             try:
                 results += compiled_group_step(key)(
                     update,
-                    [tuple(flat_alias(t) for t in inputs) for inputs, _, _ in chunk],
+                    [inputs for inputs, _, _ in chunk],
                     [{k: as_input(v, like) for k, v in extra.items()} for _, _, extra in chunk],
                     numbers,
                 )
