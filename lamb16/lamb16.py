@@ -185,7 +185,7 @@ def stats_after_exact_step(exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor, scal
 
 
 def single_pass_scales(
-    m_stat: Tensor, v_stat: Tensor, grad_absmax: Tensor, *, beta1: Number, beta2: Number, scaling: str
+    m_stat: Tensor, v_stat: Tensor, grad: Tensor, *, beta1: Number, beta2: Number, scaling: str
 ) -> tuple[Tensor, Tensor]:
     """The scales a single-pass step stores its moments with, known before it
     reads them. absmax: from exact bounds, |m| <= b1 max|m_old| + (1 - b1) max|g|
@@ -194,6 +194,7 @@ def single_pass_scales(
     the scales the last step computed from its moments."""
     if scaling == "seed":
         return m_stat, v_stat
+    grad_absmax = gradient_absmax(grad)
     m_bound = m_stat * beta1 + grad_absmax * (1 - beta1)
     v_bound = v_stat * beta2 + grad_absmax * grad_absmax * (1 - beta2)
     return absmax_scales_from_maxima(m_bound, v_bound)
@@ -229,8 +230,7 @@ def lamb16_single_pass_update(
     Returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio,
     carry) as they are after the step.
     """
-    m_scale, v_scale = single_pass_scales(carry[1], carry[2], gradient_absmax(grad), beta1=beta1, beta2=beta2,
-                                          scaling=scaling)
+    m_scale, v_scale = single_pass_scales(carry[1], carry[2], grad, beta1=beta1, beta2=beta2, scaling=scaling)
     weight_norm = carry[0]
     trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
     m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
