@@ -355,6 +355,33 @@ def scaling(steps, batch_size, lr, seed, data_dir, download, device):
 
 
 @cli.command()
+@click.option("--optimizers", default="lamb16,lamb16-1pass", show_default=True, help="Comma-separated registry optimizers; ratios are to the first.")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Steps of the gradient stream.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True)
+@seeds_option("3")
+@data_dir_option
+@download_option
+@device_option
+def deviation(optimizers, steps, batch_size, lr, seeds, data_dir, download, device):
+    """Measure how far each optimizer's weights stray from LAMB16 with float32
+    state, on the MNIST CNN's gradients: ||w - w32|| / ||w32 - w0|| after the
+    steps, open loop (every optimizer takes the float32-state run's gradients).
+
+    \b
+    Example:
+      python cli.py deviation --optimizers lamb16,lamb16-1pass,lamb16-seed --seeds 3
+    """
+    names = parse_list(optimizers, list(registry.OPTIMIZERS), "--optimizers")
+    for name in names:
+        registry.check_available(name)
+    seed_list = parse_seeds(seeds)
+    train_data = load_mnist(data_dir, True, studies.device_of(device), download)
+    click.echo(f"{steps} steps, batch {batch_size}, lr {lr:g}, weight decay 0.01, seeds {','.join(map(str, seed_list))}")
+    click.echo(quantization.deviation_table(train_data, steps, batch_size, lr, seed_list, tuple(names)))
+
+
+@cli.command()
 @click.option("--sizes", default="cnn,10m", show_default=True, help=f"Parameter sets, from: {', '.join(benchmarks.SIZES)}.")
 @click.option("--optimizers", default=",".join(benchmarks.DEFAULT_BENCH), show_default=True, help="Optimizers to time (also any registry name).")
 @click.option("--steps", type=click.IntRange(min=3), default=30, show_default=True, help="Timed steps per optimizer.")

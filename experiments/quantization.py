@@ -13,6 +13,7 @@ from lamb16.lamb16 import adam_direction, clamped_square_sum, lamb16_trust_ratio
 from lamb16.quantize import E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, dequantize, store_absmax, store_seed
 
 from . import registry
+from .aggregate import stat
 from .data import Split
 from .loop import make_model, train_step
 
@@ -169,3 +170,19 @@ def trajectory_deviation(
         name: math.sqrt(sum(float((p.detach() - q).square().sum()) for p, q in zip(params, weights))) / travelled
         for name, (params, _) in followers.items()
     }
+
+
+def deviation_table(train_data: Split, steps: int, batch_size: int, lr: float, seeds: list[int],
+                    optimizers: tuple[str, ...]) -> str:
+    """trajectory_deviation() over seeds, as markdown: per optimizer the mean ±
+    std over seeds, and its ratio to the first optimizer's, paired by seed."""
+    found = [trajectory_deviation(train_data, steps, batch_size, lr, seed, optimizers) for seed in seeds]
+    first = optimizers[0]
+    lines = [f"| optimizer | deviation from float32 state | x {first} |", "|---|---|---|"]
+    for name in optimizers:
+        value = stat([f[name] for f in found])
+        ratio = stat([f[name] / f[first] for f in found])
+        spread = "" if value.n == 1 else f" ± {value.std:.3f}"
+        ratio_spread = "" if ratio.n == 1 else f" ± {ratio.std:.2f}"
+        lines.append(f"| {name} | {value.mean:.3f}{spread} (n={value.n}) | {ratio.mean:.2f}{ratio_spread} |")
+    return "\n".join(lines)

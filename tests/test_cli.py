@@ -297,7 +297,8 @@ def test_cuda_device_without_cuda_is_a_one_line_error(data_dir, tmp_path):
     assert result.exit_code == 1 and "no CUDA device" in error_line(result)
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "plot", "reproduce", "scaling", "bench"])
+@pytest.mark.parametrize("command", ["train", "compare", "plot", "reproduce", "sweep", "report", "scaling", "deviation",
+                                     "bench"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -356,3 +357,16 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
 def test_bench_rejects_unknown_sizes(data_dir):
     result = invoke("bench", "--sizes", "1b", "--data-dir", str(data_dir))
     assert result.exit_code == 2 and "unknown 1b" in error_line(result)
+
+
+def test_deviation_gives_each_optimizers_distance_from_float32_state_over_seeds(data_dir):
+    result = invoke("deviation", "--steps", "5", "--seeds", "2", "--optimizers", "lamb16,lamb16-1pass",
+                    "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| lamb16")]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00 ± 0.00 |") and "(n=2)" in rows[1]
+
+
+def test_deviation_refuses_an_unknown_optimizer(data_dir):
+    result = invoke("deviation", "--optimizers", "lamb16,adam9", "--data-dir", str(data_dir))
+    assert result.exit_code == 2 and "adam9" in error_line(result)
