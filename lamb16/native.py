@@ -1,7 +1,8 @@
 """The CPU fast path: csrc/cpu_kernels.cpp, built once per machine and called through ctypes.
 
-The kernels are the reference updates written as two vectorized, multi-threaded
-loops (one for the reductions, one for the writes): by hand with AVX-512
+The kernels are the reference updates written as vectorized, multi-threaded
+loops (the exact step: one for the reductions, one for the writes; the single
+pass: the gradient's absmax, then one): by hand with AVX-512 or AVX2
 intrinsics where the processor has them, else as portable loops that the
 compiler vectorizes (`loops()` says which). They include no torch
 headers, so the first use builds them in about two seconds with the system's
@@ -60,10 +61,11 @@ SIGNATURES = {
     "encode_e5m2_array": [_ptr, _ptr, _i64],
     "decode_e4m3_array": [_ptr, _ptr, _i64],
     "decode_e5m2_array": [_ptr, _ptr, _i64],
-    "use_hand_vectorized": [_i],  # 1: on, 0: off, -1: as it is; returns whether they run
+    "use_loops": [_i],  # LOOPS index, or -1: as it is; returns the index of the loops that run
     "traffic": [_ptr, _i64, _i64, _i, _i],  # table, columns, count, pattern, threads
 }
-RESULTS = {"use_hand_vectorized": _i, "traffic": _i64}
+RESULTS = {"use_loops": _i, "traffic": _i64}
+LOOPS = ("portable", "avx2", "avx512")  # as the kernels number them
 # A step's design, as traffic() mimics it: its passes, and its moments' dtype.
 TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8),
                     "lamb16-1pass": (3, torch.uint8)}
@@ -186,13 +188,21 @@ def library() -> ctypes.CDLL | None:
 
 
 def loops() -> str:
-    """Which loops the CPU kernels run: "avx512" (hand-vectorized, where the
-    processor and compiler have AVX-512 with VBMI), "portable" (vectorized by
-    the compiler), or "none" where they cannot be built."""
+    """Which loops the CPU kernels run: "avx512" or "avx2" (hand-vectorized,
+    where the processor and compiler have AVX-512 with VBMI, or AVX2 with F16C
+    and FMA), "portable" (vectorized by the compiler), or "none" where they
+    cannot be built."""
     lib = library()
     if lib is None:
         return "none"
-    return "avx512" if lib.use_hand_vectorized(-1) else "portable"
+    return LOOPS[lib.use_loops(-1)]
+
+
+def use_loops(name: str) -> bool:
+    """Run the named loops from now on (the tests hold each set to the
+    reference); False, changing nothing, where this build has none of them."""
+    lib = library()
+    return lib is not None and LOOPS[lib.use_loops(LOOPS.index(name))] == name
 
 
 def usable(job: Job, fused: bool | None) -> bool:

@@ -113,16 +113,16 @@ def native_calls(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=lamb16.native.LOOPS[::-1])
 def loops(request) -> str:
-    """Each test with it runs on both of the kernels' loops: the hand-vectorized
-    ones (skipped where the build has none) and the portable ones."""
-    lib = lamb16.native.library()
-    hand_vectorized = lib.use_hand_vectorized(request.param == "avx512")
-    if request.param == "avx512" and not hand_vectorized:
-        pytest.skip("no AVX-512 (with VBMI) on this machine")
+    """Each test with it runs on every set of the kernels' loops: the
+    hand-vectorized ones (each skipped where the processor lacks it) and the
+    portable ones."""
+    widest = lamb16.native.loops()
+    if not lamb16.native.use_loops(request.param):
+        pytest.skip(f"no {request.param} loops on this machine")
     yield request.param
-    lib.use_hand_vectorized(1)
+    lamb16.native.use_loops(widest)
 
 
 @pytest.fixture
