@@ -7,14 +7,14 @@ short. Inductor's compile time grows with the tensors a graph holds, so the
 chunks follow the model's repeating blocks (a transformer's layers): identical
 chunks share one graph, and compiling a 12-layer model costs about one layer.
 The hyperparameters go in as 0-dim tensors, so that a new learning rate is a
-new input, not a new graph. With aggressive fusion,
-Inductor turns each tensor's reference into its passes over memory (Triton
-kernels on CUDA, C++ on the CPU).
+new input, not a new graph. With aggressive fusion, Inductor turns each
+tensor's reference into its passes over memory (Triton kernels on CUDA, C++ on
+the CPU).
 
-`run_compiled` compiles one tensor's update at a time, with dynamic shapes (one
-graph for every tensor, on flat aliases): the sharded step's passes take it. Where it cannot
-compile (no C compiler, an unsupported device), the optimizer falls back to the
-reference with one warning.
+`run_compiled` compiles one tensor's update at a time, with dynamic shapes
+(one graph for every tensor, on flat aliases): the sharded step's passes take
+it. Where it cannot compile (no C compiler, an unsupported device), the
+optimizer falls back to the reference with one warning.
 """
 
 import types

@@ -180,7 +180,7 @@ def stats_after_exact_step(exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor, scal
     stored the moments: exactly these. Its largest absmax moments sit at the
     top of the fp8 range, and seed moments are stored with their own seed scales."""
     if scaling == "seed":
-        return exp_avg_scale.clone(), exp_avg_sq_scale.clone()
+        return exp_avg_scale, exp_avg_sq_scale
     return exp_avg_scale * E4M3_MAX, exp_avg_sq_scale * E5M2_MAX
 
 
@@ -298,7 +298,7 @@ class Lamb16(CheckedOptimizer):
         always take the exact step.
     fused: None (default) or True runs the update fused: on the CPU, C++
         kernels built once per machine (lamb16.native); elsewhere, the reference
-        compiled by torch.compile, one graph per parameter group
+        compiled by torch.compile, a few calls per parameter group
         (lamb16.compiled). It falls back to the reference with one warning where
         it cannot build or compile; False always runs the eager reference.
 
@@ -378,7 +378,8 @@ class Lamb16(CheckedOptimizer):
         for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
             hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
-            fresh = {param for param in params if not self.state.get(param)}
+            # A tensor's first step is exact: nothing carried yet.
+            fresh = {param for param in params if not self.state.get(param)} if group["single_pass"] else set()
             exact_jobs: list[Job] = []
             single_jobs: list[Job] = []
             sharded_jobs: list[Job] = []
@@ -396,7 +397,7 @@ class Lamb16(CheckedOptimizer):
                     single_jobs.append(((*pieces, m_scale, v_scale, carry, state["adam_norm"]), (*outputs, carry), {}))
                 else:
                     exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
-            if self.carried:
+            if self.carried and len(carrying) < len(params):
                 self.forget_carries({param for param in params if param not in carrying})
             run_updates(lamb16_update, native.lamb16_steps, exact_jobs, group["fused"], **hyper)
             if single_jobs:

@@ -88,9 +88,11 @@ def test_the_carry_holds_what_the_next_step_needs(scaling, fused):
     if scaling == "absmax":
         assert m_stat == float(dequantize(state["exp_avg"], state["exp_avg_scale"]).abs().max())
         assert v_stat == float(dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"]).max())
-    else:
-        assert m_stat > 0 and v_stat > 0  # this step's seed scales, for the next step's codes
+    else:  # this step's seed scales: the next step stores its codes with them
         assert m_stat != float(state["exp_avg_scale"])
+        param.grad = spiky_gradients((200, 30), steps=6)[5]
+        optimizer.step()
+        assert (float(state["exp_avg_scale"]), float(state["exp_avg_sq_scale"])) == (m_stat, v_stat)
 
 
 def test_after_an_exact_step_the_largest_stored_moments_sit_at_the_top_of_fp8():
