@@ -1,5 +1,6 @@
 """What Lamb and Lamb16 share: hyperparameter checks and the walk over parameters."""
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -46,17 +47,42 @@ def check_gradient(param: Tensor, optimizer: str) -> None:
         )
 
 
+def check_learning_rate(lr: float | Tensor) -> None:
+    """A float, or a tensor of one element (any shape: [], [1], [1, 1]) that a
+    scheduler may change in place; >= 0 and not NaN."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid learning rate: a tensor of shape {tuple(lr.shape)} (a tensor lr must hold "
+                             "exactly one element)")
+        if not lr.is_floating_point():
+            raise ValueError(f"Invalid learning rate: a tensor of dtype {lr.dtype} (must be floating point)")
+        value = lr.item()
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value = lr
+    else:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a float or a one-element tensor)")
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid learning rate: {value} (must be >= 0)")
+
+
+def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        choices = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"Invalid {name} value: {value!r} (must be {choices})")
+
+
 def check_hyperparameters(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> None:
     """Raise ValueError naming the first invalid hyperparameter."""
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    check_learning_rate(lr)
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas} (must be a pair)")
     for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            raise ValueError(f"Invalid beta parameter at index {index}: a tensor (must be a float)")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
     if not 0.0 <= weight_decay:
@@ -110,7 +136,10 @@ def check_step_tensors(param: Tensor, optimizer: str) -> None:
 def adam_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters both updates take, as their keyword arguments."""
     beta1, beta2 = group["betas"]
-    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+    lr = group["lr"]
+    if isinstance(lr, Tensor):  # any one-element shape, read as the 0-dim tensor every path takes
+        lr = lr.detach().reshape(())
+    return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 # One tensor's update: the reference's tensor arguments (weights, gradient, the
@@ -217,6 +246,7 @@ class CheckedOptimizer(Optimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_flag("fused", group["fused"], allow_none=True)
         check_float32_params(group, type(self).__name__)
         check_sharding(group, type(self).__name__)
 
@@ -262,10 +292,15 @@ class CheckedOptimizer(Optimizer):
             per_group.append(params)
         return per_group
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse another optimizer's state_dict with a clear error, before it is installed."""
+    def group_options(self) -> set[str]:
+        """The group options of this optimizer, as its constructor names them
+        (torch's own load adds others, such as differentiable, to the defaults)."""
+        return set(inspect.signature(type(self).__init__).parameters) - {"self", "params"}
+
+    def check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse another optimizer's state_dict with a clear error, before anything is installed."""
         name = type(self).__name__
-        own_keys = set(self.defaults) - LATER_GROUP_KEYS
+        own_keys = self.group_options() - LATER_GROUP_KEYS
         for group in state_dict.get("param_groups", []):
             missing = own_keys - set(group)
             if missing:
@@ -274,13 +309,34 @@ class CheckedOptimizer(Optimizer):
                     f"{', '.join(sorted(missing))}); load it into the kind of optimizer that saved it"
                 )
         expected = set(self.element_state) | set(self.scalar_state) | set(self.vector_state)
-        for state in state_dict.get("state", {}).values():
+        param_ids = {i for group in state_dict.get("param_groups", []) for i in group.get("params", [])}
+        for key, state in state_dict.get("state", {}).items():
+            if key not in param_ids:  # an entry that a hook put there, not a parameter's state
+                continue
             if not expected - LATER_STATE_KEYS <= set(state) <= expected:
                 raise ValueError(
                     f"Invalid state_dict for {name}: its state holds {', '.join(sorted(state))}, not "
                     f"{', '.join(sorted(expected))}; load it into the kind of optimizer that saved it"
                 )
-        super().load_state_dict(state_dict)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load in torch's order: the pre-hooks (which may repair or
+        replace the state_dict), then the check that it is this optimizer's
+        kind, then the state installed (`__setstate__`), then the post-hooks."""
+        check = self.register_load_state_dict_pre_hook(lambda _, loaded: self.check_loadable(loaded))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            check.remove()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Where state comes in by every route (load_state_dict, copy.deepcopy,
+        unpickling), before any post-hook sees it."""
+        super().__setstate__(state)
+        self.state_installed()
+
+    def state_installed(self) -> None:
+        """Bring state that came in to what a step expects (Lamb16: fp8 again)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

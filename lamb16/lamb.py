@@ -12,6 +12,7 @@ from ._common import (
     CheckedOptimizer,
     Job,
     adam_hyperparameters,
+    check_flag,
     init_step_and_statistics,
     is_dtensor,
     local_piece,
@@ -179,6 +180,8 @@ class Lamb(CheckedOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
+        check_flag("adam", group["adam"])
+        check_flag("bias_correction", group["bias_correction"])
         limit = group["max_weight_norm"]
         if limit is not None and not limit > 0:
             raise ValueError(f"Invalid max_weight_norm value: {limit} (must be > 0, or None for no clamp)")

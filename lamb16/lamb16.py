@@ -10,6 +10,7 @@ from torch import Tensor
 from . import native, sharded
 from ._common import (
     CheckedOptimizer,
+    check_flag,
     Job,
     adam_hyperparameters,
     init_step_and_statistics,
@@ -300,7 +301,16 @@ class Lamb16(CheckedOptimizer):
         kernels built once per machine (lamb16.native); elsewhere, the reference
         compiled by torch.compile, a few calls per parameter group
         (lamb16.compiled). It falls back to the reference with one warning where
-        it cannot build or compile; False always runs the eager reference.
+        it cannot build or compile, True included (a device without a fast path
+        still trains); False always runs the eager reference.
+
+    lr may be a float or a one-element tensor of any shape (a scheduler may
+    change it in place). state["step"] is a float32 0-dim tensor, as torch's
+    own optimizers keep it; a state_dict never holds a Python-number counter.
+    Everything a step needs lives in `state` and `param_groups`, so
+    state_dict()/load_state_dict() (load as often as you like, hooks run in
+    torch's order), copy.deepcopy and torch.save of the optimizer all continue
+    bit for bit.
 
     After each step, `optimizer.state[p]` holds `weight_norm`, `adam_norm` and
     `trust_ratio` of that step as 0-dim tensors, for logging (updated in place, as
@@ -341,8 +351,7 @@ class Lamb16(CheckedOptimizer):
             raise ValueError(f"Invalid trust_scale value: {group['trust_scale']} (must be >= 0)")
         if group["scaling"] not in SCALINGS:
             raise ValueError(f"Invalid scaling: {group['scaling']!r} (choose one of {', '.join(SCALINGS)})")
-        if not isinstance(group["single_pass"], bool):
-            raise ValueError(f"Invalid single_pass value: {group['single_pass']!r} (must be True or False)")
+        check_flag("single_pass", group["single_pass"])
 
     @property
     def carried(self) -> dict[Tensor, int | None]:
@@ -357,22 +366,22 @@ class Lamb16(CheckedOptimizer):
         for param in self.carried:
             self.carried[param] = None
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def state_installed(self) -> None:
         # Optimizer.load_state_dict casts floating-point state to the parameter's
         # dtype, which would turn the fp8 moments into float32 (4x the memory).
         # fp8 -> float32 -> fp8 is exact, so casting back loses nothing.
-        super().load_state_dict(state_dict)
         self.carried.clear()
         for group in self.param_groups:
             group.setdefault("single_pass", False)  # saved before the option existed
         for param, state in self.state.items():
-            if "exp_avg" in state:
-                state["exp_avg"] = state["exp_avg"].to(E4M3)
-                state["exp_avg_sq"] = state["exp_avg_sq"].to(E5M2)
-                if "carry" not in state:  # saved before the single-pass step existed
-                    state["carry"] = new_carry(param)
-                elif state["carry"][3].item() > 0:  # the weights it was written for may not be these
-                    self.carried[param] = None
+            if not isinstance(state, dict) or "exp_avg" not in state:
+                continue
+            state["exp_avg"] = state["exp_avg"].to(E4M3)
+            state["exp_avg_sq"] = state["exp_avg_sq"].to(E5M2)
+            if "carry" not in state:  # saved before the single-pass step existed
+                state["carry"] = new_carry(param)
+            elif state["carry"][3].item() > 0:  # the weights it was written for may not be these
+                self.carried[param] = None
 
     def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):

@@ -9,19 +9,16 @@ from torch import nn
 
 from lamb16 import Lamb, Lamb16, state_nbytes
 from lamb16.quantize import E4M3, E5M2
+from optimizer_cases import CASES, CORE
 
-OPTIMIZERS = {
-    "lamb": Lamb,
-    "lamb16": Lamb16,
-    "lamb16-seed": lambda params, **kw: Lamb16(params, scaling="seed", **kw),
-    "lamb16-1pass": lambda params, **kw: Lamb16(params, single_pass=True, **kw),
-    "lamb16-seed-1pass": lambda params, **kw: Lamb16(params, scaling="seed", single_pass=True, **kw),
-}
-
-
-@pytest.fixture(params=list(OPTIMIZERS))
+@pytest.fixture(params=CASES, ids=repr)
 def make(request):
-    return OPTIMIZERS[request.param]
+    return request.param
+
+
+@pytest.fixture(params=CORE, ids=repr)
+def make_core(request):
+    return request.param
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -124,8 +121,11 @@ def test_step_returns_the_closure_loss_computed_with_grad(make):
         loss.backward()  # fails if the closure ran under no_grad
         return loss
 
+    before = model(x).square().mean().item()  # the closure runs before the step moves anything
+    weights = [p.clone() for p in model.parameters()]
     loss = optimizer.step(closure)
-    assert torch.is_tensor(loss) and loss.item() == pytest.approx(closure().item(), rel=0.5)
+    assert torch.is_tensor(loss) and loss.item() == before
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     assert optimizer.step() is None
 
 
@@ -365,13 +365,13 @@ def compiled_twin(make, compile_what: str, steps: int = 8):
     return eager_model, compiled_model
 
 
-def test_compiled_optimizer_step_never_recompiles_and_matches_eager(make):
-    eager, compiled = compiled_twin(make, "step")
+def test_compiled_optimizer_step_never_recompiles_and_matches_eager(make_core):
+    eager, compiled = compiled_twin(make_core, "step")
     assert params_equal(eager, compiled)
 
 
-def test_compiled_training_step_never_recompiles_and_matches_eager(make):
-    eager, compiled = compiled_twin(make, "train step")
+def test_compiled_training_step_never_recompiles_and_matches_eager(make_core):
+    eager, compiled = compiled_twin(make_core, "train step")
     for p, q in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -391,3 +391,249 @@ def test_partial_dtensor_parameters_are_refused_with_a_clear_error(make, tmp_pat
             make([param])
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------- the contract as torch.optim.Adam keeps it ----
+
+LR = 2.0**-7  # exactly a float32, so that a tensor lr and a float lr are the same number
+
+
+def trained(make, steps: int = 3, **options) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = small_model()
+    optimizer = make(model.parameters(), lr=LR, **options)
+    train(model, optimizer, steps=steps)
+    return model, optimizer
+
+
+def assert_same_course(a: tuple, b: tuple, steps: int = 4) -> None:
+    """Two (model, optimizer) pairs take the same later steps, bit for bit, compared after each."""
+    for seed in range(10, 10 + steps):
+        train(*a, steps=1, seed=seed)
+        train(*b, steps=1, seed=seed)
+        assert params_equal(a[0], b[0]), f"apart after the step with seed {seed}"
+
+
+def test_load_state_dict_twice_and_continue(make):
+    model, optimizer = trained(make)
+    twin_model = copy.deepcopy(model)
+    twin = make(twin_model.parameters(), lr=LR)
+    saved = copy.deepcopy(optimizer.state_dict())  # a live state_dict shares the state's tensors
+    twin.load_state_dict(saved)
+    twin.load_state_dict(twin.state_dict())  # a trainer that restores again
+    twin.load_state_dict(saved)
+    assert_same_course((model, optimizer), (twin_model, twin))
+
+
+def test_load_state_dict_into_a_deepcopy(make):
+    model, optimizer = trained(make)
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    twin.load_state_dict(saved)
+    assert_same_course((model, optimizer), (twin_model, twin))
+
+
+def test_deepcopy_continues_bit_for_bit(make):
+    model, optimizer = trained(make)
+    twin = copy.deepcopy((model, optimizer))
+    assert all(p is not q for p, q in zip(twin[0].parameters(), model.parameters()))
+    assert_same_course((model, optimizer), twin)
+
+
+def test_torch_save_of_the_optimizer_continues_bit_for_bit(make):
+    model, optimizer = trained(make)
+    buffer = io.BytesIO()
+    torch.save((model, optimizer), buffer)
+    buffer.seek(0)
+    twin = torch.load(buffer, weights_only=False)
+    assert_same_course((model, optimizer), twin)
+
+
+def test_state_dict_holds_only_tensors_and_plain_values(make):
+    """What a step needs is in the state_dict, as tensors (step counters
+    included, as float32 0-dim tensors) or plain values: nothing kept aside."""
+    model, optimizer = trained(make)
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        assert state["step"].dtype == torch.float32 and state["step"].dim() == 0 and state["step"].item() == 3
+        assert all(isinstance(value, torch.Tensor) for value in state.values())
+    fresh_model = copy.deepcopy(model)
+    fresh = make(fresh_model.parameters(), lr=LR)
+    fresh.load_state_dict(torch.load(io.BytesIO(save_bytes(saved)), weights_only=True))
+    assert_same_course((model, optimizer), (fresh_model, fresh))
+
+
+def save_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_load_state_dict_hooks_run_in_torchs_order(make):
+    """Pre-hooks run first (prepended ones before the others) and may replace
+    the state_dict, even one the optimizer would refuse as it is; post-hooks
+    see the state as a step uses it and may add entries of their own."""
+    model, optimizer = trained(make)
+    saved = optimizer.state_dict()
+    option = sorted(optimizer.group_options() - {"lr", "fused"})[0]
+    for group in saved["param_groups"]:
+        del group[option]  # as another version might have saved it
+    target = make(copy.deepcopy(model).parameters(), lr=LR)
+    with pytest.raises(ValueError, match=f"lack {option}"):
+        target.load_state_dict(saved)
+    calls = []
+
+    def repair(opt, state_dict):
+        calls.append("repair")
+        state_dict = copy.deepcopy(state_dict)
+        for group, own in zip(state_dict["param_groups"], opt.param_groups):
+            group[option] = own[option]
+        return state_dict
+
+    def first(opt, state_dict):
+        calls.append("first")
+
+    def post(opt):
+        calls.append("post")
+        for state in (s for s in opt.state.values() if isinstance(s, dict)):
+            for key, dtype in type(opt).element_state.items():
+                assert state[key].dtype == dtype, key  # already as a step needs it
+        opt.state["ran_load_state_dict_post_hook"] = True
+
+    target.register_load_state_dict_pre_hook(repair)
+    target.register_load_state_dict_pre_hook(first, prepend=True)
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(saved)
+    assert calls == ["first", "repair", "post"]
+    assert target.state["ran_load_state_dict_post_hook"] is True
+    target.load_state_dict(target.state_dict())  # the hook's own entry loads too
+    assert calls[-3:] == ["first", "repair", "post"]
+
+
+def test_a_hook_entry_in_state_does_not_stop_steps_or_saves(make):
+    model, optimizer = trained(make)
+    optimizer.state["note"] = {"written_by": "a hook"}
+    optimizer.state["flag"] = True
+    train(model, optimizer, steps=1)
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved["state"]["flag"] is True
+    twin_model = copy.deepcopy(model)
+    twin = make(twin_model.parameters(), lr=LR)
+    twin.load_state_dict(saved)
+    assert twin.state["flag"] is True
+    assert_same_course((model, optimizer), (twin_model, twin), steps=2)
+
+
+def test_state_dict_and_step_hooks(make):
+    model = small_model()
+    optimizer = make(model.parameters(), lr=LR)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("step pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("step post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("save pre"))
+
+    def post(opt, state_dict):
+        calls.append("save post")
+        state_dict["extra"] = 1
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(post)
+    train(model, optimizer, steps=1)
+    assert optimizer.state_dict()["extra"] == 1
+    assert calls == ["step pre", "step post", "save pre", "save post"]
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "[1]", "[1,1]"])
+def test_tensor_lr_of_any_one_element_shape_steps_as_the_float(make, shape):
+    options = {**make.options}
+    base = type(make)(make.name, make.optimizer, options)  # the same case with a float lr
+    with_float = trained(base)
+    as_tensor = small_model()
+    optimizer = make.optimizer(as_tensor.parameters(), **{**options, "lr": torch.full(shape, LR)})
+    train(as_tensor, optimizer, steps=3)
+    assert params_equal(with_float[0], as_tensor)
+
+
+def test_a_tensor_lr_changed_in_place_is_followed(make):
+    model = small_model()
+    lr = torch.tensor(LR)
+    optimizer = make.optimizer(model.parameters(), **{**make.options, "lr": lr})
+    train(model, optimizer, steps=2)
+    lr.fill_(0.0)  # as a scheduler writing into a tensor lr does
+    before = [p.clone() for p in model.parameters()]
+    train(model, optimizer, steps=2)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_schedulers_drive_the_lr(make):
+    model = small_model()
+    optimizer = make(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    for step in range(3):
+        train(model, optimizer, steps=1, seed=step)
+        scheduler.step()
+    assert float(optimizer.param_groups[0]["lr"]) == LR * 0.5**3
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert float(saved["param_groups"][0]["initial_lr"]) == LR
+
+
+def test_an_lr_zero_group_leaves_its_weights_exactly(make):
+    model = small_model()
+    optimizer = make([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}], lr=LR)
+    frozen = [p.clone() for p in model[0].parameters()]
+    train(model, optimizer, steps=3)
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+
+
+def test_zero_grad_to_none_skips_every_parameter(make):
+    model, optimizer = trained(make, steps=2)
+    optimizer.zero_grad()  # set_to_none=True, torch's default
+    assert all(p.grad is None for p in model.parameters())
+    before = snapshot(model, optimizer)
+    optimizer.step()
+    assert_unchanged(model, optimizer, before)
+
+
+def test_zero_grad_to_zeros_steps_as_explicit_zero_gradients(make):
+    model, optimizer = trained(make, steps=2)
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    optimizer.zero_grad(set_to_none=False)
+    for p in twin_model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    twin.step()
+    assert all(float(s["step"]) == 3 for s in optimizer.state.values())
+    assert params_equal(model, twin_model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(lr=float("nan")), "Invalid learning rate: nan"),
+        (dict(lr=torch.tensor([1e-3, 2e-3])), r"Invalid learning rate: a tensor of shape \(2,\)"),
+        (dict(lr=torch.tensor(1)), "Invalid learning rate: a tensor of dtype torch.int64"),
+        (dict(lr="0.01"), "Invalid learning rate: '0.01'"),
+        (dict(eps=float("nan")), "Invalid epsilon value: nan"),
+        (dict(betas=(0.9,)), r"Invalid betas: \(0.9,\)"),
+        (dict(betas=(0.9, float("nan"))), "Invalid beta parameter at index 1: nan"),
+        (dict(weight_decay=float("nan")), "Invalid weight_decay value: nan"),
+        (dict(fused="yes"), "Invalid fused value: 'yes'"),
+    ],
+)
+def test_more_invalid_hyperparameters_raise_naming_them(make, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        make.optimizer(small_model().parameters(), **{**make.options, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "optimizer, kwargs, fragment",
+    [
+        (Lamb16, dict(trust_scale=float("nan")), "Invalid trust_scale value: nan"),
+        (Lamb16, dict(single_pass=1), "Invalid single_pass value: 1"),
+        (Lamb, dict(adam="no"), "Invalid adam value: 'no'"),
+        (Lamb, dict(bias_correction=None), "Invalid bias_correction value: None"),
+        (Lamb, dict(max_weight_norm=0.0), "Invalid max_weight_norm value: 0.0"),
+    ],
+)
+def test_each_optimizers_own_options_are_checked(optimizer, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        optimizer(small_model().parameters(), **kwargs)
