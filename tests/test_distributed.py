@@ -321,10 +321,20 @@ def single_process_weights(optimizer: str, data_dir: Path, out: Path) -> dict[st
 
 
 # Lamb16's fp8 codes turn a last-bit difference (the ranks' partial sums
-# added in another order) into a code one step away now and then, so its
-# trajectory is held to a bound on the deviation relative to the distance
-# travelled (measured: at most 2.2e-4 under DDP, 1.1e-3 under FSDP2); Lamb's
-# float32 state to float tolerance (measured: 6e-8 at most).
+# added in another order) into a code one step away now and then, and the
+# trajectories then part, by an amount that depends on where the flips fall
+# (and so on the processor's loops: measured 2.2e-4 of the distance travelled
+# under DDP, 1.1e-3 under FSDP2 on AVX2, 6.6e-3 on AVX-512). The bound is what
+# the fp8 grid allows rather than what one machine measured: a code one step
+# away moves that element's moment, and so its update, by at most one e4m3
+# step, 2**-3 of its value; every moment that far off for the whole run moves
+# the weights by at most 2**-3 of the distance they travelled. A gradient or
+# sharding mistake moves them by the order of the distance itself (DDP
+# without its gradient all-reduce: conv1.weight 0.63 of it away). Lamb's
+# float32 state is held to float tolerance (measured: 6e-8 at most).
+FP8_BOUND = 2.0**-3
+
+
 @pytest.mark.parametrize("mode,optimizer", [("ddp", "lamb16"), ("fsdp", "lamb16"), ("fsdp", "lamb")])
 def test_train_under_torchrun_matches_one_process_with_the_global_batch(mode, optimizer, data_dir, tmp_path,
                                                                         monkeypatch):
@@ -354,14 +364,14 @@ def test_train_under_torchrun_matches_one_process_with_the_global_batch(mode, op
             torch.testing.assert_close(weight, expected[name], rtol=1e-4, atol=1e-5, msg=f"{mode} {name}")
         else:
             travelled = (expected[name] - initial[name]).norm()
-            assert (weight - expected[name]).norm() <= 3e-3 * travelled, (mode, name)
+            assert (weight - expected[name]).norm() <= FP8_BOUND * travelled, (mode, name)
 
 
 def test_a_run_stopped_in_one_process_resumes_under_fsdp2_on_two(data_dir, tmp_path, monkeypatch):
     """Checkpoints hold whole tensors: a run stopped inside epoch 2 in one
     process resumes with `torchrun ... train --resume RUN --fsdp`, each rank
     taking its pieces of the weights and fp8 state, and ends where the
-    uninterrupted run does (to the bound above)."""
+    uninterrupted run does (to FP8_BOUND)."""
     from experiments.config import RunConfig
     from experiments.data import load_train_and_test
     from experiments.errors import Interrupted
@@ -389,4 +399,4 @@ def test_a_run_stopped_in_one_process_resumes_under_fsdp2_on_two(data_dir, tmp_p
     torch.manual_seed(1)
     initial = MnistCNN().state_dict()
     for name, weight in resumed.items():
-        assert (weight - expected[name]).norm() <= 3e-3 * (expected[name] - initial[name]).norm(), name
+        assert (weight - expected[name]).norm() <= FP8_BOUND * (expected[name] - initial[name]).norm(), name

@@ -176,9 +176,14 @@ def test_a_tensor_the_kernels_cannot_take_runs_the_reference_beside_them(native_
     assert_fused_matches_reference(fused, reference, fast_opt, ref_opt)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Every rank of tensor and a 0-dim one; each case compiles its own graphs (about
+# 5-30 s apiece on 2 cores), so bias correction is tried with the clamp off alone.
+COMPILED_SHAPES = [(3,), (50, 20), (20, 1, 5, 5), (2, 3, 90), ()]
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case != "lamb-bias-correction"])
 def test_compiled_step_matches_reference(case, compiled_on_cpu):
-    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"]))
+    assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"], shapes=COMPILED_SHAPES))
 
 
 def test_each_tensor_takes_its_own_step_count_for_bias_correction(native_calls, loops):
