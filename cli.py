@@ -9,6 +9,7 @@ Thin click commands over the `experiments` package, which does the work.
 """
 
 import functools
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
 from experiments.runs import free_path, fresh_dir, writable_dir
 
-INTERRUPTED_EXIT = 130  # the shell's code for a command ended by SIGINT
+INTERRUPTED_EXIT = 130
+# Where an option's value came from when the user gave it (not its default).
+GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)  # the shell's code for a command ended by SIGINT
 
 
 class Commands(click.Group):
@@ -42,6 +45,30 @@ class Commands(click.Group):
             hint = ctx.meta.get("resume_hint", "python cli.py train --resume {run_dir}").format(run_dir=stopped.run_dir)
             click.echo(f"interrupted: {stopped.run_dir} keeps what was written; resume with: {hint}", err=True)
             ctx.exit(INTERRUPTED_EXIT)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number at least `minimum` (above it when `open`): click's
+    FloatRange lets nan through, and an lr of 0 trains nothing."""
+
+    name = "float"
+
+    def __init__(self, minimum: float = 0.0, open: bool = False, maximum: float = math.inf) -> None:
+        self.minimum, self.open, self.maximum = minimum, open, maximum
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        low = number < self.minimum or (self.open and number == self.minimum)
+        if not math.isfinite(number) or low or number > self.maximum:
+            bound = f"above {self.minimum:g}" if self.open else f"at least {self.minimum:g}"
+            if self.maximum < math.inf:
+                bound += f" and at most {self.maximum:g}"
+            self.fail(f"{value!r} is not a finite number {bound}", param, ctx)
+        return number
+
+
+POSITIVE = FiniteFloat(0.0, open=True)
+NON_NEGATIVE = FiniteFloat(0.0)
 
 
 def parse_list(text: str, choices, option: str) -> list[str]:
@@ -78,7 +105,7 @@ progress_option = click.option("--progress/--no-progress", default=None,
 data_options = options(data_dir_option, download_option, device_option, progress_option)
 
 
-target_option = click.option("--target", type=click.FloatRange(0, 1), default=tuning.DEFAULT_TARGET, show_default=True,
+target_option = click.option("--target", type=FiniteFloat(0.0, maximum=1.0), default=tuning.DEFAULT_TARGET, show_default=True,
                              help="Validation accuracy whose samples-to-reach the report gives.")
 
 
@@ -91,11 +118,11 @@ hyperparameter_options = options(
     click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True, help="Training batch size."),
     click.option("--test-batch-size", type=click.IntRange(min=1), default=DEFAULTS.test_batch_size, show_default=True, help="Evaluation batch size."),
     click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True, help="Passes over the training set."),
-    click.option("--lr", type=click.FloatRange(min=0), default=DEFAULTS.lr, show_default=True, help="Learning rate."),
-    click.option("--weight-decay", "--wd", "wd", type=click.FloatRange(min=0), default=DEFAULTS.wd, show_default=True, help="Weight decay."),
+    click.option("--lr", type=POSITIVE, default=DEFAULTS.lr, show_default=True, help="Learning rate."),
+    click.option("--weight-decay", "--wd", "wd", type=NON_NEGATIVE, default=DEFAULTS.wd, show_default=True, help="Weight decay."),
     click.option("--seed", type=int, default=None, show_default=str(DEFAULTS.seed), help="Seed of the initial weights and data order."),
     click.option("--log-interval", type=click.IntRange(min=1), default=DEFAULTS.log_interval, show_default=True, help="Batches between train-loss records."),
-    click.option("--trust-scale", type=click.FloatRange(min=0), default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
+    click.option("--trust-scale", type=NON_NEGATIVE, default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
 )
 
 
@@ -145,10 +172,15 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
       torchrun --nproc-per-node 2 cli.py train --optimizer lamb16 --fsdp
     """
     if resume_dir is not None:
+        given = {name: ctx.params[name] for name in (*studies.RESUME_OPTIONS, "out")
+                 if ctx.get_parameter_source(name) in GIVEN}
+        if seeds is not None:
+            given["seeds"] = parse_seeds(seeds)
+        studies.check_resume_options(resume_dir, given)
         train_data, test_data = load_data(data_dir, download, device)
         with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
-            summary = studies.resume_run(resume_dir, train_data, test_data, bars=progress, echo=click.echo, stop=stop,
-                                         parallel=processes)
+            summary = studies.resume_run(resume_dir, train_data, test_data, data_dir, bars=progress, echo=click.echo,
+                                         stop=stop, parallel=processes)
         if processes.is_main:
             click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
                        f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
@@ -314,20 +346,25 @@ def plot(run_dirs, output, title, log_y, force):
     """
     from experiments import aggregate
     from experiments.runs import load_runs
-    from plots import comparison_figure, figure_title
+    from plots import check_figure_path, comparison_figure, figure_title
 
     runs = load_runs(run_dirs, warn=lambda line: click.echo(f"warning: {line}", err=True))
     if not runs:
         raise UserError(f"no runs in {', '.join(map(str, run_dirs))}: a run directory holds config.json and metrics.jsonl")
     if output is not None and output.exists() and not force:
         raise UserError(f"{output} exists; pass --force to overwrite it, or choose another --output")
+    if output is not None:
+        try:
+            check_figure_path(output)
+        except ValueError as error:
+            raise UserError(f"--output {error}") from None
     first = run_dirs[0]
     output = output or free_path((first.parent if (first / "config.json").is_file() else first) / "figure.png")
     writable_dir(output.parent, "--output")
     groups = aggregate.group_runs(runs)
     seeds = max(len(g) for g in groups.values())
-    curves = [aggregate.curves(name, group) for name, group in groups.items()]
-    comparison_figure(curves, output, title or figure_title(runs[0].config, seeds), log_y)
+    comparison_figure(aggregate.all_curves(groups), output, title or figure_title([r.config for r in runs], seeds),
+                      log_y)
     click.echo(aggregate.results_table(groups))
     click.echo(f"figure written to {output}")
 
@@ -335,7 +372,7 @@ def plot(run_dirs, output, title, log_y, force):
 @cli.command()
 @click.option("--steps", type=click.IntRange(min=10), default=300, show_default=True, help="Training steps of the gradient stream.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--lr", type=POSITIVE, default=0.01, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @data_dir_option
 @download_option
@@ -358,7 +395,7 @@ def scaling(steps, batch_size, lr, seed, data_dir, download, device):
 @click.option("--optimizers", default="lamb16,lamb16-1pass", show_default=True, help="Comma-separated registry optimizers; ratios are to the first.")
 @click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Steps of the gradient stream.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True)
+@click.option("--lr", type=POSITIVE, default=0.02, show_default=True)
 @seeds_option("3")
 @data_dir_option
 @download_option

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from plots import Band, Curves
+from plots import Band, Curves, tell_apart
 
 from . import registry
 from .runs import Run
@@ -122,6 +122,12 @@ def band(points: list[list[tuple[float, float]]]) -> Band:
         out.low.append(min(ys))
         out.high.append(max(ys))
     return out
+
+
+def all_curves(groups: dict[str, list[Run]]) -> list[Curves]:
+    """Each group's curves, those of one optimizer at several settings told apart by line style."""
+    return tell_apart([curves(name, group) for name, group in groups.items()],
+                      [group[0].optimizer for group in groups.values()])
 
 
 def curves(group_name: str, runs: list[Run]) -> Curves:

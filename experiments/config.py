@@ -1,5 +1,7 @@
 """The settings of a run, each with its one default (the click options read them here)."""
 
+import math
+import typing
 from dataclasses import asdict, dataclass, fields
 
 
@@ -31,9 +33,46 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        """The settings of a config.json (which also holds metadata)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The settings of a config.json (which also holds metadata), each of
+        its type and in its range; ValueError naming the first that is not."""
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object of settings")
+        values = {f.name: typed(f.name, data[f.name], f.type) for f in fields(cls) if f.name in data}
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """ValueError naming the first setting out of its range."""
+        for name in ("batch_size", "test_batch_size", "epochs", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr {self.lr} must be a finite number above 0")
+        for name in ("wd", "trust_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} {value} must be a finite number of at least 0")
+        if self.val_size < 0:
+            raise ValueError(f"val_size {self.val_size} must be at least 0")
+
+
+def typed(name: str, value, annotation) -> object:
+    """`value` as a setting of `annotation` (int, float, str, or one of them or None)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if value is None and type(None) in kinds:
+        return None
+    if isinstance(value, bool):  # JSON true is no number
+        pass
+    elif isinstance(value, int) and int in kinds:
+        return value
+    elif isinstance(value, (int, float)) and float in kinds:
+        return float(value)
+    elif isinstance(value, str) and str in kinds:
+        return value
+    wanted = " or ".join("null" if k is type(None) else {int: "an integer", float: "a number", str: "a string"}[k]
+                         for k in kinds)
+    raise ValueError(f"{name} is {value!r}, not {wanted}")
 
 
 DEFAULTS = RunConfig()
@@ -80,7 +119,7 @@ def parse_numbers(text: str, option: str, kind: type = float, allow_zero: bool =
         values = tuple(kind(item) for item in text.split(",") if item.strip())
     except ValueError:
         values = ()
-    if not values or any(v < 0 or (v == 0 and not allow_zero) for v in values):
+    if not values or any(not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero) for v in values):
         sign = "non-negative" if allow_zero else "positive"
         raise UserError(f"invalid {option} {text!r}: give comma-separated {sign} {kind.__name__}s, e.g. "
                         f"{option} {'0.005,0.02' if kind is float else '128,1024'}")

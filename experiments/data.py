@@ -1,6 +1,7 @@
 """MNIST, read with torchvision (its download and its IDX parser) and held as
 one normalized tensor on the training device."""
 
+import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import Tensor
 from .errors import UserError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CLASSES = 10
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -53,15 +55,22 @@ def download_mnist(data_dir: Path) -> None:
     from torchvision.datasets import MNIST  # only the experiment side needs torchvision
 
     raw = raw_dir(data_dir)
+    # The folders the download makes, removed again if it fails: a mistyped
+    # --data-dir must not be left behind as an empty tree.
+    made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             MNIST(str(data_dir), train=True, download=True)
     except Exception as error:  # every mirror failed: no network, a proxy, a full disk
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"downloading MNIST into {raw} failed ({first}); without a network, copy the four files "
-            f"({', '.join(MNIST_FILES)}) into {raw} and pass --no-download"
+            f"downloading MNIST into {raw} failed ({first}); if you have the files, point --data-dir (or "
+            f"LAMB16_DATA_DIR) at the folder holding MNIST/raw, or copy the four ({', '.join(MNIST_FILES)}) "
+            f"into {raw}, and pass --no-download"
         ) from error
 
 
@@ -92,6 +101,11 @@ def load_mnist(data_dir: Path, train: bool, device: torch.device, download: bool
         raise UserError(
             f"the MNIST {split} files in {raw} do not fit together (images {tuple(images.shape)} {images.dtype}, "
             f"labels {tuple(labels.shape)}); replace them with intact copies"
+        )
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < CLASSES):
+        raise UserError(
+            f"the MNIST {split} labels in {raw} hold {int(labels.min())}..{int(labels.max())}, not digits 0-9 "
+            "(a damaged or foreign file); replace it with an intact copy"
         )
     normalized = (images.to(device=device, dtype=torch.float32) / 255 - MNIST_MEAN) / MNIST_STD
     return Split(images=normalized.unsqueeze(1), labels=labels.to(device=device, dtype=torch.int64))

@@ -26,10 +26,10 @@ from models import MnistCNN
 from . import registry
 from .config import DIVERGENCE_FACTOR, RunConfig
 from .data import Split, hold_out
-from .errors import Interrupted
+from .errors import Interrupted, UserError
 from .parallel import SINGLE, Parallel, any_rank, mean_over_ranks, share, sum_over_ranks, whole_state, wrap
 from .parallel import load_whole_state
-from .runs import RunDir, finite_or_none, now
+from .runs import CheckpointError, RunDir, finished_epochs, finite_or_none, now
 
 Echo = Callable[[str], None]
 
@@ -89,6 +89,26 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def check_checkpoint(run: RunDir, config: RunConfig, checkpoint: dict | None) -> None:
+    """A checkpoint resumes the run that wrote it: one whose config.json was
+    edited since, or one that was deleted after epochs had finished, is refused
+    rather than trained as something else. (One finished epoch and no checkpoint
+    is a run stopped before its first checkpoint was written: it restarts.)"""
+    if checkpoint is None:
+        finished = finished_epochs(run)
+        if finished > 1:
+            raise UserError(f"{run.checkpoint_path} is missing, yet metrics.jsonl records {finished} finished epochs; "
+                            "restore checkpoint.pt from a copy, or start a new run")
+        return
+    written_with = checkpoint.get("config")
+    if isinstance(written_with, dict):
+        changed = sorted(k for k, v in config.to_dict().items() if k in written_with and written_with[k] != v)
+        if changed:
+            said = ", ".join(f"{k} {getattr(config, k)} (the checkpoint's: {written_with[k]})" for k in changed)
+            raise UserError(f"{run.config_path} was edited after checkpoint.pt was written: {said}; restore "
+                            "config.json, or start a new run with the new settings")
 
 
 def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -245,6 +265,7 @@ def train_run(
     order_generator = torch.Generator().manual_seed(config.seed)  # the same data order too
     progress = Progress()
     checkpoint = run.load_checkpoint()
+    check_checkpoint(run, config, checkpoint)
     if checkpoint is not None:
         load_whole_state(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         order_generator.set_state(checkpoint["order_generator"])
@@ -257,7 +278,7 @@ def train_run(
             echo(f"{run.path.name}: resuming after epoch {progress.epoch}")
 
         label = f"{config.optimizer} seed {config.seed}"
-        status, diverged_loss = "completed", None
+        status, diverged_loss, unsaved = "completed", None, None
         session_start = time.perf_counter()
         try:
             with cpu_flush_denormal(device):
@@ -291,6 +312,7 @@ def train_run(
                         model_state, optimizer_state = whole_state(model, optimizer)
                     if writes:
                         run.save_checkpoint(dict(
+                            config=config.to_dict(),
                             model=model_state, optimizer=optimizer_state, order_generator=order_generator.get_state(),
                             progress=dict(progress.state_dict(),
                                           train_seconds=progress.train_seconds + time.perf_counter() - session_start),
@@ -299,11 +321,18 @@ def train_run(
                          f"test loss {test_loss:.4f}  accuracy {100 * accuracy:.2f}%  {epoch_seconds:.1f}s")
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the batch loop
             status = "interrupted"
+        except CheckpointError as error:  # a full disk: the run stops at its last good checkpoint
+            status, unsaved = "interrupted", error
         progress.train_seconds += time.perf_counter() - session_start
         if status == "diverged":
             echo(f"{label:22s} epoch {progress.epoch + 1:2d}/{config.epochs}  diverged (loss {diverged_loss:.3g})")
 
     summary = summarize(config, model, optimizer, progress, status, len(train_data), parallel)
+    if unsaved is not None:
+        with contextlib.suppress(OSError):  # the disk may be too full for the summary as well
+            run.write_summary(dict(summary, epochs_completed=progress.epoch - 1))
+        raise UserError(f"{unsaved}; {run.path} keeps epoch {progress.epoch - 1}'s checkpoint: free some space, then "
+                        f"resume with: python cli.py train --resume {run.path}")
     if writes:
         run.write_summary(summary)
     if status == "interrupted":

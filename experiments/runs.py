@@ -21,11 +21,11 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -38,18 +38,40 @@ from .parallel import SINGLE, Parallel
 FINISHED = ("completed", "diverged")  # statuses that a resume leaves alone
 
 
+class CheckpointError(UserError):
+    """checkpoint.pt could not be written; the last good one is kept."""
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader or a crash
-    sees the old file or the new one, never half of one."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    """Write `data` (bytes, or a function writing to a file) to a temporary
+    file beside `path`, then rename: a reader or a crash sees the old file or
+    the new one, never half of one. The file gets the user's umask, as an
+    ordinary write would (a temporary file is made 0600). A failed write (a
+    full disk) leaves the old file as it was and no temporary one behind."""
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with tmp:
+            if isinstance(data, bytes):
+                tmp.write(data)
+            else:
+                data(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o666 & ~umask())
+        os.replace(tmp.name, path)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -186,20 +208,29 @@ class RunDir:
         return run
 
     def config(self) -> RunConfig:
-        return RunConfig.from_dict(self.metadata())
+        try:
+            return RunConfig.from_dict(self.metadata())
+        except ValueError as error:
+            raise UserError(f"{self.config_path}: {error}; restore the file as train wrote it, or start a new "
+                            "run") from error
 
     def metadata(self) -> dict[str, Any]:
         try:
-            return json.loads(self.config_path.read_text())
+            data = json.loads(self.config_path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"{self.path} is not a readable run directory ({error}); pass one written by train") from error
+        if not isinstance(data, dict):
+            raise UserError(f"{self.config_path} holds a JSON {type(data).__name__}, not an object of settings; "
+                            "restore the file as train wrote it, or start a new run")
+        return data
 
     def summary(self) -> dict[str, Any] | None:
         """summary.json, or None where the run has not ended (or the file is damaged)."""
         try:
-            return json.loads(self.summary_path.read_text())
+            summary = json.loads(self.summary_path.read_text())
         except (OSError, json.JSONDecodeError):
             return None
+        return summary if isinstance(summary, dict) else None
 
     def status(self) -> str | None:
         summary = self.summary()
@@ -217,11 +248,13 @@ class RunDir:
             log.close()
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        with tempfile.NamedTemporaryFile(dir=self.path, prefix=".checkpoint.", delete=False) as tmp:
-            torch.save(state, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.checkpoint_path)
+        """Replace checkpoint.pt atomically; where it cannot be written (a full
+        disk), CheckpointError, with the last good checkpoint left as it was."""
+        try:
+            write_atomic(self.checkpoint_path, lambda file: torch.save(state, file))
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            raise CheckpointError(f"cannot write {self.checkpoint_path} ({reason})") from error
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last finished epoch's state, or None where the run has none yet."""
@@ -343,3 +376,29 @@ def run_metadata(
         command=command_line(),
         **machine_metadata(device),
     )
+
+
+def check_resumable(run: RunDir, data_dir: Path, train_size: int) -> None:
+    """A run resumes only on the data it began on: the same number of training
+    images and, where config.json recorded them, the same files (SHA-256)."""
+    from .data import checksums
+
+    metadata = run.metadata()
+    trained_on = metadata.get("train_size")
+    if trained_on is not None and trained_on != train_size:
+        raise UserError(f"{run.path} trained on {trained_on} images, this data has {train_size}; "
+                        "resume with the same --data-dir")
+    recorded = metadata.get("data_sha256")
+    if isinstance(recorded, dict) and recorded:
+        now_sums = checksums(data_dir)
+        changed = sorted(name for name, digest in recorded.items() if now_sums.get(name) != digest)
+        if changed:
+            raise UserError(f"{run.path} began on other MNIST files: {', '.join(changed)} in "
+                            f"{Path(data_dir) / 'MNIST' / 'raw'} differ from the SHA-256 in its config.json; "
+                            "resume with the --data-dir it began on")
+
+
+def finished_epochs(run: RunDir) -> int:
+    """How many epochs metrics.jsonl records as finished (their test records)."""
+    records, _ = read_records(run.metrics_path)
+    return sum(1 for r in records if r.get("kind") == "test")

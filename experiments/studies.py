@@ -18,7 +18,7 @@ from .data import Split
 from .errors import UserError
 from .loop import StopRequest, train_run
 from .parallel import SINGLE, Parallel, from_main
-from .runs import FINISHED, RunDir, fresh_dir, load_runs, run_metadata, write_atomic
+from .runs import FINISHED, RunDir, check_resumable, fresh_dir, load_runs, run_metadata, write_atomic
 
 Echo = Callable[[str], None]
 
@@ -79,6 +79,7 @@ def run_all(
         if path.exists():
             run = RunDir(path)
             check_same_settings(run, config)
+            check_resumable(run, data_dir, len(train_data))
             if run.status() in FINISHED:
                 echo(f"[run {k} of {len(configs)}] {setting}: {run.status()} before, skipped")
                 continue
@@ -94,10 +95,8 @@ def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo 
     runs = load_runs([out], warn=lambda line: echo(f"warning: {line}"))
     groups = aggregate.group_runs(runs)
     seeds = max((len(g) for g in groups.values()), default=1)
-    title = title or figure_title(runs[0].config, seeds)
-    figure = comparison_figure(
-        [aggregate.curves(name, group) for name, group in groups.items()], figure or out / "figure.png", title, log_y
-    )
+    title = title or figure_title([run.config for run in runs], seeds)
+    figure = comparison_figure(aggregate.all_curves(groups), figure or out / "figure.png", title, log_y)
     table = aggregate.results_table(groups)
     write_atomic(out / "results.md", f"## {title}\n\n{table}\n".encode())
     return table, figure
@@ -174,17 +173,41 @@ def train_seeds(
     return paths
 
 
-def resume_run(path: Path, train_data: Split, test_data: Split, *, bars: bool | None = None, echo: Echo = print,
+def resume_run(path: Path, train_data: Split, test_data: Split, data_dir: Path, *, bars: bool | None = None, echo: Echo = print,
                stop: StopRequest | None = None, parallel: Parallel = SINGLE) -> dict:
     """Continue a run directory from its last checkpoint, on any number of processes."""
     run = RunDir(path)
     if run.status() in FINISHED:
         raise UserError(f"{path} already {run.status()}; nothing to resume (start a new run instead)")
-    trained_on = run.metadata().get("train_size")
-    if trained_on is not None and trained_on != len(train_data):
-        raise UserError(f"{path} trained on {trained_on} images, this data has {len(train_data)}; "
-                        "resume with the same --data-dir")
+    check_resumable(run, data_dir, len(train_data))
     return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel)
+
+
+# The options of train that a resumed run takes from its config.json instead.
+RESUME_OPTIONS = {"optimizer": "--optimizer", "batch_size": "--batch-size", "test_batch_size": "--test-batch-size",
+                  "epochs": "--epochs", "lr": "--lr", "wd": "--weight-decay", "seed": "--seed",
+                  "log_interval": "--log-interval", "trust_scale": "--trust-scale"}
+
+
+def check_resume_options(path: Path, given: dict) -> None:
+    """A resumed run continues as its config.json says: every option the
+    command line gave must agree with it (`given`: RunConfig field -> value,
+    plus "seeds" as a list and "out" as a folder)."""
+    stored = RunDir(path).config()
+    conflicts = []
+    for name, value in given.items():
+        if name == "seeds" and value != [stored.seed]:
+            conflicts.append(f"--seeds {','.join(map(str, value))} (the run's seed: {stored.seed})")
+        elif name == "out" and Path(value).resolve() != path.resolve().parent:
+            conflicts.append(f"--out {value} (the run is in {path.resolve().parent})")
+        elif name in RESUME_OPTIONS and getattr(stored, name) != value:
+            conflicts.append(f"{RESUME_OPTIONS[name]} {value:g} (the run's: {getattr(stored, name)})"
+                             if isinstance(value, float) else f"{RESUME_OPTIONS[name]} {value} "
+                             f"(the run's: {getattr(stored, name)})")
+    if conflicts:
+        raise UserError(f"--resume continues {path} with the settings of its config.json, which "
+                        f"{', '.join(conflicts)} contradict{'s' if len(conflicts) == 1 else ''}; drop "
+                        f"{'it' if len(conflicts) == 1 else 'them'}, or start a new run without --resume")
 
 
 def device_of(name: str) -> torch.device:

@@ -38,7 +38,7 @@ from .config import DEFAULTS, RunConfig, parse_numbers, parse_seeds
 from .data import Split, load_train_and_test
 from .errors import Interrupted, UserError
 from .loop import StopRequest, stop_on_signals, train_run
-from .runs import FINISHED, RunDir, run_metadata
+from .runs import FINISHED, RunDir, check_resumable, run_metadata
 
 Echo = Callable[[str], None]
 STUDY_NAME = "lamb16-sweep"
@@ -236,8 +236,11 @@ def run_point(config: RunConfig, out: Path, data_dir: Path, train, test, *, echo
     path = out / folder / config.run_name()
     if path.exists() and RunDir(path).status() in FINISHED:
         return RunDir(path).summary()
-    run = RunDir(path) if path.exists() else RunDir.create(
-        path, run_metadata(config, train.images.device, data_dir, len(train)))
+    if path.exists():
+        run = RunDir(path)
+        check_resumable(run, data_dir, len(train))
+    else:
+        run = RunDir.create(path, run_metadata(config, train.images.device, data_dir, len(train)))
     return train_run(config, run, train, test, bars=bars, echo=echo, stop=stop)
 
 

@@ -69,9 +69,10 @@ def zoom(values: list[float], low_q: float, high_q: float, floor: float | None =
     return (max(low, floor) if floor is not None else low, high)
 
 
-def mark_outside(ax, x: list[float], y: list[float], color: str) -> None:
+def mark_outside(ax, x: list[float], y: list[float], color: str) -> bool:
     """Triangles on the axis edge where a point lies beyond the zoomed range
-    (or is not finite): the curve went there, the axis does not show it."""
+    (or is not finite): the curve went there, the axis does not show it.
+    Returns whether it drew any."""
     low, high = ax.get_ylim()
     above = [(a, high) for a, b in zip(x, y) if not math.isfinite(b) or b > high]
     below = [(a, low) for a, b in zip(x, y) if math.isfinite(b) and b < low]
@@ -79,6 +80,7 @@ def mark_outside(ax, x: list[float], y: list[float], color: str) -> None:
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, linestyle="none", marker=marker, color=color, markersize=7, clip_on=False, zorder=5)
+    return bool(above or below)
 
 
 def draw_band(ax, band: Band, style: dict, per_epoch: bool, fill_alpha: float = 0.18) -> None:
@@ -120,31 +122,79 @@ def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool 
     else:
         loss_ax.set_ylim(zoom(all_loss, 0.0, 0.97, floor=0.0))
         test_loss_ax.set_ylim(zoom(all_test_loss, 0.0, 0.9, floor=0.0))
-    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # as many decimals as the range needs
     last_epoch = max((x for c in curves for x in c.test_accuracy.x), default=1)
     for ax in (acc_ax, test_loss_ax):
         ax.set_xlim(0.5, last_epoch + 0.5)
         ax.xaxis.set_major_locator(MultipleLocator(max(1, math.ceil(last_epoch / 10))))  # whole epochs
+    off_scale = False
     for c in curves:
-        mark_outside(acc_ax, c.test_accuracy.x, c.test_accuracy.mean, c.style["color"])
+        off_scale |= mark_outside(acc_ax, c.test_accuracy.x, c.test_accuracy.mean, c.style["color"])
         if not log_y:
-            mark_outside(test_loss_ax, c.test_loss.x, c.test_loss.mean, c.style["color"])
-            mark_outside(loss_ax, c.train_loss.x, smooth(c.train_loss.mean, max(1, len(c.train_loss.x) // 25)),
-                         c.style["color"])
+            off_scale |= mark_outside(test_loss_ax, c.test_loss.x, c.test_loss.mean, c.style["color"])
+            off_scale |= mark_outside(loss_ax, c.train_loss.x,
+                                      smooth(c.train_loss.mean, max(1, len(c.train_loss.x) // 25)), c.style["color"])
     for ax in (loss_ax, acc_ax, test_loss_ax):
         ax.grid(True, alpha=0.4)
     handles, labels = acc_ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
     fig.suptitle(title)
+    if off_scale:
+        fig.supxlabel(OFF_SCALE_NOTE, fontsize="small", color="0.3")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def figure_title(config: dict, seeds: int = 1) -> str:
-    seeds_text = f"{seeds} seeds (mean, band: lowest to highest)" if seeds > 1 else f"seed {config['seed']}"
-    return (
-        f"MNIST CNN, batch {config['batch_size']}, lr {config['lr']:g}, "
-        f"weight decay {config['wd']:g}, {seeds_text}"
-    )
+OFF_SCALE_NOTE = "\u25b2 / \u25bc on an axis edge: a mean beyond the zoomed range (or not finite) at that x"
+
+
+TITLE_SETTINGS = (("batch_size", "batch {}"), ("lr", "lr {:g}"), ("wd", "weight decay {:g}"))
+
+
+def figure_title(config: dict | list[dict], seeds: int = 1) -> str:
+    """The settings the runs share (those that differ are in the legend), and the seeds."""
+    configs = config if isinstance(config, list) else [config]
+    parts = []
+    for key, text in TITLE_SETTINGS:
+        values = {c.get(key) for c in configs}
+        if len(values) == 1 and None not in values:
+            parts.append(text.format(values.pop()))
+    if len(parts) < len(TITLE_SETTINGS):
+        parts.append("other settings as in the legend")
+    seed_values = {c.get("seed") for c in configs}
+    if seeds > 1:
+        seeds_text = f"{seeds} seeds (mean, band: lowest to highest)"
+    else:
+        seeds_text = f"seed {seed_values.pop()}" if len(seed_values) == 1 else "one seed each"
+    return f"MNIST CNN, {', '.join(parts)}, {seeds_text}"
+
+
+# A second, third, ... setting of one optimizer: its color (the optimizer) kept, its line told apart.
+VARIANT_LINES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+VARIANT_MARKERS = ("s", "^", "D", "v")
+
+
+def tell_apart(curves: list[Curves], optimizers: list[str]) -> list[Curves]:
+    """Curves of one optimizer (`optimizers`, one per curve) at several
+    settings share its color; each after the first gets a line style and
+    marker of its own."""
+    seen: dict[str, int] = {}
+    for c, optimizer in zip(curves, optimizers):
+        k = seen.get(optimizer, 0)
+        seen[optimizer] = k + 1
+        if k:
+            c.style = dict(c.style, linestyle=VARIANT_LINES[(k - 1) % len(VARIANT_LINES)],
+                           marker=VARIANT_MARKERS[(k - 1) % len(VARIANT_MARKERS)])
+    return curves
+
+
+def check_figure_path(path: Path) -> None:
+    """ValueError unless matplotlib can write a figure of `path`'s file type."""
+    supported = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    kind = path.suffix.lstrip(".").lower()
+    if kind not in supported:
+        raise ValueError(f"{path}: matplotlib writes no .{kind or '(no suffix)'} figures; name a "
+                         f"{', '.join('.' + k for k in ('png', 'pdf', 'svg'))} file")

@@ -29,7 +29,7 @@ def log_x_panel(ax, series: list[Series], title: str, xlabel: str) -> None:
     ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the grid's own values
     ax.minorticks_off()
     ax.set(title=title, xlabel=xlabel, ylabel="accuracy")
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # as many decimals as the range needs
     ax.grid(True, alpha=0.4)
 
 

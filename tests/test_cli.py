@@ -223,7 +223,8 @@ def test_a_failed_download_says_so_and_how_to_supply_the_files(tmp_path):
     result = invoke("train", "--data-dir", str(blocker / "mnist"), "--out", str(tmp_path / "runs"))
     assert result.exit_code == 1
     line = error_line(result)
-    assert "downloading MNIST" in line and "failed" in line and "copy the four files" in line
+    assert "downloading MNIST" in line and "failed" in line and "copy the four" in line
+    assert "--data-dir" in line and "LAMB16_DATA_DIR" in line
     assert not (tmp_path / "runs").exists()
 
 
