@@ -24,6 +24,7 @@ from experiments.data import hold_out, load_mnist, load_train_and_test
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
 from experiments.runs import free_path, fresh_dir, writable_dir
+from experiments.schedules import SCHEDULES
 
 INTERRUPTED_EXIT = 130
 # Where an option's value came from when the user gave it (not its default).
@@ -123,12 +124,14 @@ hyperparameter_options = options(
     click.option("--seed", type=int, default=None, show_default=str(DEFAULTS.seed), help="Seed of the initial weights and data order."),
     click.option("--log-interval", type=click.IntRange(min=1), default=DEFAULTS.log_interval, show_default=True, help="Batches between train-loss records."),
     click.option("--trust-scale", type=NON_NEGATIVE, default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True, help="The lr after warmup, stepped per batch: constant, cosine or linear decay to 0."),
+    click.option("--warmup", type=FiniteFloat(0.0, maximum=0.99), default=DEFAULTS.warmup, show_default=True, help="Fraction of the run's steps over which the lr rises linearly from 0."),
 )
 
 
-def base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale) -> RunConfig:
+def base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup) -> RunConfig:
     return RunConfig(batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs, lr=lr, wd=wd,
-                     log_interval=log_interval, trust_scale=trust_scale)
+                     log_interval=log_interval, trust_scale=trust_scale, schedule=schedule, warmup=warmup)
 
 
 def load_data(data_dir: Path, download: bool | None, device: str):
@@ -160,8 +163,8 @@ def cli(ctx) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue this run directory from its last finished epoch.")
 @click.option("--fsdp", is_flag=True, help="Under torchrun, shard the model and optimizer state with FSDP2 (default: DDP).")
 @click.pass_context
-def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, seeds,
-          data_dir, download, device, progress, out, resume_dir, fsdp):
+def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule, warmup,
+          seeds, data_dir, download, device, progress, out, resume_dir, fsdp):
     """Train the CNN with one optimizer (one run directory per seed under --out).
     Started by torchrun, it trains on all its processes, each batch split across them.
 
@@ -185,7 +188,8 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
             click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
                        f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
         return
-    config = replace(base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale), optimizer=optimizer)
+    config = replace(base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule,
+                                 warmup), optimizer=optimizer)
     seed_list = seeds_of(seeds, seed)
     studies.check_optimizers([optimizer])
     studies.check_options(config)
@@ -210,7 +214,8 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
 @click.option("--resume", is_flag=True, help="--out holds this comparison: skip its finished runs, resume the others.")
 @click.option("--log-y", is_flag=True, help="Loss panels on a log scale.")
 @click.pass_context
-def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, seeds,
+def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule,
+            warmup, seeds,
             data_dir, download, device, progress, out, resume, log_y):
     """Train several optimizers with the same settings, seeds, initial weights
     and data order; draw mean curves with seed bands and a table of mean ± std.
@@ -220,7 +225,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
       python cli.py compare --epochs 1 --batch-size 1024 --lr 0.02 --seeds 2 --optimizers adamw,lamb,lamb16
     """
     names = studies.check_optimizers([o.strip() for o in optimizers.split(",") if o.strip()])
-    base = base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale)
+    base = base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup)
     for name in names:
         studies.check_options(replace(base, optimizer=name))
     seed_list = seeds_of(seeds, seed)

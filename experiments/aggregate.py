@@ -75,7 +75,9 @@ def verdict(values: Stat | None, target: float) -> str:
 # ---------------------------------------------------------------- groups
 
 
-SHARED_SETTINGS = ("batch_size", "lr", "wd", "epochs", "trust_scale")
+SHARED_SETTINGS = ("batch_size", "lr", "wd", "epochs", "trust_scale", "schedule", "warmup")
+# What a config.json written before a setting existed meant by it.
+SETTING_DEFAULTS = {"schedule": "constant", "warmup": 0.0}
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -84,7 +86,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     runs differ in it (so that two groups never share a label)."""
     keys = {}
     for run in runs:
-        keys.setdefault((run.optimizer, *(run.config.get(k) for k in SHARED_SETTINGS)), []).append(run)
+        key = (run.optimizer, *(run.config.get(k, SETTING_DEFAULTS.get(k)) for k in SHARED_SETTINGS))
+        keys.setdefault(key, []).append(run)
     varying = [name for i, name in enumerate(SHARED_SETTINGS)
                if len({key[1 + i] for key in keys}) > 1]
     groups = {}

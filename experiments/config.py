@@ -20,10 +20,18 @@ class RunConfig:
     log_interval: int = 10  # batches per train-loss record
     trust_scale: float | None = None  # LAMB16's exponent; None: the optimizer's default
     val_size: int = 0  # training images held out for validation (the last ones); 0: none
+    schedule: str = "constant"  # the lr after warmup: constant, cosine or linear (experiments.schedules)
+    warmup: float = 0.0  # the fraction of the run's steps over which the lr rises linearly from 0
 
     def setting(self) -> str:
-        """The settings a comparison shares, as a folder name."""
-        return f"b{self.batch_size}_lr{self.lr:g}_wd{self.wd:g}"
+        """The settings a comparison shares, as a folder name (a constant lr
+        without warmup, the original script's, adds nothing to it)."""
+        name = f"b{self.batch_size}_lr{self.lr:g}_wd{self.wd:g}"
+        if self.schedule != "constant":
+            name += f"_{self.schedule}"
+        if self.warmup:
+            name += f"_warmup{self.warmup:g}"
+        return name
 
     def run_name(self) -> str:
         return f"{self.optimizer}_{self.setting()}_seed{self.seed}"
@@ -55,6 +63,12 @@ class RunConfig:
                 raise ValueError(f"{name} {value} must be a finite number of at least 0")
         if self.val_size < 0:
             raise ValueError(f"val_size {self.val_size} must be at least 0")
+        from .schedules import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup {self.warmup} must be a fraction of the run, at least 0 and below 1")
 
 
 def typed(name: str, value, annotation) -> object:

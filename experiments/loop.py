@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from lamb16 import state_nbytes
@@ -29,6 +30,7 @@ from .data import Split, hold_out
 from .errors import Interrupted, UserError
 from .parallel import SINGLE, Parallel, any_rank, mean_over_ranks, share, sum_over_ranks, whole_state, wrap
 from .parallel import load_whole_state
+from .schedules import make_scheduler
 from .runs import CheckpointError, RunDir, finished_epochs, finite_or_none, now
 
 Echo = Callable[[str], None]
@@ -204,6 +206,7 @@ class Progress:
 def train_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, data: Split, order: Tensor, config: RunConfig,
     progress: Progress, log, label: str, bars: bool | None, stop: StopRequest | None, parallel: Parallel = SINGLE,
+    scheduler: LRScheduler | None = None,
 ) -> tuple[str, float | None]:
     """One pass over `data` in `order`. Returns ("done", mean train loss),
     ("diverged", loss) or ("stopped", None), the last leaving the epoch unfinished.
@@ -220,7 +223,10 @@ def train_epoch(
                 return "stopped", None
             mine = share(index, parallel)
             divisor = len(index) / parallel.world if parallel.distributed else None
+            lr = optimizer.param_groups[0]["lr"]  # this step's
             loss = train_step(model, optimizer, data.images[mine], data.labels[mine], divisor=divisor)
+            if scheduler is not None:
+                scheduler.step()
             if progress.first_loss is None:
                 progress.first_loss = mean_over_ranks(loss.clone(), parallel).item()
             progress.samples += len(index)
@@ -231,7 +237,7 @@ def train_epoch(
                 if is_diverged(mean_loss, progress.first_loss):
                     log.write(kind="diverged", epoch=epoch, samples=progress.samples, loss=str(mean_loss))
                     return "diverged", mean_loss
-                record = dict(kind="train", epoch=epoch, samples=progress.samples, loss=mean_loss)
+                record = dict(kind="train", epoch=epoch, samples=progress.samples, loss=mean_loss, lr=float(lr))
                 ratios = trust_ratios(model, optimizer)
                 if ratios:
                     record["trust_ratio"] = ratios
@@ -262,12 +268,17 @@ def train_run(
     torch.manual_seed(config.seed)  # the same initial weights for every optimizer
     model = make_model(device, parallel)
     optimizer = build_optimizer(config, model)
+    # Built before the optimizer's state is loaded: a scheduler's construction sets the lr it starts from.
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup,
+                               config.epochs * math.ceil(len(train_data) / config.batch_size))
     order_generator = torch.Generator().manual_seed(config.seed)  # the same data order too
     progress = Progress()
     checkpoint = run.load_checkpoint()
     check_checkpoint(run, config, checkpoint)
     if checkpoint is not None:
         load_whole_state(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         order_generator.set_state(checkpoint["order_generator"])
         progress.load_state_dict(checkpoint["progress"])
     if writes and run.metrics_path.exists():  # drop the records of an epoch cut short (or of all, with no checkpoint)
@@ -286,7 +297,8 @@ def train_run(
                     epoch_start = time.perf_counter()
                     order = torch.randperm(len(train_data), generator=order_generator).to(device)
                     outcome, train_loss = train_epoch(
-                        model, optimizer, train_data, order, config, progress, log, label, bars, stop, parallel
+                        model, optimizer, train_data, order, config, progress, log, label, bars, stop, parallel,
+                        scheduler,
                     )
                     if outcome != "done":
                         status, diverged_loss = ("interrupted", None) if outcome == "stopped" else (outcome, train_loss)
@@ -314,6 +326,7 @@ def train_run(
                         run.save_checkpoint(dict(
                             config=config.to_dict(),
                             model=model_state, optimizer=optimizer_state, order_generator=order_generator.get_state(),
+                            scheduler=scheduler.state_dict() if scheduler is not None else None,
                             progress=dict(progress.state_dict(),
                                           train_seconds=progress.train_seconds + time.perf_counter() - session_start),
                         ))

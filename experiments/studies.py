@@ -186,7 +186,8 @@ def resume_run(path: Path, train_data: Split, test_data: Split, data_dir: Path, 
 # The options of train that a resumed run takes from its config.json instead.
 RESUME_OPTIONS = {"optimizer": "--optimizer", "batch_size": "--batch-size", "test_batch_size": "--test-batch-size",
                   "epochs": "--epochs", "lr": "--lr", "wd": "--weight-decay", "seed": "--seed",
-                  "log_interval": "--log-interval", "trust_scale": "--trust-scale"}
+                  "log_interval": "--log-interval", "trust_scale": "--trust-scale", "schedule": "--schedule",
+                  "warmup": "--warmup"}
 
 
 def check_resume_options(path: Path, given: dict) -> None:

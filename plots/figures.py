@@ -161,7 +161,12 @@ def figure_title(config: dict | list[dict], seeds: int = 1) -> str:
         values = {c.get(key) for c in configs}
         if len(values) == 1 and None not in values:
             parts.append(text.format(values.pop()))
-    if len(parts) < len(TITLE_SETTINGS):
+    schedules = {(c.get("schedule", "constant"), c.get("warmup", 0.0)) for c in configs}
+    if len(schedules) == 1:
+        schedule, warmup = schedules.pop()
+        if schedule != "constant" or warmup:
+            parts.append(f"{schedule} lr" + (f" after {warmup:.0%} warmup" if warmup else ""))
+    if len(parts) < len(TITLE_SETTINGS) or len(schedules) > 1:
         parts.append("other settings as in the legend")
     seed_values = {c.get("seed") for c in configs}
     if seeds > 1:
