@@ -80,6 +80,21 @@ def _lamb16_single_pass(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, single_pass=True, **options)
 
 
+def _lamb_paper(params, lr, weight_decay, **options):
+    return lamb16.Lamb(params, lr=lr, weight_decay=weight_decay, bias_correction=True, max_weight_norm=None,
+                       **options)
+
+
+def _adafactor(params, lr, weight_decay, **options):
+    return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _muon(params, lr, weight_decay, **options):
+    from .combined import muon_with_adamw
+
+    return muon_with_adamw(params, lr, weight_decay, **options)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -87,6 +102,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adamw", "AdamW", _adamw, "tab:orange", (0, (5, 1)), "D", 8.0),
         OptimizerSpec("sgd", "SGD (momentum 0.9)", _sgd, "tab:gray", (0, (1, 2)), "v", 4.0),
         OptimizerSpec("lamb", "LAMB", _lamb, "tab:green", "-.", "^", 8.0),
+        # The paper's LAMB: bias-corrected moments, no clamp on the weight norm.
+        OptimizerSpec("lamb-paper", "LAMB (paper)", _lamb_paper, "darkgreen", (0, (8, 2)), "<", 8.0),
+        # torch's Adafactor: no first moment, the second factored into a row and a
+        # column vector (state grows with rows + columns, not elements).
+        OptimizerSpec("adafactor", "Adafactor", _adafactor, "maroon", (0, (1, 1)), ">", 0.0),
+        # torch's Muon on 2-D weights (a float32 momentum: 4 bytes), AdamW on the rest.
+        OptimizerSpec("muon", "Muon (+ AdamW)", _muon, "black", (0, (4, 2, 1, 2)), "X", 4.0),
         OptimizerSpec("lamb16", "LAMB16", _lamb16, "tab:blue", "-", "o", 2.0, options=("trust_scale",)),
         OptimizerSpec(
             "lamb16-seed", "LAMB16, seed scaling", _lamb16_seed, "tab:cyan", ":", "x", 2.0, options=("trust_scale",)

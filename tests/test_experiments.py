@@ -125,7 +125,8 @@ def test_every_registry_optimizer_trains_and_needs_the_state_it_declares(name):
     assert losses[-1] < losses[0]
     big = model[0].weight  # 65,536 elements: the per-parameter figure applies
     per_param = state_nbytes(type("One", (), {"state": {big: optimizer.state[big]}})()) / big.numel()
-    assert per_param == pytest.approx(registry.spec(name).state_bytes, rel=0.02)
+    # Factored state (Adafactor's) grows with rows + columns: 0.03 bytes an element at 256 x 256.
+    assert per_param == pytest.approx(registry.spec(name).state_bytes, rel=0.02, abs=0.035)
 
 
 def test_a_missing_peer_names_the_extra_to_install(monkeypatch):

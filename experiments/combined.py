@@ -1,0 +1,65 @@
+"""Several torch optimizers over disjoint parameters as one Optimizer: one
+param_groups list, one state, one state_dict, so that schedulers, checkpoints,
+resume and the training loop see a single optimizer. Muon needs it: it takes
+2-D weights only, and the rest go to AdamW."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class Combined(Optimizer):
+    """`parts`' parameter groups (the very dicts, so a scheduler's lr reaches
+    them) and one shared state; step() steps each part."""
+
+    def __init__(self, parts: list[Optimizer]) -> None:
+        groups = [group for part in parts for group in part.param_groups]
+        super().__init__(groups, defaults={})
+        self.parts = parts
+        self.link_parts()
+
+    def link_parts(self) -> None:
+        """Point each part at its slice of param_groups and at the shared state
+        (load_state_dict replaces both)."""
+        start = 0
+        for part in self.parts:
+            count = len(part.param_groups)
+            part.param_groups = self.param_groups[start : start + count]
+            part.state = self.state
+            start += count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "parts": self.parts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.link_parts()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+
+def muon_with_adamw(params: Iterable[Tensor], lr: float, weight_decay: float) -> Combined:
+    """torch.optim.Muon on every 2-D weight and AdamW on everything else (conv
+    kernels, biases), as torch's documentation advises; Muon's authors would
+    flatten conv kernels to 2-D instead. Muon's update is scaled to AdamW's RMS
+    (adjust_lr_fn="match_rms_adamw") so that one lr serves both parts."""
+    params = list(params)
+    matrices = [p for p in params if p.ndim == 2]
+    others = [p for p in params if p.ndim != 2]
+    parts: list[Optimizer] = []
+    if matrices:
+        parts.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+    if others:
+        parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay))
+    return Combined(parts)
