@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -134,11 +135,35 @@ def open_storage(url: str):
             retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
             callback = dict(heartbeat_stale_trial_callback=retry()) if retry else dict(
                 failed_trial_callback=optuna.storages.RetryFailedTrialCallback())
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                              grace_period=GRACE_SECONDS, **callback)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                                 **callback)
     except Exception as error:  # a URL SQLAlchemy cannot open: a driver missing, a wrong host
         raise UserError(f"cannot open --storage {url}: {str(error).splitlines()[0]}; check the URL and its "
                         "database driver") from error
+    if url.startswith("sqlite"):
+        serialize_sqlite_transactions(storage.engine)
+    return storage
+
+
+def serialize_sqlite_transactions(engine) -> None:
+    """Every SQLite transaction takes the database's write lock as it begins
+    (BEGIN IMMEDIATE). Optuna pops a queued trial by reading it as waiting and
+    then writing it as running, with SELECT ... FOR UPDATE, which SQLite
+    ignores: under its default deferred transactions two workers could both
+    read the point as waiting and both run it (measured: 3 sweeps in 8 on two
+    local workers). A server database (PostgreSQL, MySQL) locks the row itself."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def no_implicit_transactions(connection, _record) -> None:
+        connection.isolation_level = None  # the driver's own BEGIN off: the one below instead
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners: closed, the next ones made with them
 
 
 def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print):
@@ -179,10 +204,15 @@ def lock_path(out: Path, name: str, trial_number: int) -> Path:
 
 @contextlib.contextmanager
 def holding(path: Path) -> Iterator[None]:
+    """Hold `path` locked while the block runs. The file is locked before it
+    gets its name (a locked temporary file renamed into place): another worker
+    that finds it finds it held, never in the moment between its creation and
+    its lock, when it would look abandoned."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
+    with tempfile.NamedTemporaryFile("a", dir=path.parent, prefix=".taking.", delete=False) as handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
+        os.replace(handle.name, path)
         try:
             yield
         finally:
@@ -190,15 +220,21 @@ def holding(path: Path) -> Iterator[None]:
 
 
 def abandoned(path: Path) -> bool:
-    """Whether a point's lock file is there but nobody holds it: its worker died."""
-    if fcntl is None or not path.exists():
+    """Whether a point's lock file is there but nobody holds it: its worker died.
+    (Opened without creating it: a file its worker has just removed stays gone.)"""
+    if fcntl is None:
         return False
     try:
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-    except (BlockingIOError, FileNotFoundError):
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def requeue_abandoned(study, out: Path) -> None:

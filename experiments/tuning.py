@@ -11,6 +11,7 @@ samples (and seconds) it took to reach a target validation accuracy.
 
 import csv
 import io
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,68 @@ def choose(runs: list[Run]) -> dict[tuple[str, int], Choice]:
     return best
 
 
+def grid_lrs(runs: list[Run], optimizer: str, batch_size: int) -> list[float]:
+    return sorted({r.config["lr"] for r in runs if r.config["optimizer"] == optimizer
+                   and r.config["batch_size"] == batch_size})
+
+
+def edge_point(choice: Choice, runs: list[Run]) -> float | None:
+    """Where a chosen lr lies at the edge of its grid, the lr to add beyond it
+    (one more step of the grid's own ratio there); None inside the grid. The
+    best lr may lie past an edge: such a choice is no tuned result yet."""
+    grid = grid_lrs(runs, choice.optimizer, choice.batch_size)
+    if len(grid) == 1:
+        return choice.lr * 3
+    if choice.lr == grid[0]:
+        return grid[0] * grid[0] / grid[1]
+    if choice.lr == grid[-1]:
+        return grid[-1] * grid[-1] / grid[-2]
+    return None
+
+
+def protocol_markdown(runs: list[Run]) -> str:
+    """How the choices were made: the search space, the budget, the seeds, the rule."""
+    def values(key, default=None):
+        return sorted({r.config.get(key, default) for r in runs}, key=str)
+
+    configs = [r.config for r in runs]
+    epochs = max(c["epochs"] for c in configs)
+    steps = {b: epochs * math.ceil((c.get("train_size", 60_000) - c["val_size"]) / b)
+             for c in configs for b in [c["batch_size"]]}
+    seeds_per_point = statistics.median(len(members) for members in settings(runs).values())
+    schedules = ", ".join(f"{s}" for s in values("schedule", "constant"))
+    warmups = ", ".join(f"{w:g}" for w in values("warmup", 0.0))
+    return "\n".join([
+        "### Tuning protocol",
+        "",
+        f"- Search space: optimizers {', '.join(in_registry_order(values('optimizer')))}; lr "
+        f"{', '.join(f'{x:g}' for x in sorted(values('lr')))}; batch sizes "
+        f"{', '.join(map(str, sorted(values('batch_size'))))}; weight decay "
+        f"{', '.join(f'{x:g}' for x in sorted(values('wd')))}; schedule {schedules}, warmup {warmups}.",
+        f"- Budget: {epochs} epoch{'s' if epochs > 1 else ''} a point, that is "
+        + ", ".join(f"{n} steps at batch {b}" for b, n in sorted(steps.items())) + ".",
+        f"- Seeds: {seeds_per_point:g} per point; the same initial weights and data order for every optimizer.",
+        f"- Selection: the best mean final validation accuracy ({configs[0]['val_size']} training images held out, "
+        "never trained on), the test set used only to report the choice.",
+        "",
+    ])
+
+
+def edges_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run]) -> str:
+    flagged = [(c, edge_point(c, runs)) for c in choices.values()]
+    flagged = [(c, point) for c, point in flagged if point is not None]
+    if not flagged:
+        return "Every chosen lr lies inside its grid.\n"
+    lines = ["### Chosen at the edge of the grid", "",
+             "The best lr may lie beyond the grid: these are not tuned yet. Add the point and run the sweep again "
+             "(its finished points are kept).", ""]
+    for c, point in sorted(flagged, key=lambda item: (item[0].optimizer, item[0].batch_size)):
+        grid = grid_lrs(runs, c.optimizer, c.batch_size)
+        where = "the only lr tried" if len(grid) == 1 else ("the lowest lr" if c.lr == grid[0] else "the highest lr")
+        lines.append(f"- {label(c.optimizer)}, batch {c.batch_size}: lr {c.lr:g} is {where}; add lr {point:.3g}.")
+    return "\n".join(lines) + "\n"
+
+
 def in_registry_order(names) -> list[str]:
     order = list(registry.OPTIMIZERS)
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
@@ -144,11 +207,13 @@ def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], ta
         for batch_size in sorted(b for o, b in choices if o == optimizer):
             c = choices[(optimizer, batch_size)]
             again = stat([test_accuracy(r) for r in retrained.get((optimizer, batch_size, c.lr, c.wd), [])])
-            lines.append(f"| {label(optimizer)} | {batch_size} | {c.lr:g} | {c.wd:g} | {cell(c.val)} | {cell(c.test)} "
+            lr_cell = f"{c.lr:g}" + (" (grid edge)" if edge_point(c, runs) is not None else "")
+            lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {cell(c.val)} | {cell(c.test)} "
                          f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
     unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
-    lines += ["", f"{len(runs)} runs, {unfinished} not ended."]
-    return "\n".join(lines) + "\n" + comparisons_markdown(choices)
+    lines += ["", f"{len(runs)} runs, {unfinished} not ended.", ""]
+    return ("\n".join(lines) + "\n" + edges_markdown(choices, runs) + "\n" + protocol_markdown(runs)
+            + comparisons_markdown(choices))
 
 
 FOCUS = "lamb16"  # the optimizer the sweep's comparisons are about

@@ -2,6 +2,7 @@
 never again after it ended, resumed after a stop, split between workers; the
 learning rate chosen by validation, never by the test set."""
 
+import math
 import csv
 import json
 from pathlib import Path
@@ -254,3 +255,26 @@ def test_the_report_says_how_sure_each_comparison_is():
 def replace_batch(run: Run, batch_size: int) -> Run:
     run.config["batch_size"] = batch_size
     return run
+
+
+def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged_with_the_point_to_add():
+    """LAMB16 peaks inside its grid; AdamW at its lowest lr (the best may lie
+    below) and SGD at its highest: each flagged with one more grid step out."""
+    accuracy = {"lamb16": (0.90, 0.95, 0.92), "adamw": (0.95, 0.93, 0.90), "sgd": (0.80, 0.85, 0.90)}
+    runs = [fake_run(optimizer, lr, seed, val, val)
+            for optimizer, vals in accuracy.items() for lr, val in zip((0.001, 0.003, 0.009), vals)
+            for seed in (1, 2)]
+    for run in runs:
+        run.config["train_size"] = 60_000
+    choices = tuning.choose(runs)
+    assert tuning.edge_point(choices[("lamb16", 128)], runs) is None
+    assert tuning.edge_point(choices[("adamw", 128)], runs) == pytest.approx(0.001 / 3)
+    assert tuning.edge_point(choices[("sgd", 128)], runs) == pytest.approx(0.027)
+    text = tuning.results_markdown(choices, runs, 0.98, "title")
+    assert "| AdamW | 128 | 0.001 (grid edge) |" in text and "| LAMB16 | 128 | 0.003 |" in text
+    assert "AdamW, batch 128: lr 0.001 is the lowest lr; add lr 0.000333." in text
+    assert "SGD (momentum 0.9), batch 128: lr 0.009 is the highest lr; add lr 0.027." in text
+    # The protocol: the search space, the budget in epochs and steps, the seeds, the rule.
+    assert "lr 0.001, 0.003, 0.009; batch sizes 128" in text
+    assert f"10 epochs a point, that is {10 * math.ceil((60_000 - VAL) / 128)} steps at batch 128" in text
+    assert "Seeds: 2 per point" in text and "validation accuracy" in text
