@@ -2,9 +2,9 @@
 never again after it ended, resumed after a stop, split between workers; the
 learning rate chosen by validation, never by the test set."""
 
-import math
 import csv
 import json
+import math
 from pathlib import Path
 
 import optuna
