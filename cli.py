@@ -283,6 +283,8 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @seeds_option(None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs per run [default: {DEFAULTS.epochs}].")
 @click.option("--val-size", type=click.IntRange(min=1), default=None, help="Training images held out to choose the learning rate by [default: 10000].")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="The lr after warmup, shared by every point [default: constant; the claims preset: cosine].")
+@click.option("--warmups", default=None, help="Warmup fractions to sweep, comma-separated [default: 0; the claims preset: 0.1].")
 @target_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
 @click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
@@ -290,8 +292,8 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @click.option("--retrain", is_flag=True, help="Then train each chosen setting again on all the training images (into --out/retrained).")
 @data_options
 @click.pass_context
-def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, target, out, storage, workers,
-          retrain, data_dir, download, device, progress):
+def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups, target, out,
+          storage, workers, retrain, data_dir, download, device, progress):
     """Tune: optimizers x lrs x batch sizes x wds x seeds, each point a run under
     --out, through an Optuna study; the lr chosen by validation, its test accuracy,
     reports. Run again (or elsewhere, same --storage) to join or resume.
@@ -302,7 +304,7 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
       python cli.py sweep --preset claims --workers 2
     """
     chosen = sweeps.from_options(preset, optimizers and parse_list(optimizers, list(registry.OPTIMIZERS), "--optimizers"),
-                                 lrs, batch_sizes, wds, seeds, epochs, val_size)
+                                 lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups)
     sweeps.check_sweep(chosen)
     out = writable_dir(out)
     train_data, test_data = load_data(data_dir, download, device)

@@ -61,20 +61,25 @@ class Sweep:
     val_size: int = 10_000
     test_batch_size: int = DEFAULTS.test_batch_size
     log_interval: int = DEFAULTS.log_interval
+    schedule: str = DEFAULTS.schedule  # shared by every point
+    warmups: tuple[float, ...] = (DEFAULTS.warmup,)  # swept
 
     def points(self) -> list[RunConfig]:
         """Seed-major, so that a sweep cut short has whole grids of its first seeds;
         within a seed, the largest batches (the regime LAMB is for) first."""
         grid = itertools.product(self.seeds, sorted(self.batch_sizes, reverse=True), self.optimizers, self.lrs,
-                                 self.wds)
+                                 self.wds, self.warmups)
         return [RunConfig(optimizer=o, batch_size=b, lr=lr, wd=wd, seed=s, epochs=self.epochs,
                           test_batch_size=self.test_batch_size, log_interval=self.log_interval,
-                          val_size=self.val_size)
-                for s, b, o, lr, wd in grid]
+                          val_size=self.val_size, schedule=self.schedule, warmup=warmup)
+                for s, b, o, lr, wd, warmup in grid]
 
     def search_space(self) -> dict[str, list]:
-        return dict(optimizer=list(self.optimizers), batch_size=list(self.batch_sizes), lr=list(self.lrs),
-                    wd=list(self.wds), seed=list(self.seeds))
+        space = dict(optimizer=list(self.optimizers), batch_size=list(self.batch_sizes), lr=list(self.lrs),
+                     wd=list(self.wds), seed=list(self.seeds))
+        if self.warmups != (DEFAULTS.warmup,):  # a sweep without warmup keeps the grid it always had
+            space["warmup"] = list(self.warmups)
+        return space
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,18 +94,21 @@ class Sweep:
 # factors of 4, learning rates on a half-decade log grid, 3 seeds, 10 epochs.
 PRESETS = {
     "claims": Sweep(
-        optimizers=("adamw", "bnb-adamw8bit", "lamb", "lamb16", "lamb16-seed"),
-        lrs=(0.001, 0.003, 0.01, 0.03, 0.1),
+        optimizers=("adamw", "bnb-adamw8bit", "ao-adamw4bit", "muon", "lamb", "lamb16"),
+        lrs=(0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
         batch_sizes=(128, 512, 2048, 8192),
         seeds=(1, 2, 3),
         epochs=10,
+        schedule="cosine",  # as people train: a linear warmup over a tenth of the steps, then a cosine to 0
+        warmups=(0.1,),
     ),
 }
 
 
 def from_options(
     preset: str | None, optimizers: list[str] | None, lrs: str | None, batch_sizes: str | None, wds: str | None,
-    seeds: str | None, epochs: int | None, val_size: int | None,
+    seeds: str | None, epochs: int | None, val_size: int | None, schedule: str | None = None,
+    warmups: str | None = None,
 ) -> Sweep:
     """The sweep the command line asks for: a preset's grid (or the defaults)
     with each option given replacing its part."""
@@ -114,7 +122,11 @@ def from_options(
         seeds=tuple(parse_seeds(seeds)) if seeds else base.seeds,
         epochs=epochs or base.epochs,
         val_size=val_size or base.val_size,
+        schedule=schedule or base.schedule,
+        warmups=parse_numbers(warmups, "--warmups", allow_zero=True) if warmups else base.warmups,
     )
+    if any(w >= 1 for w in sweep.warmups):
+        raise UserError(f"invalid --warmups {warmups!r}: each is a fraction of the run, below 1 (e.g. 0,0.1)")
     if not sweep.lrs:
         raise UserError("no learning rates: give --lrs (e.g. --lrs 0.005,0.02) or a --preset")
     return sweep
@@ -193,7 +205,8 @@ def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print)
 def describe(sweep: Sweep) -> str:
     return (f"optimizers {','.join(sweep.optimizers)}, lrs {','.join(f'{x:g}' for x in sweep.lrs)}, batch sizes "
             f"{','.join(map(str, sweep.batch_sizes))}, wds {','.join(f'{x:g}' for x in sweep.wds)}, seeds "
-            f"{','.join(map(str, sweep.seeds))}, {sweep.epochs} epochs, val size {sweep.val_size}")
+            f"{','.join(map(str, sweep.seeds))}, {sweep.epochs} epochs, val size {sweep.val_size}, schedule "
+            f"{sweep.schedule}, warmups {','.join(f'{x:g}' for x in sweep.warmups)}")
 
 
 def lock_path(out: Path, name: str, trial_number: int) -> Path:
@@ -301,7 +314,8 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             current.update(params=params, name=name)
             config = replace(sweep.points()[0], **params)
             echo(f"[{worker}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, wd {config.wd:g}, "
-                 f"seed {config.seed} ({remaining(study, out)} more queued)")
+                 + (f"warmup {config.warmup:g}, " if "warmup" in params else "")
+                 + f"seed {config.seed} ({remaining(study, out)} more queued)")
             with holding(lock_path(out, name, trial.number)):
                 summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars)
             trial.set_user_attr("status", summary["status"])
@@ -408,8 +422,8 @@ def retrain(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train:
              "run this sweep with --retrain again then")
         return
     choices = choose(load_runs([out / "runs"], warn=lambda line: None))
-    configs = [replace(sweep.points()[0], optimizer=c.optimizer, batch_size=c.batch_size, lr=c.lr, wd=c.wd, seed=s,
-                       val_size=0) for c in choices.values() for s in sweep.seeds]
+    configs = [replace(sweep.points()[0], optimizer=c.optimizer, batch_size=c.batch_size, lr=c.lr, wd=c.wd,
+                       warmup=c.warmup, seed=s, val_size=0) for c in choices.values() for s in sweep.seeds]
     for k, config in enumerate(configs, 1):
         echo(f"[retrain {k} of {len(configs)}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, "
              f"seed {config.seed}, on all {len(train)} training images")

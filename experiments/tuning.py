@@ -26,14 +26,16 @@ from .runs import Run, load_runs, write_atomic
 
 Echo = Callable[[str], None]
 DEFAULT_TARGET = 0.98
-CSV_FIELDS = ("run", "optimizer", "batch_size", "lr", "wd", "seed", "epochs", "status", "epochs_completed",
+CSV_FIELDS = ("run", "optimizer", "batch_size", "lr", "wd", "schedule", "warmup", "seed", "epochs", "status",
+              "epochs_completed",
               "final_val_accuracy", "final_test_accuracy", "best_test_accuracy", "samples", "train_seconds",
               "samples_to_target", "seconds_to_target", "state_bytes_per_parameter")
 
 
-def setting_of(run: Run) -> tuple[str, int, float, float]:
+def setting_of(run: Run) -> tuple[str, int, float, float, float]:
+    """(optimizer, batch size, lr, weight decay, warmup): a point of the grid less its seed."""
     c = run.config
-    return c["optimizer"], c["batch_size"], c["lr"], c["wd"]
+    return c["optimizer"], c["batch_size"], c["lr"], c["wd"], c.get("warmup", 0.0)
 
 
 def val_score(run: Run) -> float | None:
@@ -66,6 +68,7 @@ class Choice:
     batch_size: int
     lr: float
     wd: float
+    warmup: float
     val: Stat
     test: Stat | None
     runs: list[Run]
@@ -80,15 +83,15 @@ def settings(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 
 def choose(runs: list[Run]) -> dict[tuple[str, int], Choice]:
-    """Per (optimizer, batch size), the (lr, wd) with the best mean validation score."""
+    """Per (optimizer, batch size), the (lr, wd, warmup) with the best mean validation score."""
     best: dict[tuple[str, int], Choice] = {}
-    for (optimizer, batch_size, lr, wd), members in settings(runs).items():
+    for (optimizer, batch_size, lr, wd, warmup), members in settings(runs).items():
         val = stat([val_score(r) for r in members])
         if val is None:
             continue
         current = best.get((optimizer, batch_size))
         if current is None or val.mean > current.val.mean:
-            best[(optimizer, batch_size)] = Choice(optimizer, batch_size, lr, wd, val,
+            best[(optimizer, batch_size)] = Choice(optimizer, batch_size, lr, wd, warmup, val,
                                                    stat([test_accuracy(r) for r in members]), members,
                                                    sum(r.diverged for r in members))
     return best
@@ -170,6 +173,7 @@ def csv_text(runs: list[Run], target: float) -> str:
         reached = to_target(run, target)
         writer.writerow(dict(
             {k: run.config.get(k) for k in ("optimizer", "batch_size", "lr", "wd", "seed", "epochs")},
+            schedule=run.config.get("schedule", "constant"), warmup=run.config.get("warmup", 0.0),
             run=run.path.name, status=run.status,
             **{k: summary.get(k) for k in ("epochs_completed", "final_val_accuracy", "final_test_accuracy",
                                            "best_test_accuracy", "samples", "train_seconds",
@@ -199,16 +203,16 @@ def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], ta
         f"seeds (and, with `sweep --retrain`, of that setting trained again on all the training images), and the "
         f"median samples and seconds to {100 * target:g}% validation accuracy (seeds that got there).",
         "",
-        "| optimizer | batch | chosen lr | wd | validation | test | retrained on all | diverged | to target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | batch | chosen lr | wd | warmup | validation | test | retrained on all | diverged | to target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     retrained = settings(retrained_runs or [])
     for optimizer in in_registry_order({o for o, _ in choices}):
         for batch_size in sorted(b for o, b in choices if o == optimizer):
             c = choices[(optimizer, batch_size)]
-            again = stat([test_accuracy(r) for r in retrained.get((optimizer, batch_size, c.lr, c.wd), [])])
+            again = stat([test_accuracy(r) for r in retrained.get((optimizer, batch_size, c.lr, c.wd, c.warmup), [])])
             lr_cell = f"{c.lr:g}" + (" (grid edge)" if edge_point(c, runs) is not None else "")
-            lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {cell(c.val)} | {cell(c.test)} "
+            lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {c.warmup:g} | {cell(c.val)} | {cell(c.test)} "
                          f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
     unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
     lines += ["", f"{len(runs)} runs, {unfinished} not ended.", ""]
@@ -283,7 +287,7 @@ def lr_series(runs: list[Run]) -> dict[int, list[Series]]:
     """Per batch size, per optimizer, validation accuracy over seeds against lr
     (at each lr, the best weight decay's)."""
     by_point: dict[tuple[str, int, float], Stat] = {}
-    for (optimizer, batch_size, lr, _), members in settings(runs).items():
+    for (optimizer, batch_size, lr, *_), members in settings(runs).items():
         val = stat([val_score(r) for r in members])
         key = (optimizer, batch_size, lr)
         if val is not None and (key not in by_point or val.mean > by_point[key].mean):

@@ -278,3 +278,21 @@ def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged_with_the_point_to_add():
     assert "lr 0.001, 0.003, 0.009; batch sizes 128" in text
     assert f"10 epochs a point, that is {10 * math.ceil((60_000 - VAL) / 128)} steps at batch 128" in text
     assert "Seeds: 2 per point" in text and "validation accuracy" in text
+
+
+def test_warmups_are_swept_under_a_shared_schedule_and_the_choice_names_its_warmup(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = sweep_args(data_dir, out, "--schedule", "cosine", "--warmups", "0,0.5")
+    args[args.index("--optimizers") + 1] = "lamb16"
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(trained_epochs(out)) == sorted(f"lamb16_b64_lr{lr}_wd0.01_cosine{w}_seed1" for lr in ("0.005", "0.02")
+                                                 for w in ("", "_warmup0.5"))
+    trials = queued_trials(out)
+    assert len(trials) == 4 and {t.params["warmup"] for t in trials} == {0.0, 0.5}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["schedule"], r["warmup"]) for r in rows} == {("cosine", "0.0"), ("cosine", "0.5")}
+    (choice,) = tuning.choose(load_runs([out / "runs"])).values()
+    best = max(rows, key=lambda r: float(r["final_val_accuracy"]))
+    assert (choice.lr, choice.warmup) == (float(best["lr"]), float(best["warmup"]))
+    assert "schedule cosine, warmup 0, 0.5" in (out / "results.md").read_text()
