@@ -211,7 +211,7 @@ def update_eagerly(update: Callable[[], None]) -> None:
 
 
 # Group options and state added after state_dicts were first saved: an older one may lack them.
-LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass"})
+LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass", "trust_lr"})
 LATER_STATE_KEYS = frozenset({"carry"})
 
 

@@ -40,6 +40,8 @@ MAX_SQUARE = 1.0
 # lr-aware factor is 1, and it rescales the ratio when lr is far from it.
 REFERENCE_LR = 1e-3
 MAX_TRUST = 2.0
+# Which lr the trust ratio reads under a schedule (Lamb16's trust_lr).
+TRUST_LRS = ("scheduled", "initial")
 
 
 def clamped_square_sum(x: Tensor, eps: float | Tensor) -> Tensor:
@@ -111,7 +113,7 @@ def lamb16_partials(
 
 
 def lamb16_finish(
-    partials: Tensor, numel: int | Tensor, *, lr: Number, eps: Number, trust_scale: Number, scaling: str
+    partials: Tensor, numel: int | Tensor, *, trust_lr: Number, eps: Number, trust_scale: Number, scaling: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """From a whole tensor's partials (the last dimension, PARTIALS; any leading
     ones are tensors side by side): (new m scale, new v scale, weight_norm,
@@ -122,7 +124,7 @@ def lamb16_finish(
     else:
         m_scale, v_scale = absmax_scales_from_maxima(m_stat, v_stat)
     weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
     return m_scale, v_scale, weight_norm, adam_norm, trust
 
 
@@ -143,7 +145,8 @@ def lamb16_apply(
 
 def lamb16_update(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
-    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
+    *, lr: Number, trust_lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number,
+    trust_scale: Number, scaling: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LAMB16 step on one tensor: the reference implementation, in the two
     passes over memory that the arithmetic needs (the fp8 scales and the trust
@@ -155,7 +158,8 @@ def lamb16_update(
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
     state = (param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
     partials = lamb16_partials(*state, **moments)
-    results = lamb16_finish(partials, param.numel(), lr=lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
+    results = lamb16_finish(partials, param.numel(), trust_lr=trust_lr, eps=eps, trust_scale=trust_scale,
+                            scaling=scaling)
     m_scale, v_scale, _, _, trust = results
     lamb16_apply(*state, m_scale, v_scale, trust * lr, **moments)
     return results
@@ -219,7 +223,8 @@ def weight_norm_of(param: Tensor, eps: Number) -> Tensor:
 def lamb16_single_pass_update(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
     carry: Tensor, adam_norm: Tensor,
-    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, scaling: str,
+    *, lr: Number, trust_lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number,
+    trust_scale: Number, scaling: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One single-pass LAMB16 step on one tensor, the reference: everything it
     needs before writing comes from the carry, the last step's update norm
@@ -233,7 +238,7 @@ def lamb16_single_pass_update(
     """
     m_scale, v_scale = single_pass_scales(carry[1], carry[2], grad, beta1=beta1, beta2=beta2, scaling=scaling)
     weight_norm = carry[0]
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, lr, trust_scale)
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
     m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
     update = adam_direction(m, v, param, eps, weight_decay)
     write = write_seed if scaling == "seed" else write_absmax
@@ -246,8 +251,8 @@ def lamb16_single_pass_update(
 
 
 def lamb16_sharded_steps(
-    jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, trust_scale: float, scaling: str,
+    jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, trust_lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, trust_scale: float, scaling: str,
 ) -> None:
     """lamb16_update() of DTensor parameters, each job on this process's pieces:
     pass 1, the partials combined over the shards (one collective per process
@@ -258,7 +263,7 @@ def lamb16_sharded_steps(
                                   len(PARTIALS), **moments)
     partials = sharded.combine_over_shards(partials, params, COMBINE[scaling])
     numel = torch.tensor([float(p.numel()) for p in params], device=partials.device)
-    results = lamb16_finish(partials, numel, lr=lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
+    results = lamb16_finish(partials, numel, trust_lr=trust_lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
     # The outputs' values (new scales, norms, trust ratio), then the step size; pass 2 takes columns 0, 1, 5.
     finished = torch.stack([*results, results[4] * lr], dim=1)
     sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, native_rows, finished, [0, 1, 5],
@@ -331,6 +336,7 @@ class Lamb16(CheckedOptimizer):
         trust_scale: float = 0.382,
         scaling: str = "absmax",
         single_pass: bool = False,
+        trust_lr: str = "scheduled",
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -341,6 +347,7 @@ class Lamb16(CheckedOptimizer):
             trust_scale=trust_scale,
             scaling=scaling,
             single_pass=single_pass,
+            trust_lr=trust_lr,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -352,6 +359,8 @@ class Lamb16(CheckedOptimizer):
         if group["scaling"] not in SCALINGS:
             raise ValueError(f"Invalid scaling: {group['scaling']!r} (choose one of {', '.join(SCALINGS)})")
         check_flag("single_pass", group["single_pass"])
+        if group["trust_lr"] not in TRUST_LRS:
+            raise ValueError(f"Invalid trust_lr: {group['trust_lr']!r} (choose one of {', '.join(TRUST_LRS)})")
 
     @property
     def carried(self) -> dict[Tensor, int | None]:
@@ -373,6 +382,7 @@ class Lamb16(CheckedOptimizer):
         self.carried.clear()
         for group in self.param_groups:
             group.setdefault("single_pass", False)  # saved before the option existed
+            group.setdefault("trust_lr", "scheduled")
         for param, state in self.state.items():
             if not isinstance(state, dict) or "exp_avg" not in state:
                 continue
@@ -386,7 +396,8 @@ class Lamb16(CheckedOptimizer):
     def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):
             hyper = adam_hyperparameters(group)
-            hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"])
+            hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"],
+                         trust_lr=trust_lr_of(group, hyper["lr"]))
             # A tensor's first step is exact: nothing carried yet.
             fresh = {param for param in params if not self.state.get(param)} if group["single_pass"] else set()
             exact_jobs: list[Job] = []
@@ -451,6 +462,16 @@ def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float) -> Non
     native_ids = {id(job) for job in on_native}
     for inputs, _, _ in (job for job in jobs if id(job) not in native_ids):
         inputs[6][0] = weight_norm_of(inputs[0], eps)
+
+
+def trust_lr_of(group: dict[str, Any], lr: Number) -> Number:
+    """The lr the trust ratio's factor 1e-3 / lr reads: the group's lr as it is
+    now ("scheduled"), or the lr a scheduler started it from ("initial": torch's
+    schedulers keep it as initial_lr), so that the schedule keeps its shape."""
+    if group["trust_lr"] == "initial" and "initial_lr" in group:
+        initial = group["initial_lr"]
+        return initial.detach().reshape(()) if isinstance(initial, Tensor) else initial
+    return lr
 
 
 def new_carry(param: Tensor) -> Tensor:

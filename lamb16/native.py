@@ -41,10 +41,10 @@ _unavailable: str | None = None  # why building failed, once it has
 
 _f, _i, _i64, _ptr = ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
-    # table, count, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
-    # trust_scale, seed, threads
-    "lamb16_steps": [_ptr, _i64] + [_f] * 8 + [_i, _i],
-    "lamb16_single_pass_steps": [_ptr, _i64] + [_f] * 8 + [_i, _i],
+    # table, count, lr, trust_lr (the lr the trust ratio reads), beta1, beta2,
+    # 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale, seed, threads
+    "lamb16_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
+    "lamb16_single_pass_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
     "lamb16_weight_norms": [_ptr, _i64, _f, _i],  # table, count, eps, threads
     # table, count, corrections, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps,
     # weight_decay, bias_correction, adam, max_weight_norm, threads
@@ -238,16 +238,16 @@ def lamb16_table(jobs: list[Job]) -> array.array:
     return table
 
 
-def lamb16_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 trust_scale: float, scaling: str) -> None:
+def lamb16_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, trust_scale: float, scaling: str) -> None:
     """lamb16_update() on the CPU kernels, for many tensors in one call (a table of
     their addresses). Each job's results go into its state tensors in place; the
     new scales into the tensors that held the old ones (inputs 4 and 5), as the
     kernels read the old scales from there."""
     table = lamb16_table(jobs)
     library().lamb16_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
-        trust_scale, scaling == "seed", torch.get_num_threads(),
+        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, trust_scale, scaling == "seed", torch.get_num_threads(),
     )
 
 
@@ -260,15 +260,15 @@ def lamb16_single_pass_table(jobs: list[Job]) -> array.array:
     return table
 
 
-def lamb16_single_pass_steps(jobs: list[Job], *, lr: float, beta1: float, beta2: float, eps: float,
+def lamb16_single_pass_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
                              weight_decay: float, trust_scale: float, scaling: str) -> None:
     """lamb16_single_pass_update() on the CPU kernels, for many tensors in one
     call; each job's results, the new carry among them, go into its state
     tensors in place (adam_norm is read first: it holds the last step's)."""
     table = lamb16_single_pass_table(jobs)
     library().lamb16_single_pass_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
-        trust_scale, scaling == "seed", torch.get_num_threads(),
+        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, trust_scale, scaling == "seed", torch.get_num_threads(),
     )
 
 

@@ -637,3 +637,37 @@ def test_more_invalid_hyperparameters_raise_naming_them(make, kwargs, fragment):
 def test_each_optimizers_own_options_are_checked(optimizer, kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         optimizer(small_model().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("trust_lr", ["scheduled", "initial"])
+def test_the_trust_ratio_reads_the_scheduled_or_the_initial_lr(make, trust_lr):
+    """Under a scheduler that halves the lr each step, the trust ratio's factor
+    1e-3 / lr reads the lr of this step ("scheduled") or the one the schedule
+    started from ("initial", so that lr x trust keeps the schedule's shape)."""
+    if make.optimizer is not Lamb16:
+        pytest.skip("Lamb's trust ratio reads no lr")
+    from lamb16.lamb16 import lamb16_trust_ratio
+
+    model = small_model()
+    optimizer = make(model.parameters(), lr=LR, trust_lr=trust_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    for step in range(4):
+        train(model, optimizer, steps=1, seed=step)
+        read = LR if trust_lr == "initial" else LR * 0.5**step
+        for p in model.parameters():
+            state = optimizer.state[p]
+            expected = lamb16_trust_ratio(state["weight_norm"], state["adam_norm"], read, optimizer.defaults["trust_scale"])
+            if make.options.get("single_pass") and step > 0:  # the trust ratio reads the last step's update norm
+                continue
+            torch.testing.assert_close(state["trust_ratio"], expected, rtol=1e-5, atol=0)
+        scheduler.step()
+
+
+def test_trust_lr_initial_without_a_scheduler_reads_the_lr():
+    model, twin = small_model(), small_model()
+    a, b = Lamb16(model.parameters(), lr=LR), Lamb16(twin.parameters(), lr=LR, trust_lr="initial")
+    train(model, a, steps=3)
+    train(twin, b, steps=3)
+    assert params_equal(model, twin)
+    with pytest.raises(ValueError, match="Invalid trust_lr: 'base'"):
+        Lamb16(model.parameters(), trust_lr="base")

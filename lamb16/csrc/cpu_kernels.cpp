@@ -1012,7 +1012,7 @@ void lamb16_apply(float* param, const float* grad, uint8_t* exp_avg, uint8_t* ex
 // One LAMB16 step on n elements, from the old scales in args; out: {new m
 // scale, new v scale, weight_norm, adam_norm, trust_ratio}.
 void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
-                 const Lamb16Args args, float lr, float trust_scale, int threads, float* out) {
+                 const Lamb16Args args, float lr, float trust_lr, float trust_scale, int threads, float* out) {
   const Lamb16Partials s = lamb16_sums(param, grad, exp_avg, exp_avg_sq, n, args, threads);
   // lamb16_finish()
   const float count = float(n);
@@ -1027,8 +1027,8 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
   }
   const float weight_norm = std::sqrt(s.weight) / count;
   const float adam_norm = std::sqrt(s.update) / count;
-  // lamb16_trust_ratio(): (w / u / lr * 1e-3) ** trust_scale, clamped to [0, 2].
-  const float trust = clamp(std::pow(weight_norm / adam_norm / lr * 1e-3f, trust_scale), 0.0f, 2.0f);
+  // lamb16_trust_ratio(): (w / u / trust_lr * 1e-3) ** trust_scale, clamped to [0, 2].
+  const float trust = clamp(std::pow(weight_norm / adam_norm / trust_lr * 1e-3f, trust_scale), 0.0f, 2.0f);
   lamb16_apply(param, grad, exp_avg, exp_avg_sq, n, args, m_scale, v_scale, trust * lr, threads);
   out[0] = m_scale;
   out[1] = v_scale;
@@ -1088,7 +1088,7 @@ float weight_norm(const float* param, int64_t n, float eps, int threads) {
 // carry (CARRY in lamb16.py) and the last step's update norm; out: {new m
 // scale, new v scale, weight_norm, adam_norm, trust_ratio, then the new carry's four}.
 void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
-                             const Lamb16Args args, float lr, float trust_scale, const float* carry,
+                             const Lamb16Args args, float lr, float trust_lr, float trust_scale, const float* carry,
                              float last_adam_norm, int threads, float* out) {
   const float count = float(n), tiny = std::numeric_limits<float>::min();
   // single_pass_scales(): the carried statistics, and bounds from the gradient's absmax.
@@ -1101,7 +1101,7 @@ void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, 
     v_scale = v_bound != v_bound ? v_bound : std::max(v_bound / 57344.0f, tiny);
   }
   const float weight_norm = carry[0];
-  const float trust = clamp(std::pow(weight_norm / last_adam_norm / lr * 1e-3f, trust_scale), 0.0f, 2.0f);
+  const float trust = clamp(std::pow(weight_norm / last_adam_norm / trust_lr * 1e-3f, trust_scale), 0.0f, 2.0f);
   const float step_size = trust * lr;
 
   auto block_pass = lamb16_block_single_pass;
@@ -1342,8 +1342,8 @@ extern "C" {
 // overwritten), exp_avg_sq_scale (likewise), weight_norm, adam_norm, trust_ratio.
 constexpr int64_t LAMB16_COLUMNS = 10;
 
-void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, float beta2, float one_minus_beta1,
-                  float one_minus_beta2, float eps, float weight_decay, float trust_scale, int seed, int threads) {
+void lamb16_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1, float beta2,
+                  float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, float trust_scale, int seed, int threads) {
   each_tensor(table, LAMB16_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * LAMB16_COLUMNS;
     float* m_scale = address<float>(r[5]);
@@ -1352,7 +1352,7 @@ void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, fl
                           eps, weight_decay, seed != 0};
     float out[5];
     lamb16_step(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]), address<uint8_t>(r[3]),
-                r[4], args, lr, trust_scale, tensor_threads, out);
+                r[4], args, lr, trust_lr, trust_scale, tensor_threads, out);
     *m_scale = out[0];
     *v_scale = out[1];
     *address<float>(r[7]) = out[2];
@@ -1366,8 +1366,8 @@ void lamb16_steps(const int64_t* table, int64_t count, float lr, float beta1, fl
 // when the step starts, and this step's after.
 constexpr int64_t SINGLE_PASS_COLUMNS = 11;
 
-void lamb16_single_pass_steps(const int64_t* table, int64_t count, float lr, float beta1, float beta2,
-                              float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay,
+void lamb16_single_pass_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1,
+                              float beta2, float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay,
                               float trust_scale, int seed, int threads) {
   each_tensor(table, SINGLE_PASS_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * SINGLE_PASS_COLUMNS;
@@ -1378,7 +1378,7 @@ void lamb16_single_pass_steps(const int64_t* table, int64_t count, float lr, flo
                           eps, weight_decay, seed != 0};
     float out[9];
     lamb16_single_pass_step(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
-                            address<uint8_t>(r[3]), r[4], args, lr, trust_scale, carry, *address<float>(r[8]),
+                            address<uint8_t>(r[3]), r[4], args, lr, trust_lr, trust_scale, carry, *address<float>(r[8]),
                             tensor_threads, out);
     *m_scale = out[0];
     *v_scale = out[1];
