@@ -8,8 +8,6 @@ compare them over seeds, plot, reproduce the original README's figures, benchmar
 Thin click commands over the `experiments` package, which does the work.
 """
 
-import functools
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,16 +17,30 @@ import lamb16
 from experiments import bench as benchmarks
 from experiments import parallel, quantization, registry, studies, tuning
 from experiments import sweep as sweeps
-from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, RunConfig, parse_seeds
-from experiments.data import hold_out, load_mnist, load_train_and_test
+from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, parse_seeds
+from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
 from experiments.runs import free_path, fresh_dir, writable_dir
+from experiments.options import (
+    POSITIVE,
+    base_config,
+    data_dir_option,
+    data_options,
+    device_option,
+    download_option,
+    given_options,
+    hyperparameter_options,
+    load_data,
+    parse_list,
+    seeds_of,
+    seeds_option,
+    target_option,
+    warn_batch,
+)
 from experiments.schedules import SCHEDULES
 
-INTERRUPTED_EXIT = 130
-# Where an option's value came from when the user gave it (not its default).
-GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)  # the shell's code for a command ended by SIGINT
+INTERRUPTED_EXIT = 130  # the shell's code for a command ended by SIGINT
 
 
 class Commands(click.Group):
@@ -46,102 +58,6 @@ class Commands(click.Group):
             hint = ctx.meta.get("resume_hint", "python cli.py train --resume {run_dir}").format(run_dir=stopped.run_dir)
             click.echo(f"interrupted: {stopped.run_dir} keeps what was written; resume with: {hint}", err=True)
             ctx.exit(INTERRUPTED_EXIT)
-
-
-class FiniteFloat(click.ParamType):
-    """A finite number at least `minimum` (above it when `open`): click's
-    FloatRange lets nan through, and an lr of 0 trains nothing."""
-
-    name = "float"
-
-    def __init__(self, minimum: float = 0.0, open: bool = False, maximum: float = math.inf) -> None:
-        self.minimum, self.open, self.maximum = minimum, open, maximum
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        low = number < self.minimum or (self.open and number == self.minimum)
-        if not math.isfinite(number) or low or number > self.maximum:
-            bound = f"above {self.minimum:g}" if self.open else f"at least {self.minimum:g}"
-            if self.maximum < math.inf:
-                bound += f" and at most {self.maximum:g}"
-            self.fail(f"{value!r} is not a finite number {bound}", param, ctx)
-        return number
-
-
-POSITIVE = FiniteFloat(0.0, open=True)
-NON_NEGATIVE = FiniteFloat(0.0)
-
-
-def parse_list(text: str, choices, option: str) -> list[str]:
-    """A comma-separated list, each item one of `choices`, or a usage error naming the bad ones."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in choices]
-    if unknown or not items:
-        raise click.BadParameter(f"unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}",
-                                 param_hint=option)
-    return items
-
-
-def seeds_of(seeds: str | None, seed: int | None) -> list[int]:
-    if seeds is not None and seed is not None:
-        raise UserError("give --seed or --seeds, not both")
-    return parse_seeds(seeds) if seeds is not None else [seed or DEFAULTS.seed]
-
-
-def options(*decorators):
-    """Several click decorators as one."""
-    return lambda command: functools.reduce(lambda c, d: d(c), reversed(decorators), command)
-
-
-data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default="./data", envvar="LAMB16_DATA_DIR",
-    show_default=True, show_envvar=True, help="Folder holding MNIST/raw (torchvision's layout).",
-)
-download_option = click.option("--download/--no-download", default=True, show_default=True,
-                               help="Download MNIST if it is missing.")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                             show_default=True, help="Where to train.")
-progress_option = click.option("--progress/--no-progress", default=None,
-                               help="tqdm bars [default: on when output is a terminal].")
-data_options = options(data_dir_option, download_option, device_option, progress_option)
-
-
-target_option = click.option("--target", type=FiniteFloat(0.0, maximum=1.0), default=tuning.DEFAULT_TARGET, show_default=True,
-                             help="Validation accuracy whose samples-to-reach the report gives.")
-
-
-def seeds_option(default: str | None):
-    return click.option("--seeds", default=default, show_default=default is not None,
-                        help="Seeds to run: a count (3 = seeds 1,2,3) or a list (1,2,3).")
-
-
-hyperparameter_options = options(
-    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True, help="Training batch size."),
-    click.option("--test-batch-size", type=click.IntRange(min=1), default=DEFAULTS.test_batch_size, show_default=True, help="Evaluation batch size."),
-    click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True, help="Passes over the training set."),
-    click.option("--lr", type=POSITIVE, default=DEFAULTS.lr, show_default=True, help="Learning rate."),
-    click.option("--weight-decay", "--wd", "wd", type=NON_NEGATIVE, default=DEFAULTS.wd, show_default=True, help="Weight decay."),
-    click.option("--seed", type=int, default=None, show_default=str(DEFAULTS.seed), help="Seed of the initial weights and data order."),
-    click.option("--log-interval", type=click.IntRange(min=1), default=DEFAULTS.log_interval, show_default=True, help="Batches between train-loss records."),
-    click.option("--trust-scale", type=NON_NEGATIVE, default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
-    click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True, help="The lr after warmup, stepped per batch: constant, cosine or linear decay to 0."),
-    click.option("--warmup", type=FiniteFloat(0.0, maximum=0.99), default=DEFAULTS.warmup, show_default=True, help="Fraction of the run's steps over which the lr rises linearly from 0."),
-)
-
-
-def base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup) -> RunConfig:
-    return RunConfig(batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs, lr=lr, wd=wd,
-                     log_interval=log_interval, trust_scale=trust_scale, schedule=schedule, warmup=warmup)
-
-
-def load_data(data_dir: Path, download: bool | None, device: str):
-    return load_train_and_test(data_dir, studies.device_of(device), download)
-
-
-def warn_batch(config: RunConfig, train_size: int) -> None:
-    if config.batch_size > train_size:
-        click.echo(f"warning: batch size {config.batch_size} exceeds the {train_size} training images: "
-                   f"each epoch is one batch of {train_size}", err=True)
 
 
 @click.group(cls=Commands, context_settings=dict(help_option_names=["-h", "--help"], max_content_width=110))
@@ -175,8 +91,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
       torchrun --nproc-per-node 2 cli.py train --optimizer lamb16 --fsdp
     """
     if resume_dir is not None:
-        given = {name: ctx.params[name] for name in (*studies.RESUME_OPTIONS, "out")
-                 if ctx.get_parameter_source(name) in GIVEN}
+        given = given_options(ctx, (*studies.RESUME_OPTIONS, "out"))
         if seeds is not None:
             given["seeds"] = parse_seeds(seeds)
         studies.check_resume_options(resume_dir, given)

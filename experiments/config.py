@@ -76,14 +76,13 @@ def typed(name: str, value, annotation) -> object:
     kinds = typing.get_args(annotation) or (annotation,)
     if value is None and type(None) in kinds:
         return None
-    if isinstance(value, bool):  # JSON true is no number
-        pass
-    elif isinstance(value, int) and int in kinds:
-        return value
-    elif isinstance(value, (int, float)) and float in kinds:
-        return float(value)
-    elif isinstance(value, str) and str in kinds:
-        return value
+    if not isinstance(value, bool):  # JSON true is no number
+        if isinstance(value, int) and int in kinds:
+            return value
+        if isinstance(value, (int, float)) and float in kinds:
+            return float(value)
+        if isinstance(value, str) and str in kinds:
+            return value
     wanted = " or ".join("null" if k is type(None) else {int: "an integer", float: "a number", str: "a string"}[k]
                          for k in kinds)
     raise ValueError(f"{name} is {value!r}, not {wanted}")
