@@ -3,7 +3,8 @@ param_groups list, one state, one state_dict, so that schedulers, checkpoints,
 resume and the training loop see a single optimizer. Muon needs it: it takes
 2-D weights only, and the rest go to AdamW."""
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -49,17 +50,60 @@ class Combined(Optimizer):
         return loss
 
 
+def newton_schulz_float32(update: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                          eps: float) -> Tensor:
+    """Muon's quintic Newton-Schulz orthogonalization (X <- aX + (bA + cA^2)X,
+    A = XX^T, from X = G/|G|), in float32."""
+    a, b, c = ns_coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(update.dtype)
+
+
+@contextlib.contextmanager
+def float32_orthogonalization() -> Iterator[None]:
+    """torch's Muon orthogonalizes in bfloat16, which CPUs without bfloat16
+    matrix units run far slower than float32 (128 x 9216 products: 0.32 s
+    against 0.006 s on 2 AVX2 cores): on the CPU it runs in float32 instead."""
+    module = getattr(torch.optim, "_muon", None)
+    original = getattr(module, "_zeropower_via_newtonschulz", None)
+    if original is None:  # a torch whose Muon is laid out otherwise: its own arithmetic
+        yield
+        return
+    module._zeropower_via_newtonschulz = newton_schulz_float32
+    try:
+        yield
+    finally:
+        module._zeropower_via_newtonschulz = original
+
+
+class CpuMuon(torch.optim.Muon):
+    """torch.optim.Muon, orthogonalizing in float32 when its weights are on the CPU."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+        with float32_orthogonalization() if on_cpu else contextlib.nullcontext():
+            return super().step(closure)
+
+
 def muon_with_adamw(params: Iterable[Tensor], lr: float, weight_decay: float) -> Combined:
     """torch.optim.Muon on every 2-D weight and AdamW on everything else (conv
     kernels, biases), as torch's documentation advises; Muon's authors would
     flatten conv kernels to 2-D instead. Muon's update is scaled to AdamW's RMS
-    (adjust_lr_fn="match_rms_adamw") so that one lr serves both parts."""
+    (adjust_lr_fn="match_rms_adamw") so that one lr serves both parts. On the
+    CPU the orthogonalization runs in float32 (see `CpuMuon`)."""
     params = list(params)
     matrices = [p for p in params if p.ndim == 2]
     others = [p for p in params if p.ndim != 2]
     parts: list[Optimizer] = []
     if matrices:
-        parts.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+        parts.append(CpuMuon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
     if others:
         parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay))
     return Combined(parts)

@@ -19,9 +19,8 @@ from experiments.loop import train_run
 
 
 class SmallCNN(torch.nn.Module):
-    """MnistCNN's kinds of parameter (conv kernels, biases, 2-D weights), small:
-    torch's Muon runs its Newton-Schulz steps in bfloat16, slow on a CPU (1.2 s
-    a step for MnistCNN's 500 x 800 weight on 2 cores)."""
+    """MnistCNN's kinds of parameter (conv kernels, biases, 2-D weights), small,
+    so that these tests take milliseconds a step."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,3 +91,24 @@ def test_a_muon_run_stopped_midway_resumes_bit_for_bit(data_dir, tmp_path, monke
     assert train_run(config, cut, train, test, echo=lambda line: None)["status"] == "completed"
     assert comparable(cut.path) == comparable(whole.path)
     assert_same_weights_and_state(cut.path, whole.path)
+
+
+def test_muon_orthogonalizes_in_float32_on_the_cpu_as_torch_does_in_bfloat16():
+    from torch.optim import _muon
+
+    from experiments.combined import CpuMuon, newton_schulz_float32
+
+    original = _muon._zeropower_via_newtonschulz  # the name the float32 path replaces during a CPU step
+    update = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
+    ours = newton_schulz_float32(update, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    theirs = original(update, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    assert ours.dtype == torch.float32 and ours.shape == update.shape
+    assert (ours - theirs).norm() / theirs.norm() < 0.02  # bfloat16's rounding, no more
+    assert not torch.allclose(ours, theirs, rtol=0, atol=1e-6)  # really float32, not torch's own
+    weights = [torch.randn(48, 80, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    for w in weights:
+        w.grad = update.clone()
+    CpuMuon([weights[0]], lr=0.01).step()
+    torch.optim.Muon([weights[1]], lr=0.01).step()
+    assert _muon._zeropower_via_newtonschulz is original  # put back after the step
+    assert torch.allclose(weights[0], weights[1], atol=2e-4)
