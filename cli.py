@@ -204,11 +204,12 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
 @click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes (the CPU threads split between them).")
+@click.option("--prune", is_flag=True, help="Stop a point after an epoch where its validation accuracy is clearly below the best of its optimizer, batch size and seed (error over twice the best's); a later sweep without --prune finishes it.")
 @click.option("--retrain", is_flag=True, help="Then train each chosen setting again on all the training images (into --out/retrained).")
 @data_options
 @click.pass_context
 def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups, target, out,
-          storage, workers, retrain, data_dir, download, device, progress):
+          storage, workers, prune, retrain, data_dir, download, device, progress):
     """Tune: optimizers x lrs x batch sizes x wds x seeds, each point a run under
     --out, through an Optuna study; the lr chosen by validation, its test accuracy,
     reports. Run again (or elsewhere, same --storage) to join or resume.
@@ -216,7 +217,7 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
     \b
     Examples:
       python cli.py sweep --optimizers adamw,lamb16 --lrs 0.005,0.02 --batch-sizes 2048 --seeds 1 --epochs 1
-      python cli.py sweep --preset claims --workers 2
+      python cli.py sweep --preset claims --prune --workers 2
     """
     chosen = sweeps.from_options(preset, optimizers and parse_list(optimizers, list(registry.OPTIMIZERS), "--optimizers"),
                                  lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups)
@@ -225,12 +226,14 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
     train_data, test_data = load_data(data_dir, download, device)
     hold_out(train_data, chosen.val_size)  # a --val-size too large fails here, before the study exists
     ctx.meta["resume_hint"] = "the same python cli.py sweep command again (it resumes {run_dir})"
-    sweeps.open_study(chosen, out, storage, echo=click.echo)
+    sweeps.open_study(chosen, out, storage, echo=click.echo, requeue=not prune)
     if workers == 1:
         with stop_on_signals() as stop:
-            sweeps.work(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, bars=progress, stop=stop)
+            sweeps.work(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, bars=progress, stop=stop,
+                        prune=prune)
     else:
-        sweeps.run_workers(chosen, out, storage, data_dir, train_data.images.device, workers, echo=click.echo)
+        sweeps.run_workers(chosen, out, storage, data_dir, train_data.images.device, workers, echo=click.echo,
+                           prune=prune)
     if retrain:
         with stop_on_signals() as stop:
             sweeps.retrain(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, stop=stop, bars=progress)

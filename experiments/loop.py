@@ -253,11 +253,15 @@ def train_epoch(
 def train_run(
     config: RunConfig, run: RunDir, train_data: Split, test_data: Split, *,
     bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
+    prune: Callable[[int, float], bool] | None = None,
 ) -> dict:
     """Train one model in `run`, from its last checkpoint if it has one; returns
     the summary it writes. A stop request ends it after the current batch with
     status "interrupted" (raising Interrupted); a run is "diverged" when its
     loss is not finite or exceeds DIVERGENCE_FACTOR times its first batch's.
+    `prune(epoch, validation accuracy)`, asked after each epoch but the last
+    (a sweep's rule), may end it there, checkpointed, with status "pruned"; it
+    resumes from there like an interrupted run.
     Across processes (`parallel`) every rank calls it with the same run, and
     rank 0 alone writes to it."""
     device = train_data.images.device
@@ -332,6 +336,13 @@ def train_run(
                         ))
                     echo(f"{label:22s} epoch {progress.epoch:2d}/{config.epochs}  train loss {train_loss:.4f}  "
                          f"test loss {test_loss:.4f}  accuracy {100 * accuracy:.2f}%  {epoch_seconds:.1f}s")
+                    if (prune is not None and validation and progress.epoch < config.epochs
+                            and prune(progress.epoch, validation["val_accuracy"])):
+                        log.write(kind="pruned", epoch=progress.epoch, samples=progress.samples, time=now())
+                        echo(f"{label:22s} pruned after epoch {progress.epoch}: validation accuracy "
+                             f"{100 * validation['val_accuracy']:.2f}% clearly below its peers'")
+                        status = "pruned"
+                        break
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the batch loop
             status = "interrupted"
         except CheckpointError as error:  # a full disk: the run stops at its last good checkpoint

@@ -3,11 +3,12 @@
 A run directory holds
 - config.json: every setting, and where and with what it ran (written once);
 - metrics.jsonl: one JSON object a line, flushed as written ("train" records
-  per log interval, "test" records per epoch, "diverged" or "resumed" events);
+  per log interval, "test" records per epoch, "diverged", "pruned" or
+  "resumed" events);
 - checkpoint.pt: model, optimizer, data-order generator and counters after the
   last finished epoch (replaced atomically each epoch);
-- summary.json: status (completed, diverged or interrupted) and results,
-  written when the run ends, however it ends.
+- summary.json: status (completed, diverged, pruned by a sweep, or
+  interrupted) and results, written when the run ends, however it ends.
 """
 
 import contextlib
@@ -35,7 +36,7 @@ from .config import RunConfig
 from .errors import UserError
 from .parallel import SINGLE, Parallel
 
-FINISHED = ("completed", "diverged")  # statuses that a resume leaves alone
+FINISHED = ("completed", "diverged")  # statuses that a resume leaves alone (a pruned run resumes)
 
 
 class CheckpointError(UserError):

@@ -83,11 +83,12 @@ def settings(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 
 def choose(runs: list[Run]) -> dict[tuple[str, int], Choice]:
-    """Per (optimizer, batch size), the (lr, wd, warmup) with the best mean validation score."""
+    """Per (optimizer, batch size), the (lr, wd, warmup) with the best mean
+    validation score; a setting pruned on any seed (clearly behind) is out."""
     best: dict[tuple[str, int], Choice] = {}
     for (optimizer, batch_size, lr, wd, warmup), members in settings(runs).items():
         val = stat([val_score(r) for r in members])
-        if val is None:
+        if val is None or any(r.status == "pruned" for r in members):
             continue
         current = best.get((optimizer, batch_size))
         if current is None or val.mean > current.val.mean:
@@ -140,8 +141,26 @@ def protocol_markdown(runs: list[Run]) -> str:
         f"- Seeds: {seeds_per_point:g} per point; the same initial weights and data order for every optimizer.",
         f"- Selection: the best mean final validation accuracy ({configs[0]['val_size']} training images held out, "
         "never trained on), the test set used only to report the choice.",
+        *pruning_lines(runs),
         "",
     ])
+
+
+def epochs_trained(run: Run) -> int:
+    return len(run.test) if run.status == "diverged" else (run.summary or {}).get("epochs_completed", len(run.test))
+
+
+def pruning_lines(runs: list[Run]) -> list[str]:
+    """What pruning and divergence saved of the grid's epochs."""
+    pruned = [r for r in runs if r.status == "pruned"]
+    if not pruned:
+        return []
+    grid = sum(r.config["epochs"] for r in runs)
+    trained = sum(epochs_trained(r) for r in runs)
+    by_pruning = sum(r.config["epochs"] - epochs_trained(r) for r in pruned)
+    return [f"- Pruning: {len(pruned)} of {len(runs)} points stopped early, clearly behind their optimizer, batch "
+            f"size and seed; {trained} of the grid's {grid} epochs trained ({1 - trained / grid:.0%} saved, "
+            f"{by_pruning / grid:.0%} by pruning, the rest by divergence)."]
 
 
 def edges_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run]) -> str:

@@ -296,3 +296,77 @@ def test_warmups_are_swept_under_a_shared_schedule_and_the_choice_names_its_warm
     best = max(rows, key=lambda r: float(r["final_val_accuracy"]))
     assert (choice.lr, choice.warmup) == (float(best["lr"]), float(best["warmup"]))
     assert "schedule cosine, warmup 0, 0.5" in (out / "results.md").read_text()
+
+
+PRUNING_GRID = ["--optimizers", "adamw", "--lrs", "1e-5,0.003,0.01", "--batch-sizes", "16", "--seeds", "1",
+                "--epochs", "3", "--val-size", str(VAL)]
+
+
+def pruning_sweep(data_dir: Path, out: Path, *extra: str):
+    return invoke("sweep", *PRUNING_GRID, "--data-dir", str(data_dir), "--no-download", "--out", str(out), *extra)
+
+
+def summaries(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads((p / "summary.json").read_text()) for p in sorted((out / "runs").iterdir())}
+
+
+def test_a_pruned_point_is_recorded_and_resumes_bit_for_bit_in_a_sweep_without_pruning(data_dir, tmp_path):
+    """lr 0.003 runs first (the grid's middle); lr 1e-5 barely learns and is
+    stopped after epoch 2, where its validation error is over twice 0.003's."""
+    result = pruning_sweep(data_dir, tmp_path / "pruned", "--prune")
+    assert result.exit_code == 0, result.output
+    pruned = summaries(tmp_path / "pruned")
+    slow = "adamw_b16_lr1e-05_wd0.01_seed1"
+    assert pruned[slow]["status"] == "pruned" and pruned[slow]["epochs_completed"] < 3
+    assert pruned["adamw_b16_lr0.003_wd0.01_seed1"]["status"] == "completed"
+    kinds = [r["kind"] for r in read_records(tmp_path / "pruned" / "runs" / slow / "metrics.jsonl")[0]]
+    assert kinds[-1] == "pruned" and "pruned after epoch" in result.output
+    states = {t.user_attrs["run"]: t.state for t in queued_trials(tmp_path / "pruned")}
+    assert states[slow] == optuna.trial.TrialState.PRUNED
+    assert states["adamw_b16_lr0.003_wd0.01_seed1"] == optuna.trial.TrialState.COMPLETE
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "pruned" / "results.csv").open())}
+    assert rows[slow]["status"] == "pruned"
+    markdown = (tmp_path / "pruned" / "results.md").read_text()
+    assert "- Pruning: " in markdown and "| AdamW | 16 | 0.003 |" in markdown
+    rerun = pruning_sweep(data_dir, tmp_path / "pruned", "--prune")  # pruning again: nothing trains
+    assert rerun.exit_code == 0 and "epoch " not in rerun.output.replace("after epoch", "")
+    assert summaries(tmp_path / "pruned")[slow]["status"] == "pruned"
+
+    again = pruning_sweep(data_dir, tmp_path / "pruned")  # without --prune: every pruned point finishes
+    assert again.exit_code == 0, again.output
+    assert "queued again, to resume without pruning" in again.output
+    finished = summaries(tmp_path / "pruned")
+    assert {s["status"] for s in finished.values()} == {"completed"}
+    kinds = [r["kind"] for r in read_records(tmp_path / "pruned" / "runs" / slow / "metrics.jsonl")[0]]
+    assert kinds.count("resumed") == 1 and kinds.count("test") == 3
+
+    assert pruning_sweep(data_dir, tmp_path / "whole").exit_code == 0  # never pruned
+    whole = summaries(tmp_path / "whole")
+    for name, summary in whole.items():
+        assert finished[name]["val_accuracy_by_epoch"] == summary["val_accuracy_by_epoch"]
+        ours = torch.load(tmp_path / "pruned" / "runs" / name / "checkpoint.pt", weights_only=True)["model"]
+        theirs = torch.load(tmp_path / "whole" / "runs" / name / "checkpoint.pt", weights_only=True)["model"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_pruning_compares_a_point_only_with_its_own_optimizer_batch_size_and_seed():
+    study = optuna.create_study(direction="maximize")
+    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in dict(
+        optimizer=["adamw", "lamb16"], batch_size=[64, 512], lr=[0.001, 0.01], seed=[1, 2]).items()}
+
+    def add(run: str, accuracy: float, **params) -> None:
+        params = dict(dict(optimizer="adamw", batch_size=64, lr=0.01, seed=1), **params)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=accuracy,
+                                                  intermediate_values={1: accuracy}, user_attrs={"run": run}))
+
+    add("peer", 0.96)
+    add("other optimizer", 0.99, optimizer="lamb16")
+    add("other batch", 0.99, batch_size=512)
+    add("other seed", 0.99, seed=2)
+    add("me, an earlier try", 0.99, lr=0.001)
+    me = dict(optimizer="adamw", batch_size=64, lr=0.001, seed=1)
+    assert sweeps.best_peer(study, me, "me, an earlier try", 1) == 0.96
+    assert sweeps.best_peer(study, me, "me, an earlier try", 2) is None  # nobody reported epoch 2
+    assert sweeps.clearly_below(0.91, 0.96) and not sweeps.clearly_below(0.93, 0.96)  # errors 9% and 7% against 4%
+    assert not sweeps.clearly_below(0.995, 0.999)  # within half a point
+    assert sweeps.middle_out((1, 2, 3, 4, 5, 6)) == [3, 4, 2, 5, 1, 6]
