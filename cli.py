@@ -17,6 +17,7 @@ import lamb16
 from experiments import bench as benchmarks
 from experiments import parallel, quantization, registry, studies, tuning
 from experiments import sweep as sweeps
+from experiments import tensorboard as events
 from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, parse_seeds
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
@@ -25,6 +26,7 @@ from experiments.runs import free_path, fresh_dir, writable_dir
 from experiments.options import (
     POSITIVE,
     base_config,
+    check_tensorboard,
     data_dir_option,
     data_options,
     device_option,
@@ -36,6 +38,7 @@ from experiments.options import (
     seeds_of,
     seeds_option,
     target_option,
+    tensorboard_option,
     warn_batch,
 )
 from experiments.schedules import SCHEDULES
@@ -78,9 +81,10 @@ def cli(ctx) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs", show_default=True, help="Folder the run directories go in.")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue this run directory from its last finished epoch.")
 @click.option("--fsdp", is_flag=True, help="Under torchrun, shard the model and optimizer state with FSDP2 (default: DDP).")
+@tensorboard_option
 @click.pass_context
 def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule, warmup,
-          seeds, data_dir, download, device, progress, out, resume_dir, fsdp):
+          seeds, data_dir, download, device, progress, out, resume_dir, fsdp, tensorboard):
     """Train the CNN with one optimizer (one run directory per seed under --out).
     Started by torchrun, it trains on all its processes, each batch split across them.
 
@@ -90,6 +94,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
       python cli.py train --resume runs/lamb16_b1024_lr0.02_wd0.01_seed1
       torchrun --nproc-per-node 2 cli.py train --optimizer lamb16 --fsdp
     """
+    check_tensorboard(tensorboard)
     if resume_dir is not None:
         given = given_options(ctx, (*studies.RESUME_OPTIONS, "out"))
         if seeds is not None:
@@ -98,7 +103,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
         train_data, test_data = load_data(data_dir, download, device)
         with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
             summary = studies.resume_run(resume_dir, train_data, test_data, data_dir, bars=progress, echo=click.echo,
-                                         stop=stop, parallel=processes)
+                                         stop=stop, parallel=processes, tensorboard=tensorboard)
         if processes.is_main:
             click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
                        f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
@@ -114,7 +119,8 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
     with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
         parallel.check_batch(config.batch_size, processes)
         paths = studies.train_seeds(config, seed_list, out, train_data, test_data, data_dir,
-                                    bars=progress, echo=click.echo, stop=stop, parallel=processes)
+                                    bars=progress, echo=click.echo, stop=stop, parallel=processes,
+                                    tensorboard=tensorboard)
     if processes.is_main:
         for path in paths:
             click.echo(f"run written to {path}")
@@ -128,10 +134,10 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the runs, figure.png and results.md [default: a new runs/compare_<setting>].")
 @click.option("--resume", is_flag=True, help="--out holds this comparison: skip its finished runs, resume the others.")
 @click.option("--log-y", is_flag=True, help="Loss panels on a log scale.")
+@tensorboard_option
 @click.pass_context
 def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule,
-            warmup, seeds,
-            data_dir, download, device, progress, out, resume, log_y):
+            warmup, seeds, data_dir, download, device, progress, out, resume, log_y, tensorboard):
     """Train several optimizers with the same settings, seeds, initial weights
     and data order; draw mean curves with seed bands and a table of mean ± std.
 
@@ -139,6 +145,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     Example:
       python cli.py compare --epochs 1 --batch-size 1024 --lr 0.02 --seeds 2 --optimizers adamw,lamb,lamb16
     """
+    check_tensorboard(tensorboard)
     names = studies.check_optimizers([o.strip() for o in optimizers.split(",") if o.strip()])
     base = base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup)
     for name in names:
@@ -154,7 +161,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
     with stop_on_signals() as stop:
         table, _ = studies.compare(base, names, seed_list, out, train_data, test_data, data_dir, log_y=log_y,
-                                   bars=progress, echo=click.echo, stop=stop)
+                                   bars=progress, echo=click.echo, stop=stop, tensorboard=tensorboard)
     click.echo(table)
     click.echo(f"runs, results.md and figure written to {out}")
 
@@ -259,7 +266,8 @@ def report(sweep_dir, target):
 @click.option("--title", default=None, help="Figure title [default: from the runs' settings].")
 @click.option("--log-y", is_flag=True, help="Loss panels on a log scale.")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
-def plot(run_dirs, output, title, log_y, force):
+@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR", help="Also write the runs' curves as TensorBoard events, a folder per run under DIR (replacing any written there before).")
+def plot(run_dirs, output, title, log_y, force, tensorboard):
     """Draw a comparison figure from saved runs, without training: one mean
     curve with a seed band per optimizer and setting.
 
@@ -273,6 +281,7 @@ def plot(run_dirs, output, title, log_y, force):
     from experiments.runs import load_runs
     from plots import check_figure_path, comparison_figure, figure_title
 
+    check_tensorboard(tensorboard)
     runs = load_runs(run_dirs, warn=lambda line: click.echo(f"warning: {line}", err=True))
     if not runs:
         raise UserError(f"no runs in {', '.join(map(str, run_dirs))}: a run directory holds config.json and metrics.jsonl")
@@ -292,6 +301,10 @@ def plot(run_dirs, output, title, log_y, force):
                       log_y)
     click.echo(aggregate.results_table(groups))
     click.echo(f"figure written to {output}")
+    if tensorboard is not None:
+        written = events.export_runs([run.path for run in runs], tensorboard)
+        click.echo(f"TensorBoard events of {len(written)} runs written under {tensorboard}: "
+                   f"tensorboard --logdir {tensorboard}")
 
 
 @cli.command()

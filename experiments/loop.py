@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from .errors import Interrupted, UserError
 from .parallel import SINGLE, Parallel, any_rank, mean_over_ranks, share, sum_over_ranks, whole_state, wrap
 from .parallel import load_whole_state
 from .schedules import make_scheduler
+from .tensorboard import teed
 from .runs import CheckpointError, RunDir, finished_epochs, finite_or_none, now
 
 Echo = Callable[[str], None]
@@ -253,7 +255,7 @@ def train_epoch(
 def train_run(
     config: RunConfig, run: RunDir, train_data: Split, test_data: Split, *,
     bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
-    prune: Callable[[int, float], bool] | None = None,
+    prune: Callable[[int, float], bool] | None = None, events: Path | None = None,
 ) -> dict:
     """Train one model in `run`, from its last checkpoint if it has one; returns
     the summary it writes. A stop request ends it after the current batch with
@@ -261,7 +263,8 @@ def train_run(
     loss is not finite or exceeds DIVERGENCE_FACTOR times its first batch's.
     `prune(epoch, validation accuracy)`, asked after each epoch but the last
     (a sweep's rule), may end it there, checkpointed, with status "pruned"; it
-    resumes from there like an interrupted run.
+    resumes from there like an interrupted run. `events`: a folder the curves
+    also go to as TensorBoard events, while it trains.
     Across processes (`parallel`) every rank calls it with the same run, and
     rank 0 alone writes to it."""
     device = train_data.images.device
@@ -287,7 +290,8 @@ def train_run(
         progress.load_state_dict(checkpoint["progress"])
     if writes and run.metrics_path.exists():  # drop the records of an epoch cut short (or of all, with no checkpoint)
         run.rewind_metrics(progress.epoch)
-    with run.log() if writes else contextlib.nullcontext(DISCARD) as log:
+    with (run.log() if writes else contextlib.nullcontext(DISCARD)) as metrics, \
+            teed(metrics, events if writes else None, progress.samples) as log:
         if checkpoint is not None:
             log.write(kind="resumed", epoch=progress.epoch, samples=progress.samples, time=now())
             echo(f"{run.path.name}: resuming after epoch {progress.epoch}")

@@ -12,6 +12,7 @@ from . import studies, tuning
 from .config import DEFAULTS, RunConfig, parse_seeds
 from .data import load_train_and_test
 from .errors import UserError
+from .runs import writable_dir
 from .schedules import SCHEDULES
 
 # Where an option's value came from when the user gave it (not its default).
@@ -83,6 +84,21 @@ data_options = options(data_dir_option, download_option, device_option, progress
 
 target_option = click.option("--target", type=FiniteFloat(0.0, maximum=1.0), default=tuning.DEFAULT_TARGET, show_default=True,
                              help="Validation accuracy whose samples-to-reach the report gives.")
+
+
+tensorboard_option = click.option(
+    "--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+    help="Also write the curves (losses, accuracies, lr, trust ratios) as TensorBoard events, a folder per run "
+         "under DIR: tensorboard --logdir DIR.")
+
+
+def check_tensorboard(directory: Path | None) -> None:
+    """--tensorboard DIR: the package there and DIR writable, before anything trains."""
+    if directory is not None:
+        from .tensorboard import require
+
+        require()
+        writable_dir(directory, "--tensorboard")
 
 
 def seeds_option(default: str | None):

@@ -80,6 +80,10 @@ def _lamb16_single_pass(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, single_pass=True, **options)
 
 
+def _lamb16_initial_lr(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, trust_lr="initial", **options)
+
+
 def _lamb_paper(params, lr, weight_decay, **options):
     return lamb16.Lamb(params, lr=lr, weight_decay=weight_decay, bias_correction=True, max_weight_norm=None,
                        **options)
@@ -115,6 +119,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "lamb16-1pass", "LAMB16, single pass", _lamb16_single_pass, "navy", (0, (6, 2)), "d", 2.0,
+            options=("trust_scale",),
+        ),
+        # The trust factor (1e-3 / lr) ** trust_scale read at the schedule's initial lr, not the scheduled one.
+        OptimizerSpec(
+            "lamb16-initial", "LAMB16, trust at initial lr", _lamb16_initial_lr, "steelblue", (0, (1, 1)), "8", 2.0,
             options=("trust_scale",),
         ),
         # torchao keeps tensors under 4096 elements in float32; blocks of 256

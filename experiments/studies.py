@@ -68,6 +68,7 @@ def check_same_settings(run: RunDir, config: RunConfig) -> None:
 def run_all(
     configs: list[RunConfig], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
     name_of: Callable[[RunConfig], str], bars: bool | None, echo: Echo, stop: StopRequest | None,
+    tensorboard: Path | None = None,
 ) -> None:
     """Train each planned run in out/<name>, announcing "run k of n"; a run
     that ended is skipped, one that has begun resumes from its checkpoint."""
@@ -86,7 +87,8 @@ def run_all(
         else:
             run = RunDir.create(path, run_metadata(config, device, data_dir, len(train_data)))
         echo(f"[run {k} of {len(configs)}] {setting}")
-        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop)
+        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop,
+                  events=tensorboard / path.name if tensorboard else None)
 
 
 def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo = print,
@@ -105,12 +107,12 @@ def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo 
 def compare(
     base: RunConfig, optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split,
     data_dir: Path, *, log_y: bool = False, bars: bool | None = None, echo: Echo = print,
-    stop: StopRequest | None = None,
+    stop: StopRequest | None = None, tensorboard: Path | None = None,
 ) -> tuple[str, Path]:
     """Every optimizer with every seed at one setting, into out/<optimizer>_seed<N>;
     then the figure and results.md. Returns the table and the figure's path."""
     run_all(plan(base, optimizers, seeds), out, train_data, test_data, data_dir,
-            name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, stop=stop)
+            name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, stop=stop, tensorboard=tensorboard)
     return report(out, log_y=log_y, echo=echo)
 
 
@@ -154,6 +156,7 @@ def reproduce(
 def train_seeds(
     base: RunConfig, seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
     bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
+    tensorboard: Path | None = None,
 ) -> list[Path]:
     """One optimizer, each seed a new run directory under `out` (never overwriting
     one); across processes, rank 0 makes it and every rank trains."""
@@ -169,18 +172,20 @@ def train_seeds(
         if len(seeds) > 1 and parallel.is_main:
             echo(f"[run {k} of {len(seeds)}] {config.optimizer}, seed {seed}")
         paths.append(run.path)
-        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel)
+        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel,
+                  events=tensorboard / run.path.name if tensorboard else None)
     return paths
 
 
 def resume_run(path: Path, train_data: Split, test_data: Split, data_dir: Path, *, bars: bool | None = None, echo: Echo = print,
-               stop: StopRequest | None = None, parallel: Parallel = SINGLE) -> dict:
+               stop: StopRequest | None = None, parallel: Parallel = SINGLE, tensorboard: Path | None = None) -> dict:
     """Continue a run directory from its last checkpoint, on any number of processes."""
     run = RunDir(path)
     if run.status() in FINISHED:
         raise UserError(f"{path} already {run.status()}; nothing to resume (start a new run instead)")
     check_resumable(run, data_dir, len(train_data))
-    return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel)
+    return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel,
+                     events=tensorboard / path.name if tensorboard else None)
 
 
 # The options of train that a resumed run takes from its config.json instead.
