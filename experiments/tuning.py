@@ -233,8 +233,9 @@ def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], ta
             lr_cell = f"{c.lr:g}" + (" (grid edge)" if edge_point(c, runs) is not None else "")
             lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {c.warmup:g} | {cell(c.val)} | {cell(c.test)} "
                          f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
-    unfinished = sum(r.status not in ("completed", "diverged") for r in runs)
-    lines += ["", f"{len(runs)} runs, {unfinished} not ended.", ""]
+    unfinished = sum(r.status not in ("completed", "diverged", "pruned") for r in runs)
+    pruned = sum(r.status == "pruned" for r in runs)
+    lines += ["", f"{len(runs)} runs, {pruned} pruned, {unfinished} not ended.", ""]
     return ("\n".join(lines) + "\n" + edges_markdown(choices, runs) + "\n" + protocol_markdown(runs)
             + comparisons_markdown(choices))
 

@@ -328,6 +328,8 @@ def test_a_pruned_point_is_recorded_and_resumes_bit_for_bit_in_a_sweep_without_p
     assert rows[slow]["status"] == "pruned"
     markdown = (tmp_path / "pruned" / "results.md").read_text()
     assert "- Pruning: " in markdown and "| AdamW | 16 | 0.003 |" in markdown
+    pruned_count = sum(s["status"] == "pruned" for s in pruned.values())
+    assert f"3 runs, {pruned_count} pruned, 0 not ended." in markdown
     rerun = pruning_sweep(data_dir, tmp_path / "pruned", "--prune")  # pruning again: nothing trains
     assert rerun.exit_code == 0 and "epoch " not in rerun.output.replace("after epoch", "")
     assert summaries(tmp_path / "pruned")[slow]["status"] == "pruned"
