@@ -266,7 +266,7 @@ def report(sweep_dir, target):
 @click.option("--title", default=None, help="Figure title [default: from the runs' settings].")
 @click.option("--log-y", is_flag=True, help="Loss panels on a log scale.")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
-@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR", help="Also write the runs' curves as TensorBoard events, a folder per run under DIR (replacing any written there before).")
+@tensorboard_option
 def plot(run_dirs, output, title, log_y, force, tensorboard):
     """Draw a comparison figure from saved runs, without training: one mean
     curve with a seed band per optimizer and setting.

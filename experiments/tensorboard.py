@@ -38,10 +38,9 @@ def summary_writer(path: Path, purge_step: int | None = None):
     """A SummaryWriter into `path`; events at or past `purge_step` that an
     earlier session wrote are dropped from TensorBoard's view (a resumed run
     trains its last unfinished epoch again)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise UserError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_EXTRA}") from error
+    require()
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
 
