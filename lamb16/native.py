@@ -1,4 +1,5 @@
-"""The CPU fast path: csrc/cpu_kernels.cpp, built once per machine and called through ctypes.
+"""The CPU fast path: csrc/cpu_kernels.cpp (with its headers, a file per set of
+loops), built once per machine and called through ctypes.
 
 The kernels are the reference updates written as vectorized, multi-threaded
 loops (the exact step: one for the reductions, one for the writes; the single
@@ -30,6 +31,8 @@ from torch import Tensor
 from ._common import ELEMENTWISE, Job, same_dense_layout
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+# Everything the build reads: the entry points' file and the headers it includes.
+SOURCES = sorted([*SOURCE.parent.glob("*.cpp"), *SOURCE.parent.glob("*.h")])
 FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # Tried in order until one builds. Without OpenMP (Apple's clang has none by
 # default) the kernels run on one thread; without -march=native (a compiler
@@ -107,7 +110,7 @@ def verified(path: Path) -> bool:
 
 def build(compiler: str) -> Path:
     """Compile the kernels (or find them built and verified) and return the library's path."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.name.encode() + path.read_bytes() for path in SOURCES)
     variants = []
     for variant in VARIANTS:
         flags = FLAGS + variant

@@ -1,0 +1,169 @@
+// The portable loops: plain C++ over a chunk of elements that the compiler
+// vectorizes (-O3 -march=native, `omp simd`). Every processor runs them; the
+// hand-vectorized loops (avx2.h, avx512.h) give the same results faster, and
+// a tensor whose scales they cannot take exactly comes back here.
+#pragma once
+
+#include "arithmetic.h"
+
+namespace {
+namespace portable {
+
+Lamb16Sums lamb16_chunk_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                             const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+  float m_stat = 0, v_stat = 0, weight = 0, update = 0, m_nans = 0, v_nans = 0;
+  const float eps = args.eps, wd = args.weight_decay;
+  if (args.seed) {
+#pragma omp simd simdlen(16) reduction(+ : m_stat, v_stat, weight, update)
+    for (int64_t i = 0; i < n; ++i) {
+      const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
+      const float u = m / (std::sqrt(v) + eps) + p[i] * wd;
+      m_stat += clamp(m * m, 0.0f, 10.0f);
+      v_stat += clamp(v * v, 0.0f, 10.0f);
+      weight += clamp(p[i] * p[i], eps, 1.0f);
+      update += clamp(u * u, eps, 1.0f);
+    }
+  } else {
+#pragma omp simd simdlen(16) reduction(max : m_stat, v_stat) reduction(+ : weight, update, m_nans, v_nans)
+    for (int64_t i = 0; i < n; ++i) {
+      const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
+      const float u = m / (std::sqrt(v) + eps) + p[i] * wd;
+      m_stat = std::max(m_stat, std::fabs(m));
+      v_stat = std::max(v_stat, v);
+      m_nans += m != m ? 1.0f : 0.0f;
+      v_nans += v != v ? 1.0f : 0.0f;
+      weight += clamp(p[i] * p[i], eps, 1.0f);
+      update += clamp(u * u, eps, 1.0f);
+    }
+  }
+  return {m_stat, v_stat, weight, update, m_nans, v_nans};
+}
+
+// One element's writes, as lamb16_apply(): its moments stored with the new
+// scales (their inverses here), its weight moved by step_size times its
+// update. Returns the element's m, v and u, which the single pass also sums.
+struct Element {
+  float m, v, u;
+};
+
+template <bool kSeed>
+inline Element lamb16_write(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                            uint8_t* __restrict vq, int64_t i, const Lamb16Args& a, float m_inverse, float v_inverse,
+                            float step_size) {
+  const float m = lamb16_m(mq[i], g[i], a), v = lamb16_v(vq[i], g[i], a);
+  const float u = m / (std::sqrt(v) + a.eps) + p[i] * a.weight_decay;
+  if (kSeed) {
+    mq[i] = encode_e4m3(clamp(m * m_inverse, -15.0f, 15.0f));
+    vq[i] = encode_e5m2(clamp(v, 0.0f, 10.0f) * v_inverse);
+  } else {
+    mq[i] = encode_e4m3(m * m_inverse);
+    vq[i] = encode_e5m2(std::max(v * v_inverse, 0x1p-16f));
+  }
+  p[i] = p[i] - u * step_size;
+  return {m, v, u};
+}
+
+void lamb16_chunk_apply(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                        uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale, float v_scale,
+                        float step_size) {
+  const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;  // as write_absmax(), write_seed()
+  if (args.seed) {
+#pragma omp simd simdlen(16)
+    for (int64_t i = 0; i < n; ++i) lamb16_write<true>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+  } else {
+#pragma omp simd simdlen(16)
+    for (int64_t i = 0; i < n; ++i) lamb16_write<false>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+  }
+}
+
+// The single-pass step (lamb16_single_pass_update() in lamb16.py) reads the
+// weights, gradient and codes once: its scales come from bounds that need only
+// the gradient's absmax (a read of the gradient alone before the pass), its
+// trust ratio from the last step's update norm. While it writes, it sums what
+// the next step will need: this step's update norm, the moments' statistics,
+// and the norm of the weights it wrote.
+
+// The largest |g| of usable gradient elements.
+float gradient_chunk_absmax(const float* __restrict g, int64_t n) {
+  float largest = 0;
+#pragma omp simd simdlen(16) reduction(max : largest)
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(usable(g[i])));
+  return largest;
+}
+
+// sum(clamp(p*p, eps, 1)): the single pass runs it over each chunk it has just
+// written, and a recomputed weight norm over the same chunks, so that both
+// give the same bits.
+float weight_chunk_sum(const float* __restrict p, int64_t n, float eps) {
+  float weight = 0;
+#pragma omp simd simdlen(16) reduction(+ : weight)
+  for (int64_t i = 0; i < n; ++i) weight += clamp(p[i] * p[i], eps, 1.0f);
+  return weight;
+}
+
+
+SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __restrict g, uint8_t* __restrict mq,
+                                        uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float m_scale,
+                                        float v_scale, float step_size) {
+  const float eps = args.eps, m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;
+  float update = 0, m_sum = 0, v_sum = 0;
+  if (args.seed) {
+#pragma omp simd simdlen(16) reduction(+ : update, m_sum, v_sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const Element e = lamb16_write<true>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+      update += clamp(e.u * e.u, eps, 1.0f);
+      m_sum += clamp(e.m * e.m, 0.0f, 10.0f);
+      v_sum += clamp(e.v * e.v, 0.0f, 10.0f);
+    }
+  } else {
+#pragma omp simd simdlen(16) reduction(+ : update)
+    for (int64_t i = 0; i < n; ++i) {
+      const Element e = lamb16_write<false>(p, g, mq, vq, i, args, m_inverse, v_inverse, step_size);
+      update += clamp(e.u * e.u, eps, 1.0f);
+    }
+  }
+  return {update, m_sum, v_sum};
+}
+
+// The largest code magnitude in a chunk just written: fp8 rounding is
+// monotonic, so it is the code of the largest |m| (or v), which the next
+// single-pass step bounds from (a NaN's codes are the largest). A max over
+// bytes in cache: cheaper than a max over the floats inside the writing loop,
+// which the compiler then vectorizes far worse (1.8x the step's time).
+int largest_code(const uint8_t* __restrict codes, int64_t n) {
+  uint8_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, uint8_t(codes[i] & 0x7Fu));
+  return top;
+}
+
+
+template <bool kBiasCorrection>
+LambSums lamb_chunk_moments(const float* __restrict p, const float* __restrict g, float* __restrict mq,
+                            float* __restrict vq, int64_t n, const LambArgs args) {
+  float weight = 0, update = 0;
+#pragma omp simd simdlen(16) reduction(+ : weight, update)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = mq[i] * args.beta1 + g[i] * args.one_minus_beta1;
+    const float v = vq[i] * args.beta2 + g[i] * g[i] * args.one_minus_beta2;
+    const float u = lamb_update<kBiasCorrection>(p[i], m, v, args);
+    mq[i] = m;
+    vq[i] = v;
+    weight += p[i] * p[i];
+    update += u * u;
+  }
+  return {weight, update};
+}
+
+template <bool kBiasCorrection>
+void lamb_chunk_apply(float* __restrict p, const float* __restrict mq, const float* __restrict vq, int64_t n,
+                      const LambArgs args, float step_size) {
+#pragma omp simd simdlen(16)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = p[i] - lamb_update<kBiasCorrection>(p[i], mq[i], vq[i], args) * step_size;
+  }
+}
+
+
+}  // namespace portable
+}  // namespace
