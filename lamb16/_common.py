@@ -211,7 +211,7 @@ def update_eagerly(update: Callable[[], None]) -> None:
 
 
 # Group options and state added after state_dicts were first saved: an older one may lack them.
-LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass", "trust_lr"})
+LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass", "trust_lr", "block_size"})
 LATER_STATE_KEYS = frozenset({"carry"})
 
 
@@ -236,13 +236,15 @@ class CheckedOptimizer(Optimizer):
     state_dict of its own kind.
 
     Subclasses say what their state holds: per-element tensors and their dtypes
-    (`element_state`), 0-dim tensors (`scalar_state`) and 1-dim ones of a fixed
-    length (`vector_state`).
+    (`element_state`), 0-dim tensors (`scalar_state`), 1-dim ones of a fixed
+    length (`vector_state`), and float32 ones whose shape depends on the
+    group's options (`shaped_state`, checked by the subclass's check_state).
     """
 
     element_state: dict[str, torch.dtype] = {}
     scalar_state: tuple[str, ...] = ()
     vector_state: dict[str, int] = {}
+    shaped_state: tuple[str, ...] = ()
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
@@ -250,7 +252,7 @@ class CheckedOptimizer(Optimizer):
         check_float32_params(group, type(self).__name__)
         check_sharding(group, type(self).__name__)
 
-    def check_state(self, state: dict[str, Any], param: Tensor) -> None:
+    def check_state(self, state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> None:
         name = type(self).__name__
         for key, dtype in self.element_state.items():
             value = state.get(key)
@@ -288,7 +290,7 @@ class CheckedOptimizer(Optimizer):
             for param in params:
                 check_step_tensors(param, name)
                 if self.state.get(param):
-                    self.check_state(self.state[param], param)
+                    self.check_state(self.state[param], param, group)
             per_group.append(params)
         return per_group
 
@@ -308,7 +310,7 @@ class CheckedOptimizer(Optimizer):
                     f"Invalid state_dict for {name}: it was saved by {saved_by(group)} (its parameter groups lack "
                     f"{', '.join(sorted(missing))}); load it into the kind of optimizer that saved it"
                 )
-        expected = set(self.element_state) | set(self.scalar_state) | set(self.vector_state)
+        expected = set(self.element_state) | set(self.scalar_state) | set(self.vector_state) | set(self.shaped_state)
         param_ids = {i for group in state_dict.get("param_groups", []) for i in group.get("params", [])}
         for key, state in state_dict.get("state", {}).items():
             if key not in param_ids:  # an entry that a hook put there, not a parameter's state

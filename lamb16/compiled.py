@@ -50,8 +50,9 @@ def can_compile(tensors: tuple[Tensor, ...]) -> bool:
 
 
 def as_input(value: Any, like: Tensor) -> Any:
-    """Numbers become 0-dim float32 tensors (graph inputs, not constants to guard on)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """Floats become 0-dim float32 tensors (graph inputs, not constants to
+    guard on); ints (a block size) shape the graph and stay as they are."""
+    if isinstance(value, float):
         key = (float(value), like.device)
         if key not in _scalars:
             if len(_scalars) > 256:  # a scheduler makes a new lr every step
@@ -84,11 +85,12 @@ def fall_back(error: Exception) -> None:
 
 
 def run_compiled(update: Callable, reference_args: tuple[Tensor, ...], **hyper: Any) -> Any:
-    """Call `update` compiled, on flat aliases of its tensor arguments; `hyper`
-    holds numbers (made 0-dim tensors) and static options (strings and bools)."""
+    """Call `update` compiled, on flat aliases of its per-element tensors; `hyper`
+    holds floats (made 0-dim tensors) and static options (strings, bools, ints)."""
     if _unavailable is not None:  # already warned
         return update(*reference_args, **hyper)
-    flat = tuple(flat_alias(t) for t in reference_args)
+    # The per-element tensors flat; the others (block scale grids among them) as they are.
+    flat = tuple(flat_alias(t) if i < ELEMENTWISE else t for i, t in enumerate(reference_args))
     like = reference_args[0]
     kwargs = {k: as_input(v, like) for k, v in hyper.items()}
     compiled = _compiled.get(update)
@@ -172,7 +174,7 @@ def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
     inputs as well."""
     results: list = []
     if _unavailable is None:
-        statics = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, (str, bool))))
+        statics = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, (str, bool, int))))
         like = jobs[0][0][0]
         numbers = {k: as_input(v, like) for k, v in hyper.items()}
         for start, end, key in plan(update, statics, jobs):

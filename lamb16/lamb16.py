@@ -16,9 +16,10 @@ from ._common import (
     init_step_and_statistics,
     is_dtensor,
     local_piece,
+    Shard,
     stepped_states,
 )
-from .dispatch import run_updates
+from .dispatch import run_reference, run_updates
 from .quantize import (
     E4M3,
     E4M3_MAX,
@@ -27,10 +28,16 @@ from .quantize import (
     E5M2_SMALLEST,
     SCALINGS,
     absmax_scales_from_maxima,
+    as_rows,
+    block_codes,
+    block_grid,
+    block_maxima,
     dequantize,
+    dequantize_blocks,
     seed_scales_from_sums,
     seed_sums,
     write_absmax,
+    from_rows,
     write_seed,
 )
 
@@ -42,6 +49,8 @@ REFERENCE_LR = 1e-3
 MAX_TRUST = 2.0
 # Which lr the trust ratio reads under a schedule (Lamb16's trust_lr).
 TRUST_LRS = ("scheduled", "initial")
+# Elements that share a scale with scaling="block": 2 + 8 / 256 = 2.03 bytes of state an element.
+DEFAULT_BLOCK_SIZE = 256
 
 
 def clamped_square_sum(x: Tensor, eps: float | Tensor) -> Tensor:
@@ -250,6 +259,116 @@ def lamb16_single_pass_update(
     return m_scale, v_scale, weight_norm, new_adam_norm, trust, new_carry
 
 
+# ------------------------------------------------------------ block scales
+#
+# scaling="block": the moments' scales are a grid, one per block of
+# block_size elements of each row (lamb16.quantize). The update, the norms
+# and the trust ratio are those of the other scalings; only the stored
+# moments' scales differ. The reference works on the tensors seen as rows;
+# `phase` (0 but for a piece of a sharded 1-D tensor) says where in its first
+# block a row begins.
+
+
+def block_moments(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor, exp_avg_sq_scales: Tensor,
+    beta1: Number, beta2: Number, block_size: int, phase: int,
+) -> tuple[Tensor, Tensor]:
+    """This step's float32 moments as rows, as new_moments() computes them,
+    each element dequantized with its block's scale."""
+    rows = exp_avg_scales.shape[0]
+    grad = usable_gradient(as_rows(grad, rows))
+    m = dequantize_blocks(as_rows(exp_avg, rows), exp_avg_scales, block_size, phase) * beta1 + grad * (1 - beta1)
+    v = dequantize_blocks(as_rows(exp_avg_sq, rows), exp_avg_sq_scales, block_size, phase) * beta2 \
+        + grad * grad * (1 - beta2)
+    return m, v
+
+
+def block_update(m: Tensor, v: Tensor, param: Tensor, eps: Number, weight_decay: Number) -> Tensor:
+    """adam_direction() of moments given as rows, in the parameter's shape (the
+    weights are read only as they are: a view of them as rows, read while they
+    are written, is what Inductor fuses wrongly)."""
+    return adam_direction(from_rows(m, param), from_rows(v, param), param, eps, weight_decay)
+
+
+def lamb16_block_partials(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, *, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, block_size: int,
+    phase: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """First pass: the clamped square sums of the weights and the update (as a
+    pair, which a tensor's pieces add up), and each block's largest |m| and |v|."""
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, phase)
+    update = block_update(m, v, param, eps, weight_decay)
+    sums = torch.stack([clamped_square_sum(param, eps), clamped_square_sum(update, eps)])
+    return (sums, *block_maxima(m, v, block_size, phase))
+
+
+def norms_and_trust(
+    weight_sum: Tensor, update_sum: Tensor, numel: int | Tensor, trust_lr: Number, trust_scale: Number
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(weight_norm, adam_norm, trust_ratio) from a whole tensor's clamped square sums."""
+    weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
+    return weight_norm, adam_norm, lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
+
+
+def lamb16_block_apply(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, new_exp_avg_scales: Tensor, new_exp_avg_sq_scales: Tensor, step_size: Tensor,
+    *, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, block_size: int, phase: int = 0,
+) -> None:
+    """Second pass: the same moments and update, stored over the new block
+    scales; the weights move by step_size times the update."""
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, phase)
+    update = block_update(m, v, param, eps, weight_decay)
+    m_codes, v_codes = block_codes(m, v, new_exp_avg_scales, new_exp_avg_sq_scales, block_size, phase)
+    exp_avg.copy_(from_rows(m_codes, exp_avg))
+    exp_avg_sq.copy_(from_rows(v_codes, exp_avg_sq))
+    param.sub_(update * step_size)
+
+
+def lamb16_block_update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, *, lr: Number, trust_lr: Number, beta1: Number, beta2: Number, eps: Number,
+    weight_decay: Number, trust_scale: Number, block_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LAMB16 step with block scales on one tensor, the reference: in
+    place on `param`, `exp_avg` and `exp_avg_sq`; returns (the new scale grids,
+    weight_norm, adam_norm, trust_ratio). A block's scales come from its own
+    moments, so only the trust ratio needs the first pass."""
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
+    state = (param, grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales)
+    sums, m_max, v_max = lamb16_block_partials(*state, **moments)
+    m_scales, v_scales = absmax_scales_from_maxima(m_max, v_max)
+    weight_norm, adam_norm, trust = norms_and_trust(sums[0], sums[1], param.numel(), trust_lr, trust_scale)
+    lamb16_block_apply(*state, m_scales, v_scales, trust * lr, **moments)
+    return m_scales, v_scales, weight_norm, adam_norm, trust
+
+
+def lamb16_block_single_pass_update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, *, lr: Number, trust_lr: Number, beta1: Number,
+    beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number, block_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One single-pass LAMB16 step with block scales, the reference: each
+    block's scales come from its own moments as in the exact step (a block is
+    in cache when they are known), so the one difference from the exact step is
+    the trust ratio's update norm, the last step's. Returns as
+    lamb16_single_pass_update() (the carry's moment statistics unused: 0)."""
+    weight_norm = carry[0]
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
+    update = block_update(m, v, param, eps, weight_decay)
+    m_scales, v_scales = absmax_scales_from_maxima(*block_maxima(m, v, block_size))
+    m_codes, v_codes = block_codes(m, v, m_scales, v_scales, block_size)
+    exp_avg.copy_(from_rows(m_codes, exp_avg))
+    exp_avg_sq.copy_(from_rows(v_codes, exp_avg_sq))
+    param.sub_(update * (trust * lr))
+    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
+    zero = torch.zeros_like(weight_norm)
+    new_carry = torch.stack([weight_norm_of(param, eps), zero, zero, torch.ones_like(weight_norm)])
+    return m_scales, v_scales, weight_norm, new_adam_norm, trust, new_carry
+
+
 def lamb16_sharded_steps(
     jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, trust_lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, trust_scale: float, scaling: str,
@@ -268,6 +387,93 @@ def lamb16_sharded_steps(
     finished = torch.stack([*results, results[4] * lr], dim=1)
     sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, native_rows, finished, [0, 1, 5],
                         **moments)
+
+
+
+def check_block_placements(param: Tensor) -> None:
+    """Block scales lie within rows: a sharded tensor of two or more dims must
+    be cut between rows (Shard(0), as FSDP2's fully_shard cuts), and a 1-D one
+    into one range per process (which may cut a block: its pieces combine
+    their blocks' maxima)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    cuts = [p for p in param.placements if isinstance(p, Shard)]
+    rows_cut = param.dim() >= 2 and all(p.dim == 0 for p in cuts)
+    if rows_cut or (param.dim() <= 1 and len(cuts) <= 1 and not any(isinstance(p, _StridedShard) for p in cuts)):
+        return
+    raise ValueError(
+        f"Lamb16(scaling='block') keeps a scale per block of a row, so a sharded parameter must be cut between rows "
+        f"(Shard(0), as FSDP2 does); got a parameter of shape {tuple(param.shape)} with placements "
+        f"{param.placements}. Put it in a parameter group with scaling='absmax', or shard it on dim 0"
+    )
+
+
+def lamb16_block_sharded_steps(
+    jobs: list[Job], params: list[Tensor], fused: bool | None, *, lr: float, trust_lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, trust_scale: float, block_size: int,
+) -> None:
+    """lamb16_block_update() of DTensor parameters, each job on this process's
+    pieces. A piece of whole rows (FSDP2's cut of any tensor of two or more
+    dims) holds whole blocks, and finds their scales alone, as an unsharded
+    step does; a piece of a sharded 1-D tensor may hold parts of the blocks at
+    its ends, so every piece's blocks' maxima are combined over the shards with
+    the square sums (in the same one all-gather per process group), and each
+    process keeps that tensor's whole grid of scales."""
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
+    cuts = [sharded.split_piece(param, block_size) for param in params]
+    native_rows = [i for i, job in enumerate(jobs)
+                   if cuts[i] is None and job[0][0].numel() and native.usable(job, fused)]
+    device = jobs[0][0][0].device
+    sums = torch.zeros(len(jobs), 2, device=device)
+    if native_rows:
+        sums[native_rows] = native.lamb16_block_partials([jobs[i] for i in native_rows], **moments).to(device)
+    local_maxima: dict[int, tuple[Tensor, Tensor]] = {}  # pieces of whole rows, on the reference
+    vectors, maxima = [], []
+    for i, (inputs, outputs, _) in enumerate(jobs):
+        grid = outputs[0].shape
+        whole = torch.zeros(2, *grid, device=device) if cuts[i] is not None else None
+        if i not in native_rows and inputs[0].numel():
+            if cuts[i] is None:
+                sums[i], m_max, v_max = run_reference(lamb16_block_partials, inputs, fused, **moments)
+                local_maxima[i] = (m_max, v_max)
+            else:
+                first, phase = cuts[i]
+                blocks = slice(first, first + -(-(phase + inputs[0].numel()) // block_size))
+                piece_inputs = (*inputs[:4], inputs[4][:, blocks], inputs[5][:, blocks])
+                sums[i], m_max, v_max = run_reference(lamb16_block_partials, piece_inputs, fused, **moments,
+                                                      phase=phase)
+                whole[0][:, blocks], whole[1][:, blocks] = m_max, v_max
+        parts = [sums[i]] if whole is None else [sums[i], whole.flatten()]
+        vectors.append(torch.cat(parts))
+        maxima.append(torch.arange(len(vectors[-1]), device=device) >= 2)
+    combined = sharded.combine_vectors(vectors, maxima, params)
+    finished = []
+    for param, vector in zip(params, combined):
+        finished.append(torch.stack([*norms_and_trust(vector[0], vector[1], param.numel(), trust_lr, trust_scale)]))
+    finished = torch.stack(finished)
+    finished = torch.cat([finished, finished[:, 2:3] * lr], dim=1)  # weight_norm, adam_norm, trust, step size
+    if native_rows:
+        native.lamb16_block_applies([jobs[i] for i in native_rows], finished[native_rows].cpu(), **moments)
+    for i, (inputs, outputs, _) in enumerate(jobs):
+        if i in native_rows:
+            continue
+        step_size = finished[i, 3]
+        if cuts[i] is None:
+            if i in local_maxima:
+                scales = absmax_scales_from_maxima(*local_maxima[i])
+                run_reference(lamb16_block_apply, (*inputs, *scales, step_size), fused, **moments)
+                outputs[0].copy_(scales[0]), outputs[1].copy_(scales[1])
+        else:
+            whole_scales = absmax_scales_from_maxima(*combined[i][2:].view(2, *outputs[0].shape).unbind())
+            if inputs[0].numel():
+                first, phase = cuts[i]
+                blocks = slice(first, first + -(-(phase + inputs[0].numel()) // block_size))
+                run_reference(lamb16_block_apply, (*inputs[:4], inputs[4][:, blocks], inputs[5][:, blocks],
+                                                   whole_scales[0][:, blocks], whole_scales[1][:, blocks], step_size),
+                              fused, **moments, phase=phase)
+            outputs[0].copy_(whole_scales[0]), outputs[1].copy_(whole_scales[1])
+        for output, value in zip(outputs[2:], finished[i, :3]):
+            output.copy_(value)
 
 
 class Lamb16(CheckedOptimizer):
@@ -323,8 +529,9 @@ class Lamb16(CheckedOptimizer):
     """
 
     element_state = {"exp_avg": E4M3, "exp_avg_sq": E5M2}
-    scalar_state = ("exp_avg_scale", "exp_avg_sq_scale", "step", "weight_norm", "adam_norm", "trust_ratio")
+    scalar_state = ("step", "weight_norm", "adam_norm", "trust_ratio")
     vector_state = {"carry": len(CARRY)}
+    shaped_state = ("exp_avg_scale", "exp_avg_sq_scale")  # 0-dim, or a grid with scaling="block"
 
     def __init__(
         self,
@@ -337,6 +544,7 @@ class Lamb16(CheckedOptimizer):
         scaling: str = "absmax",
         single_pass: bool = False,
         trust_lr: str = "scheduled",
+        block_size: int = DEFAULT_BLOCK_SIZE,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -348,6 +556,7 @@ class Lamb16(CheckedOptimizer):
             scaling=scaling,
             single_pass=single_pass,
             trust_lr=trust_lr,
+            block_size=block_size,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -361,6 +570,39 @@ class Lamb16(CheckedOptimizer):
         check_flag("single_pass", group["single_pass"])
         if group["trust_lr"] not in TRUST_LRS:
             raise ValueError(f"Invalid trust_lr: {group['trust_lr']!r} (choose one of {', '.join(TRUST_LRS)})")
+        block_size = group["block_size"]
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"Invalid block_size value: {block_size!r} (must be an int >= 1)")
+        if group["scaling"] == "block":
+            for param in group["params"]:
+                if is_dtensor(param):
+                    check_block_placements(param)
+
+    def check_state(self, state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> None:
+        super().check_state(state, param, group)
+        block = group["scaling"] == "block"
+        expected = block_grid(tuple(param.shape), group["block_size"]) if block else ()
+        for key in self.shaped_state:
+            value = state.get(key)
+            if not isinstance(value, Tensor) or value.dtype != torch.float32:
+                raise ValueError(f"Lamb16: state {key!r} is missing or not float32; start from a fresh optimizer")
+            if tuple(value.shape) != expected:
+                found = "one scale per tensor" if value.dim() == 0 else f"scales of shape {tuple(value.shape)}"
+                wanted = (f"the {expected} grid of scaling='block' with block_size={group['block_size']}" if block
+                          else f"the one scale of scaling={group['scaling']!r}")
+                raise ValueError(
+                    f"Lamb16: state {key!r} of a parameter of shape {tuple(param.shape)} holds {found}, not {wanted}: "
+                    "the group's scaling or block_size changed after its state was made. Keep them for the whole "
+                    "run (a state_dict brings back the ones it was saved with), or start from a fresh optimizer"
+                )
+            if block and is_dtensor(param) and param.dim() >= 2 and (
+                not is_dtensor(value) or value.placements != param.placements
+            ):
+                raise ValueError(
+                    f"Lamb16: state {key!r} of a DTensor parameter of shape {tuple(param.shape)} is not sharded as "
+                    "its parameter; load sharded state with torch.distributed.checkpoint (set_optimizer_state_dict), "
+                    "or start from a fresh optimizer"
+                )
 
     @property
     def carried(self) -> dict[Tensor, int | None]:
@@ -383,6 +625,7 @@ class Lamb16(CheckedOptimizer):
         for group in self.param_groups:
             group.setdefault("single_pass", False)  # saved before the option existed
             group.setdefault("trust_lr", "scheduled")
+            group.setdefault("block_size", DEFAULT_BLOCK_SIZE)
         for param, state in self.state.items():
             if not isinstance(state, dict) or "exp_avg" not in state:
                 continue
@@ -395,17 +638,18 @@ class Lamb16(CheckedOptimizer):
 
     def update_groups(self) -> None:
         for group, params in zip(self.param_groups, self.params_to_step()):
+            block = group["scaling"] == "block"
             hyper = adam_hyperparameters(group)
-            hyper.update(trust_scale=group["trust_scale"], scaling=group["scaling"],
-                         trust_lr=trust_lr_of(group, hyper["lr"]))
+            hyper.update(trust_scale=group["trust_scale"], trust_lr=trust_lr_of(group, hyper["lr"]))
+            hyper.update({"block_size": group["block_size"]} if block else {"scaling": group["scaling"]})
             # A tensor's first step is exact: nothing carried yet.
             fresh = {param for param in params if not self.state.get(param)} if group["single_pass"] else set()
             exact_jobs: list[Job] = []
             single_jobs: list[Job] = []
             sharded_jobs: list[Job] = []
             carrying: set[Tensor] = set()  # the parameters taking a single-pass step
-            for param, state in stepped_states(self, params, init_state):
-                m_scale, v_scale = state["exp_avg_scale"], state["exp_avg_sq_scale"]
+            for param, state in stepped_states(self, params, lambda state, param: init_state(state, param, group)):
+                m_scale, v_scale = (local_piece(state[key]) for key in ("exp_avg_scale", "exp_avg_sq_scale"))
                 pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
                 # The new scales replace the old in place; then the step's statistics.
                 outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
@@ -419,16 +663,23 @@ class Lamb16(CheckedOptimizer):
                     exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
             if self.carried and len(carrying) < len(params):
                 self.forget_carries({param for param in params if param not in carrying})
-            run_updates(lamb16_update, native.lamb16_steps, exact_jobs, group["fused"], **hyper)
+            if block:
+                exact, single, sharded_steps = ((lamb16_block_update, native.lamb16_block_steps),
+                                                (lamb16_block_single_pass_update, native.lamb16_block_single_pass_steps),
+                                                lamb16_block_sharded_steps)
+            else:
+                exact, single, sharded_steps = ((lamb16_update, native.lamb16_steps),
+                                                (lamb16_single_pass_update, native.lamb16_single_pass_steps),
+                                                lamb16_sharded_steps)
+            run_updates(*exact, exact_jobs, group["fused"], **hyper)
             if single_jobs:
-                self.prepare_carries(single_jobs, group["fused"], hyper["eps"], hyper["scaling"])
-                run_updates(lamb16_single_pass_update, native.lamb16_single_pass_steps, single_jobs, group["fused"],
-                            **hyper)
+                self.prepare_carries(single_jobs, group["fused"], group)
+                run_updates(*single, single_jobs, group["fused"], **hyper)
                 for (inputs, _, _) in single_jobs:
                     self.carried[inputs[0]] = inputs[0]._version
             if sharded_jobs:
                 sharded_params = [p for p in params if is_dtensor(p)]
-                lamb16_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
+                sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
 
     def forget_carries(self, exact: set[Tensor]) -> None:
         """Parameters about to take an exact step, which writes no carry: theirs goes stale."""
@@ -436,29 +687,33 @@ class Lamb16(CheckedOptimizer):
             del self.carried[param]
             self.state[param]["carry"][3] = 0.0
 
-    def prepare_carries(self, jobs: list[Job], fused: bool | None, eps: float, scaling: str) -> None:
+    def prepare_carries(self, jobs: list[Job], fused: bool | None, group: dict[str, Any]) -> None:
         """Make every job's carry right for its step: after an exact step (no
-        carry written), the moment statistics it stored and the weight norm;
-        where something else changed the weights since, the weight norm."""
+        carry written), the moment statistics it stored (block scales need
+        none) and the weight norm; where something else changed the weights
+        since, the weight norm."""
         stale = []
+        block_size = group["block_size"] if group["scaling"] == "block" else 0
         for job in jobs:
             param, _, _, _, m_scale, v_scale, carry, _ = job[0]
             if param not in self.carried:
-                carry[1:3] = torch.stack(stats_after_exact_step(m_scale, v_scale, scaling))
+                if not block_size:
+                    carry[1:3] = torch.stack(stats_after_exact_step(m_scale, v_scale, group["scaling"]))
                 carry[3] = 1.0
             if self.carried.get(param) != param._version:
                 stale.append(job)
         if stale:
-            refresh_weight_norms(stale, fused, eps)
+            refresh_weight_norms(stale, fused, group["eps"], block_size)
 
 
-def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float) -> None:
+def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float, block_size: int) -> None:
     """Write the weight norm of each single-pass job's weights into its carry,
     by the same arithmetic as the step that writes it (so that a resumed run
-    recomputes the very bits an uninterrupted one carried)."""
+    recomputes the very bits an uninterrupted one carried); block_size 0 for
+    scales per tensor."""
     on_native = [job for job in jobs if native.usable(job, fused)]
     if on_native:
-        native.lamb16_weight_norms(on_native, eps=eps)
+        native.lamb16_weight_norms(on_native, eps=eps, block_size=block_size)
     native_ids = {id(job) for job in on_native}
     for inputs, _, _ in (job for job in jobs if id(job) not in native_ids):
         inputs[6][0] = weight_norm_of(inputs[0], eps)
@@ -479,13 +734,29 @@ def new_carry(param: Tensor) -> Tensor:
     return torch.zeros(len(CARRY), device=param.device)
 
 
-def init_state(state: dict[str, Tensor], param: Tensor) -> None:
+def init_state(state: dict[str, Tensor], param: Tensor, group: dict[str, Any]) -> None:
     """Zero moments in fp8 and unit scales, as the first step expects; the step
     counter, the statistics and the single-pass carry."""
     init_step_and_statistics(state, param)
     # zeros_like of a DTensor is a DTensor placed as it is: state sharded as its parameter.
     state["exp_avg"] = torch.zeros_like(param, dtype=E4M3, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(param, dtype=E5M2, memory_format=torch.preserve_format)
-    state["exp_avg_scale"] = torch.ones((), device=param.device)
-    state["exp_avg_sq_scale"] = torch.ones((), device=param.device)
+    if group["scaling"] == "block":
+        state["exp_avg_scale"] = ones_grid(param, group["block_size"])
+        state["exp_avg_sq_scale"] = ones_grid(param, group["block_size"])
+    else:
+        state["exp_avg_scale"] = torch.ones((), device=param.device)
+        state["exp_avg_sq_scale"] = torch.ones((), device=param.device)
     state["carry"] = new_carry(param)
+
+
+def ones_grid(param: Tensor, block_size: int) -> Tensor:
+    """Unit block scales for `param`: sharded as it is where it has rows to
+    shard (two or more dims: each process keeps its own rows' scales), else a
+    whole grid on every process (a 1-D tensor's cut may fall inside a block)."""
+    shape = block_grid(tuple(param.shape), block_size)
+    if is_dtensor(param) and param.dim() >= 2:
+        from torch.distributed.tensor import ones
+
+        return ones(shape, device_mesh=param.device_mesh, placements=param.placements)
+    return torch.ones(shape, device=local_piece(param).device)

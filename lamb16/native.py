@@ -48,7 +48,15 @@ SIGNATURES = {
     # 1 - beta1, 1 - beta2, eps, weight_decay, trust_scale, seed, threads
     "lamb16_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
     "lamb16_single_pass_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
-    "lamb16_weight_norms": [_ptr, _i64, _f, _i],  # table, count, eps, threads
+    # table, columns, count, eps, block_size (0: scales per tensor), threads
+    "lamb16_weight_norms": [_ptr, _i64, _i64, _f, _i, _i],
+    # As lamb16_steps, with block_size in place of seed.
+    "lamb16_block_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
+    "lamb16_block_single_pass_steps": [_ptr, _i64] + [_f] * 9 + [_i, _i],
+    # table, count, beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay,
+    # block_size, threads, sums out (count x 2) / finished in (count x 4)
+    "lamb16_block_partials": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
+    "lamb16_block_applies": [_ptr, _i64] + [_f] * 6 + [_i, _i, _ptr],
     # table, count, corrections, lr, beta1, beta2, 1 - beta1, 1 - beta2, eps,
     # weight_decay, bias_correction, adam, max_weight_norm, threads
     "lamb_steps": [_ptr, _i64, _ptr] + [_f] * 7 + [_i, _i, _f, _i],
@@ -212,9 +220,10 @@ def usable(job: Job, fused: bool | None) -> bool:
     """Whether a job runs on the CPU kernels: fused not False, the kernels built
     (or buildable), and tensors they can walk as flat arrays through raw
     pointers, which forgive no mismatch: float32 weights and gradient on the
-    CPU, the moments in the parameter's own dense layout, every other tensor a
-    float32 scalar there (or the single-pass carry, of four). Moments have their
-    dtypes by construction (and Lamb16.load_state_dict)."""
+    CPU, the moments in the parameter's own dense layout, every other tensor
+    float32 and contiguous there (scalars, the single-pass carry of four, block
+    scale grids). Moments have their dtypes by construction (and
+    Lamb16.load_state_dict)."""
     inputs, outputs, _ = job
     param, grad = inputs[0], inputs[1]
     return (
@@ -222,7 +231,7 @@ def usable(job: Job, fused: bool | None) -> bool:
         and param.is_cpu
         and param.dtype == grad.dtype == torch.float32
         and same_dense_layout(inputs[:ELEMENTWISE])
-        and all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and t.dim() <= 1
+        and all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and t.dim() <= 2
                 for t in inputs[ELEMENTWISE:] + outputs)
         and library() is not None
     )
@@ -275,11 +284,78 @@ def lamb16_single_pass_steps(jobs: list[Job], *, lr: float, trust_lr: float, bet
     )
 
 
-def lamb16_weight_norms(jobs: list[Job], *, eps: float) -> None:
-    """Each single-pass job's weight norm written into its carry, block by block
-    as the single pass sums it (so that the bits agree)."""
-    table = lamb16_single_pass_table(jobs)
-    library().lamb16_weight_norms(table.buffer_info()[0], len(jobs), eps, torch.get_num_threads())  # type: ignore[union-attr]
+def lamb16_weight_norms(jobs: list[Job], *, eps: float, block_size: int = 0) -> None:
+    """Each single-pass job's weight norm written into its carry, chunk by chunk
+    as the single pass sums it (so that the bits agree); block_size as the
+    step's (0: scales per tensor)."""
+    table, columns = (lamb16_block_table(jobs), BLOCK_COLUMNS) if block_size else (lamb16_single_pass_table(jobs), 11)
+    library().lamb16_weight_norms(  # type: ignore[union-attr]
+        table.buffer_info()[0], columns, len(jobs), eps, block_size, torch.get_num_threads())
+
+
+# Rows of the block-scale kernels' tables: param, grad, exp_avg, exp_avg_sq,
+# numel, exp_avg_scale, exp_avg_sq_scale (grids, read, then overwritten),
+# weight_norm, adam_norm, trust_ratio, carry (0 where there is none), row length.
+BLOCK_COLUMNS = 12
+
+
+def lamb16_block_table(jobs: list[Job]) -> array.array:
+    """A row per job with block scales (exact or single pass)."""
+    table = array.array("q")
+    for inputs, outputs, _ in jobs:
+        param, grad, exp_avg, exp_avg_sq, m_scales, v_scales = inputs[:6]
+        carry = inputs[6].data_ptr() if len(inputs) > 6 else 0
+        table.extend(addresses(param, grad, exp_avg, exp_avg_sq) + [param.numel()]
+                     + addresses(m_scales, v_scales, *outputs[2:5]) + [carry, param.numel() // m_scales.shape[0]])
+    return table
+
+
+def lamb16_block_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
+                       weight_decay: float, trust_scale: float, block_size: int) -> None:
+    """lamb16_block_update() on the CPU kernels, for many tensors in one call;
+    each job's results go into its state tensors in place, the new scale grids
+    into the grids that held the old ones."""
+    table = lamb16_block_table(jobs)
+    library().lamb16_block_steps(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, trust_scale, block_size, torch.get_num_threads(),
+    )
+
+
+def lamb16_block_single_pass_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float,
+                                   eps: float, weight_decay: float, trust_scale: float, block_size: int) -> None:
+    """lamb16_block_single_pass_update() on the CPU kernels, for many tensors in
+    one call (adam_norm is read first: it holds the last step's)."""
+    table = lamb16_block_table(jobs)
+    library().lamb16_block_single_pass_steps(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, trust_scale, block_size, torch.get_num_threads(),
+    )
+
+
+def lamb16_block_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                          block_size: int) -> Tensor:
+    """The clamped square sums of the weights and the update of many tensors
+    with block scales, on the CPU kernels: a (jobs, 2) tensor. Changes nothing."""
+    table, out = lamb16_block_table(jobs), torch.empty(len(jobs), 2)
+    library().lamb16_block_partials(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, block_size,
+        torch.get_num_threads(), out.data_ptr(),
+    )
+    return out
+
+
+def lamb16_block_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, block_size: int) -> None:
+    """The second pass of many tensors with block scales on the CPU kernels,
+    row t of `finished` holding tensor t's weight_norm, adam_norm, trust_ratio
+    and step size: each block's new scales from its own moments, in place of
+    the old; then the first three into the job's 0-dim state tensors."""
+    table, finished = lamb16_block_table(jobs), finished.to(torch.float32).contiguous()
+    library().lamb16_block_applies(  # type: ignore[union-attr]
+        table.buffer_info()[0], len(jobs), beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, block_size,
+        torch.get_num_threads(), finished.data_ptr(),
+    )
 
 
 def lamb16_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,

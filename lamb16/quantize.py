@@ -10,7 +10,14 @@ a moment back. Writes multiply by the scale's reciprocal: one division per
 tensor instead of one per element, at most one float32 rounding away from
 dividing.
 
-Two scalings:
+Three scalings:
+- "block": as absmax, but every `block_size` consecutive elements of a row
+  (a dim-0 slice, in memory order; a tensor of fewer than two dimensions is
+  one row) have scales of their own, so a block far below the tensor's
+  largest keeps fp8's whole range: rare embedding rows, a second moment that
+  falls in one part of a tensor while another holds its scale. 8 bytes of
+  scales per block; a row never shares a block with another, so FSDP2's cuts
+  between rows never cut one.
 - "absmax" (the default) maps each tensor's largest |m| to 448 and largest v
   to 57344: nothing saturates, small elements keep the format's whole range
   below, v is floored at e5m2's smallest value instead of flushing to zero (a
@@ -49,7 +56,10 @@ elements below 2.2e-6 of the tensor's largest, mostly units whose gradient is
 already zero.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 E4M3 = torch.float8_e4m3fn
@@ -64,7 +74,7 @@ MIN_SCALE = torch.finfo(torch.float32).tiny
 SEED_M_CLAMP = 15.0
 SEED_SQUARE_CLAMP = 10.0
 
-SCALINGS = ("absmax", "seed")
+SCALINGS = ("absmax", "seed", "block")
 
 
 def dequantize(stored: Tensor, scale: Tensor) -> Tensor:
@@ -135,3 +145,74 @@ def store_seed(
     m_scale, v_scale = seed_scales(m, v, eps)
     write_seed(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
     return m_scale, v_scale
+
+
+# ------------------------------------------------------------ block scales
+#
+# A tensor's block scales are a (rows, blocks per row) grid: a row is a dim-0
+# slice, taken in memory order (a channels-last weight's rows are walked as
+# stored), cut into blocks of block_size elements, the last block of a row
+# shorter. The functions below work on a tensor seen as its rows, (rows,
+# length); a piece of a longer row (a sharded 1-D tensor) starts `phase`
+# elements into its first block.
+
+
+def block_grid(shape: tuple[int, ...], block_size: int) -> tuple[int, int]:
+    """(rows, blocks per row) of the scales of a tensor of this shape."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    length = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+    return rows, max(1, -(-length // block_size))
+
+
+def row_order(t: Tensor) -> list[int]:
+    """Dim 0, then the other dims from the largest stride to the smallest: the
+    order in which a dense tensor's elements lie in memory."""
+    return [0, *sorted(range(1, t.dim()), key=lambda d: -t.stride(d))] if t.dim() else []
+
+
+def as_rows(t: Tensor, rows: int) -> Tensor:
+    """`t` as (rows, length), each row's elements in memory order (a view where
+    the layout allows, else a copy: take results back with from_rows)."""
+    return t.permute(row_order(t)).reshape(rows, -1)
+
+
+def from_rows(value: Tensor, like: Tensor) -> Tensor:
+    """`value`, given as as_rows(like) sees `like`, in like's shape."""
+    order = row_order(like)
+    return value.reshape([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
+
+
+def to_blocks(x: Tensor, block_size: int, phase: int = 0) -> Tensor:
+    """(rows, length) -> (rows, blocks, block_size), zero-padded: `phase` zeros
+    before (the part of the first block that lies elsewhere), and to the end of
+    the last block."""
+    rows, length = x.shape
+    blocks = -(-(phase + length) // block_size)
+    return F.pad(x, (phase, blocks * block_size - phase - length)).view(rows, blocks, block_size)
+
+
+def from_blocks(x: Tensor, length: int, phase: int = 0) -> Tensor:
+    """The inverse of to_blocks: (rows, blocks, block_size) -> (rows, length)."""
+    return x.reshape(x.shape[0], -1)[:, phase:phase + length]
+
+
+def dequantize_blocks(codes: Tensor, scales: Tensor, block_size: int, phase: int = 0) -> Tensor:
+    """The float32 moment that fp8 rows and their block scales stand for."""
+    return from_blocks(to_blocks(codes.float(), block_size, phase) * scales[..., None], codes.shape[1], phase)
+
+
+def block_maxima(m: Tensor, v: Tensor, block_size: int, phase: int = 0) -> tuple[Tensor, Tensor]:
+    """Each block's largest |m| and |v| (NaN where a block holds a NaN)."""
+    return to_blocks(m.abs(), block_size, phase).amax(-1), to_blocks(v.abs(), block_size, phase).amax(-1)
+
+
+def block_codes(
+    m: Tensor, v: Tensor, m_scales: Tensor, v_scales: Tensor, block_size: int, phase: int = 0
+) -> tuple[Tensor, Tensor]:
+    """m and v rows in fp8 over their blocks' scales, as write_absmax() stores a
+    whole tensor over its one scale (multiplied by each scale's reciprocal; v
+    floored at e5m2's smallest value)."""
+    length = m.shape[1]
+    m_codes = from_blocks(to_blocks(m, block_size, phase) * (1 / m_scales)[..., None], length, phase)
+    v_codes = from_blocks(to_blocks(v, block_size, phase) * (1 / v_scales)[..., None], length, phase)
+    return m_codes.to(E4M3), v_codes.clamp(min=E5M2_SMALLEST).to(E5M2)

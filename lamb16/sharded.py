@@ -36,25 +36,46 @@ def sharding_groups(param: Tensor) -> list[Any]:
     return [mesh.get_group(dim) for dim, placement in enumerate(param.placements) if isinstance(placement, Shard)]
 
 
+def combine_vectors(vectors: list[Tensor], maxima: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """Each parameter's vector of partials combined over the processes holding
+    its pieces: element by element the largest where its `maxima` mask is set,
+    else the sum. One all_gather per process group, for all the vectors of the
+    parameters sharded over it (they may differ in length)."""
+    by_group: dict[Any, list[int]] = {}
+    for index, param in enumerate(params):
+        for group in sharding_groups(param):
+            by_group.setdefault(group, []).append(index)
+    vectors = list(vectors)
+    for group, indices in by_group.items():
+        mine = torch.cat([vectors[i] for i in indices])
+        largest = torch.cat([maxima[i] for i in indices])
+        gathered = mine.new_empty((dist.get_world_size(group) * len(mine),))
+        all_gather(gathered, mine, group=group)
+        gathered = gathered.view(-1, len(mine))  # (processes, values)
+        # Every process reduces the same gathered values in the same order: all get the same bits.
+        combined = torch.where(largest, gathered.amax(0), gathered.sum(0))
+        for i, part in zip(indices, combined.split([len(vectors[i]) for i in indices])):
+            vectors[i] = part
+    return vectors
+
+
 def combine_over_shards(partials: Tensor, params: list[Tensor], combine: tuple[str, ...]) -> Tensor:
     """Each tensor's partials (a row of `partials`) combined over the processes
-    holding its pieces: a sum or a max per column, as `combine` says. One
-    all_gather per process group, for all the rows sharded over it."""
-    rows_by_group: dict[Any, list[int]] = {}
-    for row, param in enumerate(params):
-        for group in sharding_groups(param):
-            rows_by_group.setdefault(group, []).append(row)
+    holding its pieces: a sum or a max per column, as `combine` says."""
     columns = torch.tensor([how == "max" for how in combine], device=partials.device)
-    for group, rows in rows_by_group.items():
-        index = torch.tensor(rows, device=partials.device)
-        mine = partials.index_select(0, index).contiguous()
-        gathered = mine.new_empty((dist.get_world_size(group) * len(rows), mine.shape[1]))
-        all_gather(gathered, mine, group=group)
-        gathered = gathered.view(-1, *mine.shape)  # (processes, rows, columns)
-        # Every process reduces the same gathered rows in the same order: all get the same bits.
-        combined = torch.where(columns, gathered.amax(0), gathered.sum(0))
-        partials = partials.index_copy(0, index, combined)
-    return partials
+    return torch.stack(combine_vectors(list(partials), [columns] * len(params), params))
+
+
+def split_piece(param: Tensor, block_size: int) -> tuple[int, int] | None:
+    """Where this process's piece of a sharded 1-D tensor begins, as (its first
+    block, the elements of that block before it), for block scales (whose
+    blocks such a cut may split); None for any other tensor."""
+    if param.dim() != 1 or not any(isinstance(p, Shard) for p in param.placements):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[0] // block_size, offset[0] % block_size
 
 
 def on_native(jobs: list[Job], fused: bool | None) -> list[int]:

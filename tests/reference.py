@@ -56,21 +56,43 @@ def lamb16_reference(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     trust_scale: float = 0.382,
+    block_size: int = 256,
 ) -> dict[str, Tensor]:
     b1, b2 = betas
     n = param.numel()
     p = param.to(F64)
     m8 = torch.zeros_like(param, dtype=torch.float8_e4m3fn)
     v8 = torch.zeros_like(param, dtype=torch.float8_e5m2)
-    m_scale = torch.tensor(1.0, dtype=F64)
-    v_scale = torch.tensor(1.0, dtype=F64)
+    if scaling == "block":  # a scale per block_size elements of each dim-0 slice (contiguous tensors here)
+        rows = param.shape[0] if param.dim() >= 2 else 1
+        blocks = -(-(n // rows) // block_size)
+        m_scale = torch.ones(rows, blocks, dtype=F64)
+        v_scale = torch.ones(rows, blocks, dtype=F64)
+    else:
+        m_scale = torch.tensor(1.0, dtype=F64)
+        v_scale = torch.tensor(1.0, dtype=F64)
     for g in grads:
         g = g.to(F64)
-        m = m8.to(F64) * m_scale
-        v = v8.to(F64) * v_scale
+        if scaling == "block":
+            m = (m8.to(F64).reshape(rows, -1) * per_element(m_scale, block_size, n // rows)).reshape(param.shape)
+            v = (v8.to(F64).reshape(rows, -1) * per_element(v_scale, block_size, n // rows)).reshape(param.shape)
+        else:
+            m = m8.to(F64) * m_scale
+            v = v8.to(F64) * v_scale
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        if scaling == "seed":
+        if scaling == "block":
+            tiny = torch.finfo(torch.float32).tiny
+            m_rows, v_rows = m.reshape(rows, -1), v.reshape(rows, -1)
+            for k in range(blocks):
+                columns = slice(k * block_size, (k + 1) * block_size)
+                m_scale[:, k] = torch.clamp(m_rows[:, columns].abs().amax(1) / 448.0, min=tiny)
+                v_scale[:, k] = torch.clamp(v_rows[:, columns].abs().amax(1) / 57344.0, min=tiny)
+            m_scaled = m_rows / per_element(m_scale, block_size, n // rows)
+            v_scaled = v_rows / per_element(v_scale, block_size, n // rows)
+            m8 = fp8(torch.clamp(m_scaled, -448.0, 448.0), torch.float8_e4m3fn).reshape(param.shape)
+            v8 = fp8(torch.clamp(v_scaled, 2.0**-16, 57344.0), torch.float8_e5m2).reshape(param.shape)
+        elif scaling == "seed":
             m_scale = torch.sqrt(torch.sum(torch.clamp(m * m, 0, 10))) / n + eps
             v_scale = torch.sqrt(torch.sum(torch.clamp(v * v, 0, 10))) / n + eps
             m8 = fp8(torch.clamp(m / m_scale, -15, 15), torch.float8_e4m3fn)
@@ -96,3 +118,8 @@ def lamb16_reference(
         adam_norm=u_norm,
         trust_ratio=trust,
     )
+
+
+def per_element(scales: Tensor, block_size: int, length: int) -> Tensor:
+    """A (rows, blocks) grid of block scales spread over the (rows, length) elements they scale."""
+    return scales.repeat_interleave(block_size, dim=1)[:, :length]

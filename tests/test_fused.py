@@ -33,6 +33,10 @@ CASES = {
     "lamb-no-weight-clamp": dict(cls=Lamb, hyper=dict(bias_correction=True, max_weight_norm=None, weight_decay=0.01)),
     "lamb16-1pass": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, single_pass=True)),
     "lamb16-seed-1pass": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, scaling="seed", single_pass=True)),
+    # Blocks of 64: rows of one block, of several with a short last one (70 = 64 + 6), of many.
+    "lamb16-block": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, scaling="block", block_size=64)),
+    "lamb16-block-1pass": dict(cls=Lamb16, hyper=dict(weight_decay=0.01, scaling="block", block_size=64,
+                                                      single_pass=True)),
 }
 
 
@@ -41,9 +45,10 @@ def kernel_calls(case: str, tensors: int, steps: int = STEPS) -> list[tuple[str,
     single-pass Lamb16's first step is exact)."""
     if CASES[case]["cls"] is Lamb:
         return [("lamb_steps", tensors)] * steps
+    prefix = "lamb16_block" if CASES[case]["hyper"].get("scaling") == "block" else "lamb16"
     if CASES[case]["hyper"].get("single_pass"):
-        return [("lamb16_steps", tensors)] + [("lamb16_single_pass_steps", tensors)] * (steps - 1)
-    return [("lamb16_steps", tensors)] * steps
+        return [(f"{prefix}_steps", tensors)] + [(f"{prefix}_single_pass_steps", tensors)] * (steps - 1)
+    return [(f"{prefix}_steps", tensors)] * steps
 
 
 def twin_runs(cls, hyper: dict, shapes=SHAPES, steps: int = STEPS):
@@ -102,7 +107,8 @@ def compiled_on_cpu(monkeypatch) -> None:
 def native_calls(monkeypatch) -> list[tuple[str, int]]:
     """The kernels the optimizers call, each with the number of tensors it took."""
     calls: list[tuple[str, int]] = []
-    for name in ("lamb16_steps", "lamb16_single_pass_steps", "lamb_steps"):
+    for name in ("lamb16_steps", "lamb16_single_pass_steps", "lamb16_block_steps", "lamb16_block_single_pass_steps",
+                 "lamb_steps"):
         original = getattr(lamb16.native, name)
 
         def spy(jobs, _name=name, _original=original, **kwargs):
@@ -152,7 +158,7 @@ def test_cpu_kernels_match_reference(case, native_calls, loops):
 SMALL_MANY = [(100, 50)] * 7 + [(3000,), (7,), (256, 160)]
 
 
-@pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction", "lamb16-1pass"])
+@pytest.mark.parametrize("case", ["lamb16", "lamb-bias-correction", "lamb16-1pass", "lamb16-block-1pass"])
 def test_cpu_kernels_share_out_many_small_tensors_as_the_reference(case, native_calls, loops):
     assert_fused_matches_reference(*twin_runs(CASES[case]["cls"], CASES[case]["hyper"], shapes=SMALL_MANY))
 

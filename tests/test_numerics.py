@@ -93,7 +93,7 @@ def test_invalid_max_weight_norm_is_refused():
         Lamb([nn.Parameter(torch.zeros(2))], max_weight_norm=0)
 
 
-@pytest.mark.parametrize("scaling", ["seed", "absmax"])
+@pytest.mark.parametrize("scaling", ["seed", "absmax", "block"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(
     "hyper",
@@ -107,10 +107,15 @@ def test_lamb16_matches_float64_reference(scaling, shape, hyper):
     param0 = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.3
     grads = gradient_stream(shape, seed=4)
 
-    param, state = run_optimizer(Lamb16, param0, grads, scaling=scaling, **hyper)
-    expected = lamb16_reference(param0, grads, scaling=scaling, **hyper)
+    # Block scales in blocks of 8: several a row, the last one short (13 and 50 elements).
+    blocks = dict(block_size=8) if scaling == "block" else {}
+    param, state = run_optimizer(Lamb16, param0, grads, scaling=scaling, **blocks, **hyper)
+    expected = lamb16_reference(param0, grads, scaling=scaling, **blocks, **hyper)
 
-    assert_close_to(param, expected["param"])
+    # Small blocks make many more scales, and so more elements that float32 and
+    # float64 round to neighbouring codes for a step (measured: one code, once
+    # in 30 steps, moving its weight by 1.7e-5 of the largest weight).
+    assert_close_to(param, expected["param"], rtol=1e-4 if scaling == "block" else 1e-5)
     assert state["exp_avg"].dtype == E4M3 and state["exp_avg_sq"].dtype == E5M2
     # fp8 codes may differ only where float32 and float64 land on either side of
     # a rounding boundary: a handful of elements, by one code.

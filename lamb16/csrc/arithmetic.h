@@ -118,6 +118,24 @@ struct SinglePassSums {
   float m_sum, v_sum;  // seed: sums of clamp(x*x, 0, 10) (absmax: unused)
 };
 
+// Block scales (scaling="block"): what the first pass sums over a block...
+struct NormSums {
+  float weight, update;  // sums of clamp(x*x, eps, 1)
+};
+
+// ...and what the writes find in a block: its largest |m| and |v| (NaN if a
+// moment is), and the sum of clamp(u*u, eps, 1) where asked for.
+struct BlockMoments {
+  float m_max, v_max, update;
+};
+
+// An absmax scale from the largest magnitude it scales and the format's top
+// (448 or 57344), as absmax_scales_from_maxima(): floored at the smallest
+// normal float, so that an all-zero block divides safely; a NaN stays NaN.
+inline float absmax_scale(float largest, float top) {
+  return largest != largest ? largest : std::max(largest / top, std::numeric_limits<float>::min());
+}
+
 
 // --------------------------------------------------------------- LAMB ----
 

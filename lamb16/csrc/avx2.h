@@ -220,6 +220,62 @@ SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __rest
   return {sum(update), sum(m_sum), sum(v_sum)};
 }
 
+// Block scales, as the portable loops (portable.h); the moments' buffers hold
+// whole vectors, the last one's padded lanes too.
+inline NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+  Floats weight = _mm256_setzero_ps(), update = weight;
+  for_each_8<false>(const_cast<float*>(p), g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
+                    [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+    const Moments x = lamb16_moments(pi, gi, mi, vi, args);
+    weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
+    update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
+  });
+  return {sum(weight), sum(update)};
+}
+
+template <bool kSumUpdate>
+BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,
+                                  float* __restrict m_out, float* __restrict v_out) {
+  Ints m_top = _mm256_setzero_si256(), v_top = m_top;  // padded lanes hold m = v = 0
+  Floats update = _mm256_setzero_ps();
+  // The codes are only read (for_each_8 copies the last ones back unchanged).
+  for_each_8<true>(p, g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
+                   [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+    const Moments x = lamb16_moments(pi, gi, mi, vi, args);
+    _mm256_storeu_ps(pi, _mm256_fnmadd_ps(x.u, splat(step_size), x.p));
+    _mm256_storeu_ps(m_out, x.m);
+    _mm256_storeu_ps(v_out, x.v);
+    m_out += WIDTH, v_out += WIDTH;
+    m_top = _mm256_max_epu32(m_top, magnitude_bits(x.m));
+    v_top = _mm256_max_epu32(v_top, magnitude_bits(x.v));
+    if (kSumUpdate) update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
+  });
+  return {largest(m_top), largest(v_top), sum(update)};
+}
+
+// As avx512::encode_block; the last, short vector's codes through a copy.
+inline void encode_block(const float* __restrict m, const float* __restrict v, int64_t n, float m_inverse,
+                         float v_inverse, uint8_t* __restrict mq, uint8_t* __restrict vq) {
+  const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
+  for (int64_t i = 0; i < n; i += WIDTH) {
+    const Halves m_codes = encode_unsaturated_e4m3_in_half(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_to_code));
+    const Halves v_codes = encode_unsigned_e5m2(
+        _mm256_max_ps(splat(0x1p-16f), _mm256_mul_ps(_mm256_loadu_ps(v + i), v_to_code)));
+    if (i + WIDTH <= n) {
+      store_codes(mq + i, m_codes);
+      store_codes(vq + i, v_codes);
+    } else {
+      uint8_t m8[WIDTH], v8[WIDTH];
+      store_codes(m8, m_codes);
+      store_codes(v8, v_codes);
+      std::memcpy(mq + i, m8, n - i);
+      std::memcpy(vq + i, v8, n - i);
+    }
+  }
+}
+
 inline float gradient_chunk_absmax(const float* __restrict g, int64_t n) {
   Ints top = _mm256_setzero_si256();
   int64_t i = 0;

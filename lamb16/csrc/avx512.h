@@ -265,6 +265,50 @@ SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __rest
   return {sum(update), sum(m_sum), sum(v_sum)};
 }
 
+// Block scales, as the portable loops (portable.h). The moments' buffers hold
+// whole vectors: the last, masked one is stored whole.
+inline NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+  Floats weight = _mm512_setzero_ps(), update = weight;
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
+    weight = _mm512_mask_add_ps(weight, k, weight, clamp(_mm512_mul_ps(x.p, x.p), args.eps, 1.0f));
+    update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
+  });
+  return {sum(weight), sum(update)};
+}
+
+template <bool kSumUpdate>
+BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,
+                                  float* __restrict m_out, float* __restrict v_out) {
+  Ints m_top = _mm512_setzero_si512(), v_top = m_top;  // lanes past the end hold m = v = 0
+  Floats update = _mm512_setzero_ps();
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
+    _mm512_mask_storeu_ps(p + i, k, _mm512_fnmadd_ps(x.u, splat(step_size), x.p));
+    _mm512_storeu_ps(m_out + i, x.m);
+    _mm512_storeu_ps(v_out + i, x.v);
+    m_top = _mm512_max_epu32(m_top, magnitude_bits(x.m));
+    v_top = _mm512_max_epu32(v_top, magnitude_bits(x.v));
+    if (kSumUpdate) update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
+  });
+  return {largest(m_top), largest(v_top), sum(update)};
+}
+
+// m over its block's scale needs no saturation and is no NaN here: the block's
+// largest sets the scale, and a NaN or infinite one makes a scale that takes
+// the portable loops.
+inline void encode_block(const float* __restrict m, const float* __restrict v, int64_t n, float m_inverse,
+                         float v_inverse, uint8_t* __restrict mq, uint8_t* __restrict vq) {
+  const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(_mm512_mul_ps(_mm512_loadu_ps(m + i), m_to_code)));
+    const Floats v_scaled = _mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(_mm512_loadu_ps(v + i), v_to_code));
+    store_codes(vq + i, k, encode_unsigned_e5m2(v_scaled));
+  });
+}
+
 // LAMB: as lamb_update and the portable loops.
 template <bool kBiasCorrection>
 inline Floats lamb_direction(Floats p, Floats m, Floats v, const LambArgs& a) {

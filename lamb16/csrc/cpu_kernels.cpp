@@ -34,6 +34,8 @@
 #include "avx512.h"
 #include "portable.h"
 
+#include <vector>
+
 namespace {
 
 // Which loops run: the widest built in, unless the tests (use_loops) ask for
@@ -265,6 +267,155 @@ void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, 
   out[8] = 1.0f;
 }
 
+// ------------------------------------------------- LAMB16, block scales ----
+//
+// scaling="block" (lamb16_block_update() in lamb16.py): n elements are rows of
+// row_length, each cut into blocks of block_size (the last one shorter), each
+// block with scales of its own in a grid laid out as the blocks are. A chunk
+// is a run of whole blocks. A block's new scales come from its own moments:
+// the writes compute them once, into a buffer, while the block is in cache,
+// moving its weights and finding its maxima, then encode them. So the exact
+// step's first pass only sums the norms, and the single pass needs nothing
+// but the last step's update norm. Each block takes the hand-vectorized
+// loops where its old scale (decoding) or new scale (encoding) allows.
+
+struct BlockLayout {
+  int64_t n, row_length, block_size, per_row;
+
+  BlockLayout(int64_t n_, int64_t row_length_, int64_t block_size_)
+      : n(n_), row_length(row_length_), block_size(block_size_), per_row((row_length_ + block_size_ - 1) / block_size_) {}
+  int64_t count() const { return n / row_length * per_row; }
+  int64_t start(int64_t b) const { return b / per_row * row_length + b % per_row * block_size; }
+  int64_t length(int64_t b) const { return std::min(block_size, row_length - b % per_row * block_size); }
+  // Blocks a chunk takes: about CHUNK elements of them.
+  int64_t per_chunk() const { return std::max<int64_t>(1, CHUNK / std::min(block_size, row_length)); }
+  int64_t chunks() const { return (count() + per_chunk() - 1) / per_chunk(); }
+  int64_t first(int64_t c) const { return c * per_chunk(); }
+  int64_t last(int64_t c) const { return std::min(count(), (c + 1) * per_chunk()); }  // one past
+  // Floats a block's moment buffer holds: whole vectors of the widest loops.
+  int64_t buffer() const { return (std::min(block_size, row_length) + 15) / 16 * 16; }
+};
+
+using BlockSumsLoop = NormSums (*)(const float*, const float*, const uint8_t*, const uint8_t*, int64_t,
+                                   const Lamb16Args);
+using BlockMomentsLoop = BlockMoments (*)(float*, const float*, const uint8_t*, const uint8_t*, int64_t,
+                                          const Lamb16Args, float, float*, float*);
+using EncodeLoop = void (*)(const float*, const float*, int64_t, float, float, uint8_t*, uint8_t*);
+
+BlockSumsLoop block_sums_loop(int which) {
+#ifdef LAMB16_AVX512
+  if (which == AVX512_LOOPS) return avx512::lamb16_block_sums;
+#endif
+#ifdef LAMB16_AVX2
+  if (which == AVX2_LOOPS) return avx2::lamb16_block_sums;
+#endif
+  return portable::lamb16_block_sums;
+}
+
+template <bool kSumUpdate>
+BlockMomentsLoop block_moments_loop(int which) {
+#ifdef LAMB16_AVX512
+  if (which == AVX512_LOOPS) return avx512::lamb16_block_moments<kSumUpdate>;
+#endif
+#ifdef LAMB16_AVX2
+  if (which == AVX2_LOOPS) return avx2::lamb16_block_moments<kSumUpdate>;
+#endif
+  return portable::lamb16_block_moments<kSumUpdate>;
+}
+
+EncodeLoop encode_loop(int which) {
+#ifdef LAMB16_AVX512
+  if (which == AVX512_LOOPS) return avx512::encode_block;
+#endif
+#ifdef LAMB16_AVX2
+  if (which == AVX2_LOOPS) return avx2::encode_block;
+#endif
+  return portable::encode_block;
+}
+
+// The exact step's first pass: the clamped square sums of the weights and the
+// update, each block's moments from its old scales (lamb16_block_partials()).
+NormSums lamb16_block_norm_sums(const float* param, const float* grad, const uint8_t* exp_avg,
+                                const uint8_t* exp_avg_sq, const BlockLayout& layout, const float* m_scales,
+                                const float* v_scales, Lamb16Args args, int threads) {
+  double weight = 0, update = 0;
+#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads) \
+    reduction(+ : weight, update) firstprivate(args)
+  for (int64_t c = 0; c < layout.chunks(); ++c) {
+    float chunk_weight = 0, chunk_update = 0;
+    for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
+      const int64_t lo = layout.start(b);
+      args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+      const NormSums s = block_sums_loop(loops_for(args.m_scale, args.m_scale))(
+          param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, layout.length(b), args);
+      chunk_weight += s.weight;
+      chunk_update += s.update;
+    }
+    weight += chunk_weight;
+    update += chunk_update;
+  }
+  return {float(weight), float(update)};
+}
+
+// The writes of every block (lamb16_block_apply()): its moments from its old
+// scales, its weights moved by step_size times the update, its new scales (in
+// place of the old) from its own maxima, its codes. kSinglePass: also the sums
+// the carry takes, the update's and (over each chunk just written, as
+// lamb16_block_weight_norm() sums it) the new weights'.
+template <bool kSinglePass>
+NormSums lamb16_block_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                             const BlockLayout& layout, float* m_scales, float* v_scales, Lamb16Args args,
+                             float step_size, int threads) {
+  const WeightSum chunk_weight_sum = weight_sum_loop();
+  double weight = 0, update = 0;
+#pragma omp parallel if (layout.n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight, update) \
+    firstprivate(args)
+  {
+    std::vector<float> buffer(2 * layout.buffer());
+    float* m_buffer = buffer.data();
+    float* v_buffer = m_buffer + layout.buffer();
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < layout.chunks(); ++c) {
+      float chunk_update = 0;
+      for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
+        const int64_t lo = layout.start(b), len = layout.length(b);
+        args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+        const BlockMoments x = block_moments_loop<kSinglePass>(loops_for(args.m_scale, args.m_scale))(
+            param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, step_size, m_buffer, v_buffer);
+        const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
+        m_scales[b] = m_scale, v_scales[b] = v_scale;
+        encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale,
+                                                 exp_avg + lo, exp_avg_sq + lo);
+        chunk_update += x.update;
+      }
+      if (kSinglePass) {
+        const int64_t lo = layout.start(layout.first(c));
+        const int64_t hi = layout.start(layout.last(c) - 1) + layout.length(layout.last(c) - 1);
+        weight += chunk_weight_sum(param + lo, hi - lo, args.eps);
+        update += chunk_update;
+      }
+    }
+  }
+  return {float(weight), float(update)};
+}
+
+// weight_norm_of() chunk by chunk as the block single pass sums it.
+float lamb16_block_weight_norm(const float* param, const BlockLayout& layout, float eps, int threads) {
+  const WeightSum chunk_weight_sum = weight_sum_loop();
+  double weight = 0;
+#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight)
+  for (int64_t c = 0; c < layout.chunks(); ++c) {
+    const int64_t lo = layout.start(layout.first(c));
+    const int64_t hi = layout.start(layout.last(c) - 1) + layout.length(layout.last(c) - 1);
+    weight += chunk_weight_sum(param + lo, hi - lo, eps);
+  }
+  return std::sqrt(float(weight)) / float(layout.n);
+}
+
+inline float lamb16_trust(float weight_norm, float adam_norm, float trust_lr, float trust_scale) {
+  return clamp(std::pow(weight_norm / adam_norm / trust_lr * 1e-3f, trust_scale), 0.0f, 2.0f);
+}
+
 // A LAMB step's first pass over n elements: the moments, in place, and the
 // square sums of the weights and the update (lamb_partials()).
 LambSums lamb_sums(const float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
@@ -445,6 +596,14 @@ T* address(int64_t value) {
   return reinterpret_cast<T*>(static_cast<intptr_t>(value));
 }
 
+// A block-scale row's layout (numel in column 4, the row length in 11).
+inline BlockLayout layout_of(const int64_t* r, int block_size) { return BlockLayout(r[4], r[11], block_size); }
+
+inline Lamb16Args block_args(float beta1, float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
+                             float weight_decay) {
+  return {0.0f, 0.0f, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, false};
+}
+
 }  // namespace
 
 extern "C" {
@@ -498,15 +657,109 @@ void lamb16_single_pass_steps(const int64_t* table, int64_t count, float lr, flo
   });
 }
 
-// Over rows as lamb16_single_pass_steps' (only param, numel and the carry are
+// Over rows as lamb16_single_pass_steps' (columns 11) or the block steps'
+// (12, block_size > 0; only param, numel, the carry and the row length are
 // read): each tensor's weight norm into its carry, as a single pass would have
 // carried it, for weights that something else has changed since.
-void lamb16_weight_norms(const int64_t* table, int64_t count, float eps, int threads) {
-  each_tensor(table, SINGLE_PASS_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
-    const int64_t* r = table + t * SINGLE_PASS_COLUMNS;
-    address<float>(r[10])[0] = weight_norm(address<const float>(r[0]), r[4], eps, tensor_threads);
+void lamb16_weight_norms(const int64_t* table, int64_t columns, int64_t count, float eps, int block_size,
+                         int threads) {
+  each_tensor(table, columns, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * columns;
+    address<float>(r[10])[0] = block_size > 0
+                                   ? lamb16_block_weight_norm(address<const float>(r[0]), layout_of(r, block_size),
+                                                              eps, tensor_threads)
+                                   : weight_norm(address<const float>(r[0]), r[4], eps, tensor_threads);
   });
 }
+
+// The block-scale steps' rows: param, grad, exp_avg, exp_avg_sq, numel,
+// exp_avg_scale and exp_avg_sq_scale (grids, read, then overwritten),
+// weight_norm, adam_norm, trust_ratio, carry (single pass: four floats, read,
+// then overwritten), row length.
+constexpr int64_t BLOCK_COLUMNS = 12;
+
+
+void lamb16_block_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1, float beta2,
+                        float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, float trust_scale,
+                        int block_size, int threads) {
+  const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
+  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * BLOCK_COLUMNS;
+    const BlockLayout layout = layout_of(r, block_size);
+    float* param = address<float>(r[0]);
+    const float* grad = address<const float>(r[1]);
+    uint8_t *exp_avg = address<uint8_t>(r[2]), *exp_avg_sq = address<uint8_t>(r[3]);
+    float *m_scales = address<float>(r[5]), *v_scales = address<float>(r[6]);
+    const NormSums s = lamb16_block_norm_sums(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args,
+                                              tensor_threads);
+    const float weight_norm = std::sqrt(s.weight) / float(layout.n), adam_norm = std::sqrt(s.update) / float(layout.n);
+    const float trust = lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale);
+    lamb16_block_writes<false>(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args, trust * lr,
+                               tensor_threads);
+    *address<float>(r[7]) = weight_norm;
+    *address<float>(r[8]) = adam_norm;
+    *address<float>(r[9]) = trust;
+  });
+}
+
+void lamb16_block_single_pass_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1,
+                                    float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
+                                    float weight_decay, float trust_scale, int block_size, int threads) {
+  const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
+  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * BLOCK_COLUMNS;
+    const BlockLayout layout = layout_of(r, block_size);
+    float* carry = address<float>(r[10]);
+    float* adam_norm = address<float>(r[8]);  // the last step's, then this step's
+    const float weight_norm = carry[0];
+    const float trust = lamb16_trust(weight_norm, *adam_norm, trust_lr, trust_scale);
+    const NormSums s = lamb16_block_writes<true>(address<float>(r[0]), address<const float>(r[1]),
+                                                 address<uint8_t>(r[2]), address<uint8_t>(r[3]), layout,
+                                                 address<float>(r[5]), address<float>(r[6]), args, trust * lr,
+                                                 tensor_threads);
+    *address<float>(r[7]) = weight_norm;
+    *adam_norm = std::sqrt(s.update) / float(layout.n);
+    *address<float>(r[9]) = trust;
+    carry[0] = std::sqrt(s.weight) / float(layout.n);
+    carry[1] = carry[2] = 0.0f;  // block scales carry no moment statistics
+    carry[3] = 1.0f;
+  });
+}
+
+// The block steps' two passes apart, for the pieces of sharded tensors:
+// lamb16_block_partials() writes each row's {weight, update} square sums into
+// out (count x 2) and changes nothing; lamb16_block_applies() runs the writes
+// with each row of finished (count x 4): {weight_norm, adam_norm, trust_ratio,
+// step_size}, then writes its first three into the row's 0-dim tensors.
+void lamb16_block_partials(const int64_t* table, int64_t count, float beta1, float beta2, float one_minus_beta1,
+                           float one_minus_beta2, float eps, float weight_decay, int block_size, int threads,
+                           float* out) {
+  const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
+  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * BLOCK_COLUMNS;
+    const NormSums s = lamb16_block_norm_sums(address<const float>(r[0]), address<const float>(r[1]),
+                                              address<const uint8_t>(r[2]), address<const uint8_t>(r[3]),
+                                              layout_of(r, block_size), address<const float>(r[5]),
+                                              address<const float>(r[6]), args, tensor_threads);
+    out[2 * t] = s.weight;
+    out[2 * t + 1] = s.update;
+  });
+}
+
+void lamb16_block_applies(const int64_t* table, int64_t count, float beta1, float beta2, float one_minus_beta1,
+                          float one_minus_beta2, float eps, float weight_decay, int block_size, int threads,
+                          const float* finished) {
+  const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
+  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
+    const int64_t* r = table + t * BLOCK_COLUMNS;
+    const float* f = finished + 4 * t;
+    lamb16_block_writes<false>(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                               address<uint8_t>(r[3]), layout_of(r, block_size), address<float>(r[5]),
+                               address<float>(r[6]), args, f[3], tensor_threads);
+    for (int k = 0; k < 3; ++k) *address<float>(r[7 + k]) = f[k];
+  });
+}
+
 
 // Rows: param, grad, exp_avg, exp_avg_sq, numel, weight_norm, adam_norm,
 // trust_ratio; corrections: each tensor's {1 - beta1**step, 1 - beta2**step}

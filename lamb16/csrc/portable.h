@@ -165,5 +165,59 @@ void lamb_chunk_apply(float* __restrict p, const float* __restrict mq, const flo
 }
 
 
+// ------------------------------------------------------------ block scales --
+//
+// A block (scaling="block") is at most block_size elements with scales of
+// their own: the first pass sums its norms; the writes compute its moments
+// once, keep them in a buffer while they move the weights and find the block's
+// maxima, then encode them over the block's new scales.
+
+NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                           const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+  float weight = 0, update = 0;
+  const float eps = args.eps;
+#pragma omp simd simdlen(16) reduction(+ : weight, update)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
+    const float u = m / (std::sqrt(v) + eps) + p[i] * args.weight_decay;
+    weight += clamp(p[i] * p[i], eps, 1.0f);
+    update += clamp(u * u, eps, 1.0f);
+  }
+  return {weight, update};
+}
+
+// A block's moments into m_out and v_out, its weights moved by step_size
+// times the update; kSumUpdate: the update's clamped square sum too.
+template <bool kSumUpdate>
+BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,
+                                  float* __restrict m_out, float* __restrict v_out) {
+  uint32_t m_top = 0, v_top = 0;  // magnitudes as bits: a NaN's above any number's
+  float update = 0;
+  const float eps = args.eps;
+#pragma omp simd simdlen(16) reduction(max : m_top, v_top) reduction(+ : update)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
+    const float u = m / (std::sqrt(v) + eps) + p[i] * args.weight_decay;
+    p[i] = p[i] - u * step_size;
+    m_out[i] = m;
+    v_out[i] = v;
+    m_top = std::max(m_top, bits_of(m) & 0x7FFFFFFFu);
+    v_top = std::max(v_top, bits_of(v) & 0x7FFFFFFFu);
+    if (kSumUpdate) update += clamp(u * u, eps, 1.0f);
+  }
+  return {float_of(m_top), float_of(v_top), update};
+}
+
+// A block's codes from its moments, over its new scales (their inverses), as block_codes().
+void encode_block(const float* __restrict m, const float* __restrict v, int64_t n, float m_inverse, float v_inverse,
+                  uint8_t* __restrict mq, uint8_t* __restrict vq) {
+#pragma omp simd simdlen(16)
+  for (int64_t i = 0; i < n; ++i) {
+    mq[i] = encode_e4m3(m[i] * m_inverse);
+    vq[i] = encode_e5m2(std::max(v[i] * v_inverse, 0x1p-16f));
+  }
+}
+
 }  // namespace portable
 }  // namespace
