@@ -21,7 +21,9 @@ from lamb16 import Lamb, Lamb16, state_nbytes
 from models import MnistCNN
 from stops import StopAtCheck
 
-OPTIMIZERS = {"lamb16": Lamb16, "lamb": Lamb}
+OPTIMIZERS = {"lamb16": Lamb16, "lamb": Lamb,
+              # Blocks of 4: 12-element rows in three; 1-D tensors cut inside a block (33 = 17 + 16).
+              "lamb16-block": functools.partial(Lamb16, scaling="block", block_size=4)}
 DDP_OPTIMIZERS = {**OPTIMIZERS, "lamb16-1pass": functools.partial(Lamb16, single_pass=True)}
 # Every way a sharded step can run: both optimizers, Lamb16's two scalings,
 # the CPU kernels (fused) and the eager reference.
@@ -32,6 +34,9 @@ SETUPS = {
     "lamb": (Lamb, {}),
     "lamb-bias-corrected": (Lamb, {"bias_correction": True, "max_weight_norm": None}),
     "lamb-reference": (Lamb, {"fused": False}),
+    # Blocks of 4: several a row, 1-D tensors cut inside a block.
+    "lamb16-block": (Lamb16, {"scaling": "block", "block_size": 4}),
+    "lamb16-block-reference": (Lamb16, {"scaling": "block", "block_size": 4, "fused": False}),
 }
 STEPS = 4
 WORLD = 2
@@ -106,20 +111,29 @@ def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(name, tm
 # (shape, placement) of each parameter: rows and columns split unevenly, a
 # piece left empty, a replicated tensor, a one-element one.
 PLACED = [((7, 5), "shard0"), ((5, 7), "shard1"), ((1, 9), "shard0"), ((6, 4), "replicate"), ((1,), "shard0")]
+# Block scales lie within rows, which only cuts between rows keep whole: no
+# Shard(1); 1-D tensors cut inside a block of 4 (11 = 6 + 5: block [4, 8) on
+# both processes; 3 = 2 + 1), and one replicated.
+PLACED_IN_ROWS = [((7, 5), "shard0"), ((1, 9), "shard0"), ((6, 4), "replicate"), ((1,), "shard0"),
+                  ((11,), "shard0"), ((3,), "shard0"), ((9,), "replicate")]
 
 
-def placed_tensors(seed: int) -> list[torch.Tensor]:
+def placed(setup: str) -> list[tuple[tuple[int, ...], str]]:
+    return PLACED_IN_ROWS if SETUPS[setup][1].get("scaling") == "block" else PLACED
+
+
+def placed_tensors(setup: str, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen) for shape, _ in PLACED]
+    return [torch.randn(shape, generator=gen) for shape, _ in placed(setup)]
 
 
 def unsharded_run(setup: str) -> tuple[list[torch.Tensor], list[dict]]:
     """The ground truth: the same steps on whole tensors in one process."""
     make, options = SETUPS[setup]
-    params = [nn.Parameter(t) for t in placed_tensors(0)]
+    params = [nn.Parameter(t) for t in placed_tensors(setup, 0)]
     optimizer = make(params, lr=1e-2, weight_decay=0.01, **options)
     for step in range(STEPS):
-        for param, grad in zip(params, placed_tensors(step + 1)):
+        for param, grad in zip(params, placed_tensors(setup, step + 1)):
             param.grad = grad
         optimizer.step()
     return [p.detach() for p in params], [optimizer.state[p] for p in params]
@@ -133,19 +147,25 @@ def placements_worker(rank: int, port: int, out: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         kinds = {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}
-        placements = [[kinds[kind]] for _, kind in PLACED]
         results = {}
         for setup, (make, options) in SETUPS.items():
-            params = [nn.Parameter(distribute_tensor(t, mesh, p)) for t, p in zip(placed_tensors(0), placements)]
+            placements = [[kinds[kind]] for _, kind in placed(setup)]
+            params = [nn.Parameter(distribute_tensor(t, mesh, p))
+                      for t, p in zip(placed_tensors(setup, 0), placements)]
             optimizer = make(params, lr=1e-2, weight_decay=0.01, **options)
             gathers = count_gathers_during(optimizer)
             for step in range(STEPS):
-                for param, grad, placement in zip(params, placed_tensors(step + 1), placements):
+                for param, grad, placement in zip(params, placed_tensors(setup, step + 1), placements):
                     param.grad = distribute_tensor(grad, mesh, placement)
                 optimizer.step()
             states = [{k: (v.dtype, whole(v)) for k, v in optimizer.state[p].items()}
                       for p in params]
             results[setup] = ([p.full_tensor() for p in params], states, gathers[0], state_nbytes(optimizer))
+        cut_rows = nn.Parameter(distribute_tensor(torch.randn(5, 7), mesh, [Shard(1)]))
+        try:
+            Lamb16([cut_rows], scaling="block")
+        except ValueError as error:
+            results["refused"] = str(error)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -187,9 +207,11 @@ def test_sharded_and_replicated_dtensors_step_as_whole_tensors(tmp_path):
     """Shard(0), Shard(1) and Replicate on two processes, uneven and empty
     pieces: the weights and every statistic equal the unsharded step to float32
     tolerance, the scales and state dtypes do not depend on the sharding, with
-    one all-gather per step for the whole group."""
+    one all-gather per step for the whole group. Block scales: 1-D tensors cut
+    inside a block step as whole ones, and a cut through rows is refused."""
     spawn(placements_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert "must be cut between rows" in ranks[0]["refused"] and "scaling='absmax'" in ranks[0]["refused"]
     for setup in SETUPS:
         weights, states, gathers, _ = ranks[0][setup]
         assert gathers == STEPS  # one collective a step, not one per tensor
@@ -285,6 +307,12 @@ def test_fsdp2_trains_as_one_process_keeps_a_quarter_of_adams_state_and_resumes_
     for rank in ranks:
         scalars = (6 + 4) * 4 * 4  # 4 tensors: six 0-dim float32 states (scales, step, statistics), a carry of four
         assert rank["lamb16"]["nbytes"] == 2 * rank["lamb16"]["local_elements"] + scalars
+    # Block scales, two float32 grids a tensor: each process its rows' of the
+    # weights (17 and 16 rows of 3 blocks; 1 row and none of 9), whole ones of
+    # the 1-D biases (9 blocks, 1), as their cuts fall inside blocks.
+    for rank, (rows, last_rows) in zip(ranks, [(17, 1), (16, 0)]):
+        grids = 2 * 4 * (rows * 3 + 9 + last_rows * 9 + 1)
+        assert rank["lamb16-block"]["nbytes"] == 2 * rank["lamb16-block"]["local_elements"] + 4 * 4 * 8 + grids
         assert rank["lamb"]["nbytes"] == 8 * rank["lamb"]["local_elements"] + 4 * 4 * 4
         assert rank["adam"]["nbytes"] == 8 * rank["adam"]["local_elements"] + 4 * 4
 

@@ -620,3 +620,29 @@ def test_every_chunk_of_a_group_steps_as_the_reference(compiled_on_cpu, compiled
     shapes = [(16,), (8, 16), (8,)] * 3 + [(5,)]
     assert_fused_matches_reference(*twin_runs(Lamb16, dict(weight_decay=0.01), shapes=shapes, steps=3))
     assert compiled_calls == [("lamb16_update", len(shapes))] * 3
+
+
+def test_a_piece_of_a_sharded_1d_tensor_passes_compiled_as_eagerly():
+    """What a process runs for its piece of a 1-D tensor whose cut falls inside a
+    block (off the CPU: compiled with dynamic shapes, the piece flat, its
+    blocks' scales as a grid): both passes, starting 3 elements into a block."""
+    from lamb16.lamb16 import lamb16_block_apply, lamb16_block_partials
+
+    gen = torch.Generator().manual_seed(0)
+    moments = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, block_size=8, phase=3)
+    runs = []
+    for compiled in (True, False):
+        piece = torch.randn(30, generator=gen.manual_seed(1))
+        grad = torch.randn(30, generator=gen)
+        codes = (torch.randn(30, generator=gen) * 50).to(torch.float8_e4m3fn), (
+            torch.rand(30, generator=gen) * 500).to(torch.float8_e5m2)
+        old_scales = torch.rand(1, 5, generator=gen) + 0.5, torch.rand(1, 5, generator=gen) + 0.5
+        inputs = (piece, grad, *codes, *old_scales)
+        run = lamb16.compiled.run_compiled if compiled else (lambda update, args, **kw: update(*args, **kw))
+        sums, m_max, v_max = run(lamb16_block_partials, inputs, **moments)
+        new_scales = m_max / 448, v_max / 57344
+        run(lamb16_block_apply, (*inputs, *new_scales, torch.tensor(0.01)), **moments)
+        runs.append((sums, m_max, v_max, piece, *codes))
+    assert m_max.shape == (1, 5)  # 3 + 30 elements: blocks of 8
+    for compiled, eager in zip(*runs):
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-6, atol=1e-7)
