@@ -15,7 +15,7 @@ import click
 
 import lamb16
 from experiments import bench as benchmarks
-from experiments import parallel, quantization, registry, studies, tuning
+from experiments import parallel, quantization, registry, studies, tuning, widerange
 from experiments import sweep as sweeps
 from experiments import tensorboard as events
 from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, parse_seeds
@@ -327,6 +327,39 @@ def scaling(steps, batch_size, lr, seed, data_dir, download, device):
     rows = quantization.moment_quantization_table(train_data, steps, batch_size, lr, seed)
     click.echo(f"{steps} steps of LAMB, batch {batch_size}, lr {lr:g}, seed {seed}; relative errors against float32 moments")
     click.echo(quantization.markdown(rows))
+
+
+@cli.command("widerange")
+@click.option("--optimizers", default=None, help=f"Comma-separated, from: {', '.join(widerange.VARIANTS)} [default: all that are installed].")
+@click.option("--probes", default=",".join(widerange.PROBES), show_default=True, help="Synthetic probes to run.")
+@click.option("--zipf-vocab", type=click.IntRange(min=100), default=16384, show_default=True, help="Tokens of the Zipf model.")
+@click.option("--zipf-steps", type=click.IntRange(min=1), default=400, show_default=True, help="Training steps of the Zipf model.")
+@click.option("--no-zipf", is_flag=True, help="Skip the Zipf model (the probes take about a minute).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the tables to this JSON file.")
+def wide_range(optimizers, probes, zipf_vocab, zipf_steps, no_zipf, seed, json_path):
+    """Measure how each low-bit optimizer's updates stray from its float32
+    parent's (LAMB16's: float32 moments; the peers': AdamW) where a tensor's
+    values span many decades: rows at scales 8 decades apart, magnitudes spread
+    inside every block, half a tensor whose gradients fall 10x; then a Zipf
+    token model's rows by frequency, open and closed loop. Nothing downloaded.
+
+    \b
+    Example:
+      python cli.py widerange --optimizers lamb16-absmax,lamb16-block256,bnb-adamw8bit --no-zipf
+    """
+    import json
+
+    names = (parse_list(optimizers, list(widerange.VARIANTS), "--optimizers") if optimizers
+             else widerange.default_variants())
+    probe_names = parse_list(probes, list(widerange.PROBES), "--probes") if probes.strip() else []
+    if json_path is not None:
+        writable_dir(json_path.parent, "--json")
+    task = None if no_zipf else widerange.ZipfTask(vocab=zipf_vocab, steps=zipf_steps)
+    report = widerange.run_study(names, probe_names, task, seed, click.echo)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"\nwritten to {json_path}")
 
 
 @cli.command()

@@ -80,6 +80,14 @@ def _lamb16_single_pass(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, single_pass=True, **options)
 
 
+def _lamb16_block(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="block", **options)
+
+
+def _lamb16_block_single_pass(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="block", single_pass=True, **options)
+
+
 def _lamb16_initial_lr(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, trust_lr="initial", **options)
 
@@ -120,6 +128,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "lamb16-1pass", "LAMB16, single pass", _lamb16_single_pass, "navy", (0, (6, 2)), "d", 2.0,
             options=("trust_scale",),
+        ),
+        # Block scales: a pair of float32 scales per 256 elements of a row (2 + 8 / 256 bytes).
+        OptimizerSpec(
+            "lamb16-block", "LAMB16, block scales", _lamb16_block, "royalblue", (0, (3, 2)), "H", 2.03,
+            options=("trust_scale",),
+        ),
+        OptimizerSpec(
+            "lamb16-block-1pass", "LAMB16, block scales, single pass", _lamb16_block_single_pass, "dodgerblue",
+            (0, (5, 1, 1, 1)), "+", 2.03, options=("trust_scale",),
         ),
         # The trust factor (1e-3 / lr) ** trust_scale read at the schedule's initial lr, not the scheduled one.
         OptimizerSpec(
