@@ -528,7 +528,13 @@ Word gradient_traffic(const Word* g, int64_t n) {
   return seen;
 }
 
-enum Pattern { ADAM_PATTERN = 0, LAMB_PATTERN = 1, LAMB16_PATTERN = 2, LAMB16_SINGLE_PASS_PATTERN = 3 };
+enum Pattern {
+  ADAM_PATTERN = 0,
+  LAMB_PATTERN = 1,
+  LAMB16_PATTERN = 2,
+  LAMB16_SINGLE_PASS_PATTERN = 3,
+  LAMB16_BLOCK_SINGLE_PASS_PATTERN = 4  // the second pass alone
+};
 
 // One tensor's traffic, its chunks split across the threads as a step's are.
 Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64_t n, int threads) {
@@ -538,8 +544,9 @@ Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64
   uint8_t* v8 = static_cast<uint8_t*>(v);
   const int64_t chunks = chunks_of(n);
   Word seen = 0;
+  const int64_t first_chunks = pattern == LAMB16_BLOCK_SINGLE_PASS_PATTERN ? 0 : chunks;
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(^ : seen)
-  for (int64_t c = 0; c < chunks; ++c) {
+  for (int64_t c = 0; c < first_chunks; ++c) {
     const int64_t lo = c * CHUNK, len = std::min(n - lo, CHUNK);
     if (pattern == ADAM_PATTERN) {
       adam_traffic(p + lo, g + lo, m32 + lo, v32 + lo, len);
@@ -849,9 +856,8 @@ void lamb_applies(const int64_t* table, int64_t count, const float* corrections,
   });
 }
 
-// The traffic of a step of the given pattern (ADAM_PATTERN, LAMB_PATTERN,
-// LAMB16_PATTERN or LAMB16_SINGLE_PASS_PATTERN) over a table whose rows start as the steps' do: param, grad,
-// exp_avg, exp_avg_sq, numel. Returns the bits pass 1 read, xor-ed, so that no
+// The traffic of a step of the given Pattern over a table whose rows start as
+// the steps' do: param, grad, exp_avg, exp_avg_sq, numel. Returns the bits pass 1 read, xor-ed, so that no
 // compiler leaves the reads out.
 int64_t traffic(const int64_t* table, int64_t columns, int64_t count, int pattern, int threads) {
   Word seen = 0;
