@@ -142,6 +142,11 @@ def adam_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
+def with_gradients(group: dict[str, Any]) -> list[Tensor]:
+    """A group's parameters that a step moves: those with a gradient and elements."""
+    return [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+
+
 # One tensor's update: the reference's tensor arguments (weights, gradient, the
 # two moments, then any 0-dim state), the 0-dim state tensors its results go to
 # (in place), and keyword arguments of its own (Lamb's step count).
@@ -283,16 +288,20 @@ class CheckedOptimizer(Optimizer):
         """Per group, its parameters that have a gradient (and elements), every
         one and its state checked first: a step either runs whole or raises
         before it has changed anything."""
-        name = type(self).__name__
         per_group = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
-            for param in params:
-                check_step_tensors(param, name)
-                if self.state.get(param):
-                    self.check_state(self.state[param], param, group)
+            params = with_gradients(group)
+            self.check_params(group, params)
             per_group.append(params)
         return per_group
+
+    def check_params(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Check each of a group's parameters about to step, and its state."""
+        name = type(self).__name__
+        for param in params:
+            check_step_tensors(param, name)
+            if self.state.get(param):
+                self.check_state(self.state[param], param, group)
 
     def group_options(self) -> set[str]:
         """The group options of this optimizer, as its constructor names them

@@ -21,11 +21,11 @@ def run_reference(update: Callable, inputs: tuple, fused: bool | None, **kwargs:
 
 def run_updates(
     update: Callable, native_updates: Callable, jobs: list[Job], fused: bool | None, **hyper: Any
-) -> None:
+) -> int:
     """Run a parameter group's updates: all those the CPU kernels can take in one
     call to `native_updates`; all those off the CPU in one compiled call of
     `update`, the reference; each other one through the reference eagerly, its
-    results copied into the job's state tensors."""
+    results copied into the job's state tensors. Returns how many took the kernels."""
     on_native, on_compiled = [], []
     for job in jobs:
         inputs, outputs, extra = job
@@ -40,3 +40,4 @@ def run_updates(
         native_updates(on_native, **hyper)
     if on_compiled:
         compiled.run_group(update, on_compiled, **hyper)
+    return len(on_native)

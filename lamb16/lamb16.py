@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native, sharded
+from . import native, plans, sharded
 from ._common import (
     CheckedOptimizer,
     check_flag,
@@ -18,6 +18,7 @@ from ._common import (
     local_piece,
     Shard,
     stepped_states,
+    with_gradients,
 )
 from .dispatch import run_reference, run_updates
 from .quantize import (
@@ -622,6 +623,7 @@ class Lamb16(CheckedOptimizer):
         # dtype, which would turn the fp8 moments into float32 (4x the memory).
         # fp8 -> float32 -> fp8 is exact, so casting back loses nothing.
         self.carried.clear()
+        self.kernel_plans.clear()
         for group in self.param_groups:
             group.setdefault("single_pass", False)  # saved before the option existed
             group.setdefault("trust_lr", "scheduled")
@@ -636,50 +638,87 @@ class Lamb16(CheckedOptimizer):
             elif state["carry"][3].item() > 0:  # the weights it was written for may not be these
                 self.carried[param] = None
 
+    @property
+    def kernel_plans(self) -> dict[int, plans.Plan]:
+        """Each group's kernel table from its last step, by the group's index
+        (lamb16.plans); not saved, and dropped wherever state comes in."""
+        return self.__dict__.setdefault("_plans", {})
+
     def update_groups(self) -> None:
-        for group, params in zip(self.param_groups, self.params_to_step()):
-            block = group["scaling"] == "block"
-            hyper = adam_hyperparameters(group)
-            hyper.update(trust_scale=group["trust_scale"], trust_lr=trust_lr_of(group, hyper["lr"]))
-            hyper.update({"block_size": group["block_size"]} if block else {"scaling": group["scaling"]})
-            # A tensor's first step is exact: nothing carried yet.
-            fresh = {param for param in params if not self.state.get(param)} if group["single_pass"] else set()
-            exact_jobs: list[Job] = []
-            single_jobs: list[Job] = []
-            sharded_jobs: list[Job] = []
-            carrying: set[Tensor] = set()  # the parameters taking a single-pass step
-            for param, state in stepped_states(self, params, lambda state, param: init_state(state, param, group)):
-                m_scale, v_scale = (local_piece(state[key]) for key in ("exp_avg_scale", "exp_avg_sq_scale"))
-                pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-                # The new scales replace the old in place; then the step's statistics.
-                outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
-                if is_dtensor(param):
-                    sharded_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
-                elif group["single_pass"] and param not in fresh:
-                    carry = state["carry"]
-                    carrying.add(param)
-                    single_jobs.append(((*pieces, m_scale, v_scale, carry, state["adam_norm"]), (*outputs, carry), {}))
-                else:
-                    exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
-            if self.carried and len(carrying) < len(params):
-                self.forget_carries({param for param in params if param not in carrying})
-            if block:
-                exact, single, sharded_steps = ((lamb16_block_update, native.lamb16_block_steps),
-                                                (lamb16_block_single_pass_update, native.lamb16_block_single_pass_steps),
-                                                lamb16_block_sharded_steps)
+        # Every group is checked before any is stepped: a step runs whole or raises before it has written.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            params = with_gradients(group)
+            plan = self.kernel_plans.get(index)
+            if plan is None or not self.plan_holds(plan, group, params):
+                self.kernel_plans.pop(index, None)
+                self.check_params(group, params)
+                plan = None
+            work.append((index, group, params, plan))
+        for index, group, params, plan in work:
+            hyper = lamb16_hyperparameters(group)
+            if plan is not None:
+                torch._foreach_add_(plan.steps, 1.0)
+                native.run_lamb16(plan.kernel, plan.table, len(plan.params), **hyper)
+                if group["single_pass"]:
+                    for param in params:
+                        self.carried[param] = param._version
             else:
-                exact, single, sharded_steps = ((lamb16_update, native.lamb16_steps),
-                                                (lamb16_single_pass_update, native.lamb16_single_pass_steps),
-                                                lamb16_sharded_steps)
-            run_updates(*exact, exact_jobs, group["fused"], **hyper)
-            if single_jobs:
-                self.prepare_carries(single_jobs, group["fused"], group)
-                run_updates(*single, single_jobs, group["fused"], **hyper)
-                for (inputs, _, _) in single_jobs:
-                    self.carried[inputs[0]] = inputs[0]._version
-            if sharded_jobs:
-                sharded_params = [p for p in params if is_dtensor(p)]
-                sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
+                self.step_group(index, group, params, hyper)
+
+    def plan_holds(self, plan: plans.Plan, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """A group's plan holds where nothing it depends on changed, and, for a
+        single pass, no weights changed since it carried their norms."""
+        if not plans.ready(plan, group, params, self.state):
+            return False
+        return not group["single_pass"] or all(self.carried.get(p) == p._version for p in params)
+
+    def step_group(self, index: int, group: dict[str, Any], params: list[Tensor], hyper: dict[str, Any]) -> None:
+        """A group's full step: each tensor to the path that can take it, and a
+        plan for the next step where one kernel took every tensor."""
+        block = group["scaling"] == "block"
+        # A tensor's first step is exact: nothing carried yet.
+        fresh = {param for param in params if not self.state.get(param)} if group["single_pass"] else set()
+        exact_jobs: list[Job] = []
+        single_jobs: list[Job] = []
+        sharded_jobs: list[Job] = []
+        states = []
+        carrying: set[Tensor] = set()  # the parameters taking a single-pass step
+        for param, state in stepped_states(self, params, lambda state, param: init_state(state, param, group)):
+            states.append(state)
+            m_scale, v_scale = (local_piece(state[key]) for key in ("exp_avg_scale", "exp_avg_sq_scale"))
+            pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+            # The new scales replace the old in place; then the step's statistics.
+            outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
+            if is_dtensor(param):
+                sharded_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
+            elif group["single_pass"] and param not in fresh:
+                carry = state["carry"]
+                carrying.add(param)
+                single_jobs.append(((*pieces, m_scale, v_scale, carry, state["adam_norm"]), (*outputs, carry), {}))
+            else:
+                exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
+        if self.carried and len(carrying) < len(params):
+            self.forget_carries({param for param in params if param not in carrying})
+        prefix = "lamb16_block" if block else "lamb16"
+        exact, single = f"{prefix}_steps", f"{prefix}_single_pass_steps"  # the kernels' names
+        if block:
+            references, sharded_steps = (lamb16_block_update, lamb16_block_single_pass_update), lamb16_block_sharded_steps
+        else:
+            references, sharded_steps = (lamb16_update, lamb16_single_pass_update), lamb16_sharded_steps
+        on_native = run_updates(references[0], getattr(native, exact), exact_jobs, group["fused"], **hyper)
+        if single_jobs:
+            self.prepare_carries(single_jobs, group["fused"], group)
+            on_native += run_updates(references[1], getattr(native, single), single_jobs, group["fused"], **hyper)
+            for (inputs, _, _) in single_jobs:
+                self.carried[inputs[0]] = inputs[0]._version
+        if sharded_jobs:
+            sharded_params = [p for p in params if is_dtensor(p)]
+            sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
+        jobs = single_jobs if group["single_pass"] else exact_jobs
+        if params and on_native == len(params) == len(jobs):  # one kernel took them all
+            kernel = single if group["single_pass"] else exact
+            self.kernel_plans[index] = plans.make_plan(group, kernel, jobs, native.LAMB16_TABLES[kernel](jobs), states)
 
     def forget_carries(self, exact: set[Tensor]) -> None:
         """Parameters about to take an exact step, which writes no carry: theirs goes stale."""
@@ -717,6 +756,14 @@ def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float, block_
     native_ids = {id(job) for job in on_native}
     for inputs, _, _ in (job for job in jobs if id(job) not in native_ids):
         inputs[6][0] = weight_norm_of(inputs[0], eps)
+
+
+def lamb16_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's hyperparameters, as every update of its scaling takes them."""
+    hyper = adam_hyperparameters(group)
+    hyper.update(trust_scale=group["trust_scale"], trust_lr=trust_lr_of(group, hyper["lr"]))
+    hyper.update({"block_size": group["block_size"]} if group["scaling"] == "block" else {"scaling": group["scaling"]})
+    return hyper
 
 
 def trust_lr_of(group: dict[str, Any], lr: Number) -> Number:

@@ -251,16 +251,23 @@ def lamb16_table(jobs: list[Job]) -> array.array:
     return table
 
 
-def lamb16_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, trust_scale: float, scaling: str) -> None:
+def lamb16_steps(jobs: list[Job], **hyper) -> None:
     """lamb16_update() on the CPU kernels, for many tensors in one call (a table of
     their addresses). Each job's results go into its state tensors in place; the
     new scales into the tensors that held the old ones (inputs 4 and 5), as the
     kernels read the old scales from there."""
-    table = lamb16_table(jobs)
-    library().lamb16_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
-        weight_decay, trust_scale, scaling == "seed", torch.get_num_threads(),
+    run_lamb16("lamb16_steps", lamb16_table(jobs), len(jobs), **hyper)
+
+
+def run_lamb16(kernel: str, table: array.array, count: int, *, lr: float, trust_lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, trust_scale: float, scaling: str = "block",
+               block_size: int = 0) -> None:
+    """Call one of the Lamb16 step kernels (LAMB16_KERNELS) on a table of `count`
+    rows: the last integer argument is the seed flag, or the block size."""
+    getattr(library(), kernel)(
+        table.buffer_info()[0], count, float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+        weight_decay, trust_scale, block_size if kernel.startswith("lamb16_block") else scaling == "seed",
+        torch.get_num_threads(),
     )
 
 
@@ -273,16 +280,11 @@ def lamb16_single_pass_table(jobs: list[Job]) -> array.array:
     return table
 
 
-def lamb16_single_pass_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
-                             weight_decay: float, trust_scale: float, scaling: str) -> None:
+def lamb16_single_pass_steps(jobs: list[Job], **hyper) -> None:
     """lamb16_single_pass_update() on the CPU kernels, for many tensors in one
     call; each job's results, the new carry among them, go into its state
     tensors in place (adam_norm is read first: it holds the last step's)."""
-    table = lamb16_single_pass_table(jobs)
-    library().lamb16_single_pass_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
-        weight_decay, trust_scale, scaling == "seed", torch.get_num_threads(),
-    )
+    run_lamb16("lamb16_single_pass_steps", lamb16_single_pass_table(jobs), len(jobs), **hyper)
 
 
 def lamb16_weight_norms(jobs: list[Job], *, eps: float, block_size: int = 0) -> None:
@@ -311,27 +313,22 @@ def lamb16_block_table(jobs: list[Job]) -> array.array:
     return table
 
 
-def lamb16_block_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float, eps: float,
-                       weight_decay: float, trust_scale: float, block_size: int) -> None:
+def lamb16_block_steps(jobs: list[Job], **hyper) -> None:
     """lamb16_block_update() on the CPU kernels, for many tensors in one call;
     each job's results go into its state tensors in place, the new scale grids
     into the grids that held the old ones."""
-    table = lamb16_block_table(jobs)
-    library().lamb16_block_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
-        weight_decay, trust_scale, block_size, torch.get_num_threads(),
-    )
+    run_lamb16("lamb16_block_steps", lamb16_block_table(jobs), len(jobs), **hyper)
 
 
-def lamb16_block_single_pass_steps(jobs: list[Job], *, lr: float, trust_lr: float, beta1: float, beta2: float,
-                                   eps: float, weight_decay: float, trust_scale: float, block_size: int) -> None:
+def lamb16_block_single_pass_steps(jobs: list[Job], **hyper) -> None:
     """lamb16_block_single_pass_update() on the CPU kernels, for many tensors in
     one call (adam_norm is read first: it holds the last step's)."""
-    table = lamb16_block_table(jobs)
-    library().lamb16_block_single_pass_steps(  # type: ignore[union-attr]
-        table.buffer_info()[0], len(jobs), float(lr), float(trust_lr), beta1, beta2, 1 - beta1, 1 - beta2, eps,
-        weight_decay, trust_scale, block_size, torch.get_num_threads(),
-    )
+    run_lamb16("lamb16_block_single_pass_steps", lamb16_block_table(jobs), len(jobs), **hyper)
+
+
+# Each Lamb16 step kernel's table of jobs.
+LAMB16_TABLES = {"lamb16_steps": lamb16_table, "lamb16_single_pass_steps": lamb16_single_pass_table,
+                 "lamb16_block_steps": lamb16_block_table, "lamb16_block_single_pass_steps": lamb16_block_table}
 
 
 def lamb16_block_partials(jobs: list[Job], *, beta1: float, beta2: float, eps: float, weight_decay: float,
