@@ -32,8 +32,8 @@ IMPLEMENTATIONS: dict[str, tuple[str, dict]] = {
     "lamb": ("lamb", {}),
     "lamb16": ("lamb16", {}),
     "lamb16 1pass": ("lamb16-1pass", {}),
-    "lamb16 block": ("lamb16-block", {}),
-    "lamb16 block 1pass": ("lamb16-block-1pass", {}),
+    "lamb16 absmax": ("lamb16-absmax", {}),
+    "lamb16 absmax 1pass": ("lamb16-absmax-1pass", {}),
     "lamb16 eager": ("lamb16", dict(fused=False)),
 }
 DEFAULT_BENCH = tuple(IMPLEMENTATIONS)
@@ -50,8 +50,8 @@ SIZES = ("cnn", "10m", "100m", "gpt150")
 # Bytes per element a step must move at least: parameter read and write, gradient
 # read, state read and write (Adam, LAMB: two float32 moments; LAMB16: two fp8).
 MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4,
-                         "lamb16-1pass": 4 + 4 + 4 + 4, "lamb16-block": 4 + 4 + 4 + 4,
-                         "lamb16-block-1pass": 4 + 4 + 4 + 4}
+                         "lamb16-1pass": 4 + 4 + 4 + 4, "lamb16-absmax": 4 + 4 + 4 + 4,
+                         "lamb16-absmax-1pass": 4 + 4 + 4 + 4}
 
 
 def choices() -> list[str]:

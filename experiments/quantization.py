@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lamb16.lamb16 import adam_direction, clamped_square_sum, lamb16_trust_ratio, new_moments, weight_norm_of
-from lamb16.quantize import E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, dequantize, store_absmax, store_seed
+from lamb16.lamb16 import DEFAULT_BLOCK_SIZE
+from lamb16.quantize import (E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, as_rows, block_grid, dequantize, dequantize_blocks,
+                             from_rows, store_absmax, store_blocks, store_seed)
 
 from . import registry
 from .aggregate import stat
@@ -43,11 +45,12 @@ def moment_quantization_table(
     beta1, beta2 = optimizer.defaults["betas"]
     eps = optimizer.defaults["eps"]
     params = dict(model.named_parameters())
-    scalings = {"seed": lambda m, v, a, b: store_seed(m, v, a, b, eps), "absmax": store_absmax}
+    scalings = {"seed": lambda m, v, a, b: store_seed(m, v, a, b, eps), "absmax": store_absmax,
+                "block": lambda m, v, a, b: store_blocks(m, v, a, b, DEFAULT_BLOCK_SIZE)}
     moments = {name: (torch.zeros_like(params[name]), torch.zeros_like(params[name])) for name in layers}
     chains = {
         (s, name): [torch.zeros_like(params[name], dtype=E4M3), torch.zeros_like(params[name], dtype=E5M2),
-                    torch.ones((), device=device), torch.ones((), device=device)]
+                    *(torch.ones(scale_shape(params[name], s), device=device) for _ in range(2))]
         for s in scalings
         for name in layers
     }
@@ -64,7 +67,7 @@ def moment_quantization_table(
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             for scaling, store in scalings.items():
                 chain = chains[(scaling, name)]
-                chain_m, chain_v = new_moments(grad, *chain, beta1, beta2)
+                chain_m, chain_v = new_moments(grad, chain[0], chain[1], *expand(chain, scaling), beta1, beta2)
                 chain[2], chain[3] = store(chain_m, chain_v, chain[0], chain[1])
                 if step % 10 == 0:
                     checks[(scaling, name)].append(store_check(m, v, store, scaling))
@@ -74,16 +77,31 @@ def moment_quantization_table(
         m, v = moments[name]
         row = dict(layer=name, elements=params[name].numel(), scaling=scaling)
         row.update({key: statistics.median(c[key] for c in found) for key in found[0]})
-        row["drift_m"] = relative_error(dequantize(chain[0], chain[2]), m)
-        row["drift_v"] = relative_error(dequantize(chain[1], chain[3]), v)
+        m_scale, v_scale = expand(chain, scaling)
+        row["drift_m"] = relative_error(dequantize(chain[0], m_scale), m)
+        row["drift_v"] = relative_error(dequantize(chain[1], v_scale), v)
         rows.append(row)
     return sorted(rows, key=lambda r: (r["elements"], r["scaling"] != "seed"))
+
+
+def scale_shape(param: Tensor, scaling: str) -> tuple[int, ...]:
+    return block_grid(tuple(param.shape), DEFAULT_BLOCK_SIZE) if scaling == "block" else ()
+
+
+def expand(chain: list[Tensor], scaling: str) -> tuple[Tensor, Tensor]:
+    """A chain's two scales, spread over the elements they scale where they
+    are block grids (a scale per tensor stays as it is)."""
+    if scaling != "block":
+        return chain[2], chain[3]
+    codes, rows = chain[0], chain[2].shape[0]
+    ones = torch.ones_like(as_rows(codes, rows), dtype=torch.float32)
+    return tuple(from_rows(dequantize_blocks(ones, scales, DEFAULT_BLOCK_SIZE), codes) for scales in chain[2:])
 
 
 def store_check(m: Tensor, v: Tensor, store, scaling: str) -> dict:
     """One fp8 store of float32 moments: its errors, and what saturated or flushed."""
     m8, v8 = torch.empty_like(m, dtype=E4M3), torch.empty_like(v, dtype=E5M2)
-    m_scale, v_scale = store(m, v, m8, v8)
+    m_scale, v_scale = expand([m8, v8, *store(m, v, m8, v8)], scaling)
     limit = (SEED_M_CLAMP if scaling == "seed" else E4M3_MAX) * (1 + 1e-6)  # beyond the bound, not on it
     return dict(
         store_m=relative_error(dequantize(m8, m_scale), m),

@@ -80,12 +80,12 @@ def _lamb16_single_pass(params, lr, weight_decay, **options):
     return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, single_pass=True, **options)
 
 
-def _lamb16_block(params, lr, weight_decay, **options):
-    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="block", **options)
+def _lamb16_absmax(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="absmax", **options)
 
 
-def _lamb16_block_single_pass(params, lr, weight_decay, **options):
-    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="block", single_pass=True, **options)
+def _lamb16_absmax_single_pass(params, lr, weight_decay, **options):
+    return lamb16.Lamb16(params, lr=lr, weight_decay=weight_decay, scaling="absmax", single_pass=True, **options)
 
 
 def _lamb16_initial_lr(params, lr, weight_decay, **options):
@@ -121,26 +121,27 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adafactor", "Adafactor", _adafactor, "maroon", (0, (1, 1)), ">", 0.0),
         # torch's Muon on 2-D weights (a float32 momentum: 4 bytes), AdamW on the rest.
         OptimizerSpec("muon", "Muon (+ AdamW)", _muon, "black", (0, (4, 2, 1, 2)), "X", 4.0),
-        OptimizerSpec("lamb16", "LAMB16", _lamb16, "tab:blue", "-", "o", 2.0, options=("trust_scale",)),
+        # LAMB16's default: a pair of float32 scales per block of 256 elements of a row (2 + 8 / 256 bytes).
+        OptimizerSpec("lamb16", "LAMB16", _lamb16, "tab:blue", "-", "o", 2.03, options=("trust_scale",)),
         OptimizerSpec(
             "lamb16-seed", "LAMB16, seed scaling", _lamb16_seed, "tab:cyan", ":", "x", 2.0, options=("trust_scale",)
         ),
         OptimizerSpec(
-            "lamb16-1pass", "LAMB16, single pass", _lamb16_single_pass, "navy", (0, (6, 2)), "d", 2.0,
+            "lamb16-1pass", "LAMB16, single pass", _lamb16_single_pass, "navy", (0, (6, 2)), "d", 2.03,
             options=("trust_scale",),
         ),
-        # Block scales: a pair of float32 scales per 256 elements of a row (2 + 8 / 256 bytes).
+        # One pair of scales per tensor (the default before block scales).
         OptimizerSpec(
-            "lamb16-block", "LAMB16, block scales", _lamb16_block, "royalblue", (0, (3, 2)), "H", 2.03,
+            "lamb16-absmax", "LAMB16, a scale per tensor", _lamb16_absmax, "royalblue", (0, (3, 2)), "H", 2.0,
             options=("trust_scale",),
         ),
         OptimizerSpec(
-            "lamb16-block-1pass", "LAMB16, block scales, single pass", _lamb16_block_single_pass, "dodgerblue",
-            (0, (5, 1, 1, 1)), "+", 2.03, options=("trust_scale",),
+            "lamb16-absmax-1pass", "LAMB16, a scale per tensor, single pass", _lamb16_absmax_single_pass,
+            "dodgerblue", (0, (5, 1, 1, 1)), "+", 2.0, options=("trust_scale",),
         ),
         # The trust factor (1e-3 / lr) ** trust_scale read at the schedule's initial lr, not the scheduled one.
         OptimizerSpec(
-            "lamb16-initial", "LAMB16, trust at initial lr", _lamb16_initial_lr, "steelblue", (0, (1, 1)), "8", 2.0,
+            "lamb16-initial", "LAMB16, trust at initial lr", _lamb16_initial_lr, "steelblue", (0, (1, 1)), "8", 2.03,
             options=("trust_scale",),
         ),
         # torchao keeps tensors under 4096 elements in float32; blocks of 256

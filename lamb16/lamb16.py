@@ -481,34 +481,47 @@ class Lamb16(CheckedOptimizer):
     """LAMB16: LAMB whose Adam moments take 16 bits per parameter instead of 64.
 
     The first moment is stored as float8_e4m3fn and the second as float8_e5m2,
-    each with one float32 scale per tensor: a quarter of Adam's or LAMB's state
-    memory, with per-element adaptive learning rates kept (unlike factored
-    optimizers). The trust ratio is learning-rate aware:
-    clamp(((||w|| / ||u||) * 1e-3 / lr) ** trust_scale, 0, 2), with both norms
-    taken as sqrt(sum(clamp(x*x, eps, 1))) / n. No bias correction.
+    with float32 scales per block of 256 elements: about a quarter of Adam's or
+    LAMB's state memory (2.03 bytes a parameter), with per-element adaptive
+    learning rates kept (unlike factored optimizers). The trust ratio is
+    learning-rate aware: clamp(((||w|| / ||u||) * 1e-3 / lr) ** trust_scale,
+    0, 2), with both norms taken as sqrt(sum(clamp(x*x, eps, 1))) / n, over the
+    whole tensor. No bias correction.
 
     Use it in place of Adam or LAMB where optimizer state memory matters, and
     for large batches with learning rates far from 1e-3. Parameters must be
     float32 (no AMP needed).
 
-    scaling: "absmax" (default) maps each tensor's largest |m| and v to the top
-        of the fp8 range, so the stored moments stay within fp8's resolution;
+    scaling: "block" (default) gives every block_size consecutive elements of
+        a row (a dim-0 slice, in memory order; a tensor of fewer than two dims
+        is one row) their own pair of scales, each block's largest |m| and |v|
+        at the top of the fp8 ranges: values many decades below the tensor's
+        largest (rare embedding rows, a part of a tensor whose gradients fall
+        while another's hold) keep fp8's resolution. "absmax" keeps one pair per
+        tensor (2 bytes a parameter), which flushes moments more than about
+        1e-5 below the tensor's largest to zero (`python cli.py widerange`);
         "seed" is the original proof-of-concept's arithmetic, which saturates
         the first moment of large tensors (kept to reproduce its figures).
+    block_size: elements per block with scaling="block" (default 256: 8 / 256
+        bytes of scales an element); a row shorter than it is one block.
+        Sharded (DTensor) parameters must be cut between rows, as FSDP2 cuts
+        them; their blocks' scales then equal the unsharded step's.
     single_pass: False (default) takes the exact step, in two passes over
-        memory: its trust ratio and new scales are reductions over the whole
-        tensor, known only after reading it. True reads the weights, gradient
-        and codes once (plus the gradient's absmax), which differs from the exact
-        step in two ways: the trust ratio takes the last step's update norm in
-        place of this step's (the weight norm stays exact), and the scales come
-        before the moments: absmax ones from exact bounds on this step's largest
-        |m| and v (so nothing saturates, but the largest element may sit a little
-        below the top of the fp8 range), seed ones from the last step's moments.
-        A tensor's first step is exact. The weight norm is that of the weights
-        the last step wrote, recomputed whenever anything else changed them (the
-        parameter's version counter tells; a change through `.data` escapes it:
-        call `refresh_weight_norms()` after one). DTensor parameters (FSDP2)
-        always take the exact step.
+        memory: its trust ratio is a reduction over the whole tensor, known only
+        after reading it (absmax and seed scales too). True reads the weights,
+        gradient and codes once, and takes the last step's update norm in the
+        trust ratio in place of this step's (the weight norm stays exact). With
+        block scales that is its one difference from the exact step: each
+        block's scales come from its own moments while it is in cache. With
+        per-tensor scales, the scales also come before the moments: absmax ones
+        from exact bounds on this step's largest |m| and v (nothing saturates,
+        but the largest element may sit a little below the top of the fp8
+        range; a read of the gradient for its absmax comes first), seed ones
+        from the last step's moments. A tensor's first step is exact. The weight
+        norm is that of the weights the last step wrote, recomputed whenever
+        anything else changed them (the parameter's version counter tells; a
+        change through `.data` escapes it: call `refresh_weight_norms()` after
+        one). DTensor parameters (FSDP2) always take the exact step.
     fused: None (default) or True runs the update fused: on the CPU, C++
         kernels built once per machine (lamb16.native); elsewhere, the reference
         compiled by torch.compile, a few calls per parameter group
@@ -542,7 +555,7 @@ class Lamb16(CheckedOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         trust_scale: float = 0.382,
-        scaling: str = "absmax",
+        scaling: str = "block",
         single_pass: bool = False,
         trust_lr: str = "scheduled",
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -637,6 +650,10 @@ class Lamb16(CheckedOptimizer):
                 state["carry"] = new_carry(param)
             elif state["carry"][3].item() > 0:  # the weights it was written for may not be these
                 self.carried[param] = None
+            if is_dtensor(param) and param.dim() >= 2:
+                for key in self.shaped_state:
+                    state[key] = rows_of_whole_grid(state.get(key), param)
+
 
     @property
     def kernel_plans(self) -> dict[int, plans.Plan]:
@@ -807,3 +824,16 @@ def ones_grid(param: Tensor, block_size: int) -> Tensor:
 
         return ones(shape, device_mesh=param.device_mesh, placements=param.placements)
     return torch.ones(shape, device=local_piece(param).device)
+
+
+def rows_of_whole_grid(value: Any, param: Tensor) -> Any:
+    """Block scales of a sharded parameter that came in whole (a whole-tensor
+    checkpoint loaded into sharded training): this process's rows of them,
+    sharded as the parameter is (each process cuts its own piece; nothing
+    travels). Anything else as it is."""
+    if not isinstance(value, Tensor) or is_dtensor(value) or value.dim() != 2 or value.shape[0] != param.shape[0]:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(local_piece(param).device), param.device_mesh, param.placements,
+                             src_data_rank=None)

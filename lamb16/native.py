@@ -79,8 +79,8 @@ RESULTS = {"use_loops": _i, "traffic": _i64}
 LOOPS = ("portable", "avx2", "avx512")  # as the kernels number them
 # A step's design, as traffic() mimics it: its passes, and its moments' dtype.
 TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8),
-                    "lamb16-1pass": (3, torch.uint8), "lamb16-block": (2, torch.uint8),
-                    "lamb16-block-1pass": (4, torch.uint8)}
+                    "lamb16-1pass": (4, torch.uint8), "lamb16-absmax": (2, torch.uint8),
+                    "lamb16-absmax-1pass": (3, torch.uint8)}
 
 
 def cache_dir() -> Path:
@@ -426,12 +426,13 @@ def lamb_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: floa
 def traffic(pattern: str, tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
     """The reads and writes alone of a step of the given design over (param,
     grad, exp_avg, exp_avg_sq) tensors, with the arithmetic left out: "adam"
-    (one pass), "lamb" or "lamb16" (the kernels' two passes; block scales move
-    the same bytes but for their grids, 8 / block_size an element). For
-    benchmarks: what memory alone costs such a step; "lamb16-1pass" reads the
-    gradient alone, then makes LAMB16's second pass; "lamb16-block-1pass" makes
-    the second pass alone. It leaves the gradients as they were and overwrites
-    the rest with meaningless bits."""
+    (one pass), "lamb", "lamb16" or "lamb16-absmax" (the kernels' two passes;
+    block scales move the same bytes but for their grids, 8 / block_size an
+    element), "lamb16-1pass" (the second pass alone: block scales need nothing
+    before it) or "lamb16-absmax-1pass" (the gradient alone, for its absmax,
+    then the second pass). For benchmarks: what memory alone costs such a step.
+    It leaves the gradients as they were and overwrites the rest with
+    meaningless bits."""
     if pattern not in TRAFFIC_PATTERNS:
         raise ValueError(f"Invalid traffic pattern: {pattern!r}; use one of {', '.join(TRAFFIC_PATTERNS)}")
     code, moment_dtype = TRAFFIC_PATTERNS[pattern]

@@ -1,27 +1,28 @@
-"""How Lamb16 stores a moment in 8 bits: one float32 scale per tensor, fp8 elements.
+"""How Lamb16 stores a moment in 8 bits: fp8 elements, float32 scales per block or per tensor.
 
 The first moment goes to float8_e4m3fn (3 mantissa bits, |x| <= 448), the
 second to float8_e5m2 (2 mantissa bits, up to 57344, down to 2**-16), whose
 wider exponent suits v, which spans the square of the gradient's range.
 A scaling is a pair of functions: `*_scales` reduces this step's float32
 moments `m` and `v` to their two scales, and `write_*` stores their fp8 form
-into `exp_avg` and `exp_avg_sq`; `store_*` does both, and `dequantize` reads
-a moment back. Writes multiply by the scale's reciprocal: one division per
+into `exp_avg` and `exp_avg_sq`; `store_*` does both, and `dequantize`
+(`dequantize_blocks`) reads a moment back. Writes multiply by the scale's reciprocal: one division per
 tensor instead of one per element, at most one float32 rounding away from
 dividing.
 
 Three scalings:
-- "block": as absmax, but every `block_size` consecutive elements of a row
+- "block" (the default): every `block_size` consecutive elements of a row
   (a dim-0 slice, in memory order; a tensor of fewer than two dimensions is
-  one row) have scales of their own, so a block far below the tensor's
-  largest keeps fp8's whole range: rare embedding rows, a second moment that
-  falls in one part of a tensor while another holds its scale. 8 bytes of
-  scales per block; a row never shares a block with another, so FSDP2's cuts
-  between rows never cut one.
-- "absmax" (the default) maps each tensor's largest |m| to 448 and largest v
-  to 57344: nothing saturates, small elements keep the format's whole range
-  below, v is floored at e5m2's smallest value instead of flushing to zero (a
-  zero there would make that element's next update m / eps), and an all-zero
+  one row) have their own pair of absmax scales, so a block far below the
+  tensor's largest keeps fp8's whole range: rare embedding rows, a second
+  moment that falls in one part of a tensor while another holds the scale.
+  8 bytes of scales per block; a row never shares a block with another, so
+  FSDP2's cuts between rows never cut one.
+- "absmax", one pair per tensor: each tensor's largest |m| maps to 448 and
+  largest v to 57344: nothing saturates, small elements keep the format's
+  whole range below (but nothing more than about 1e-5 below the largest |m|),
+  v is floored at e5m2's smallest value instead of flushing to zero (a zero
+  there would make that element's next update m / eps), and an all-zero
   tensor divides by a tiny floor, not by zero.
 - "seed", the original proof-of-concept's: scale = sqrt(sum(clamp(x*x, 0, 10))) / n
   + eps, m / scale clamped to +-15. Dividing by n rather than sqrt(n) maps a
@@ -216,3 +217,15 @@ def block_codes(
     m_codes = from_blocks(to_blocks(m, block_size, phase) * (1 / m_scales)[..., None], length, phase)
     v_codes = from_blocks(to_blocks(v, block_size, phase) * (1 / v_scales)[..., None], length, phase)
     return m_codes.to(E4M3), v_codes.clamp(min=E5M2_SMALLEST).to(E5M2)
+
+
+def store_blocks(m: Tensor, v: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Store m and v in fp8 with block scales; returns the scale grids."""
+    rows = block_grid(tuple(m.shape), block_size)[0]
+    m_rows, v_rows = as_rows(m, rows), as_rows(v, rows)
+    m_max, v_max = block_maxima(m_rows, v_rows, block_size)
+    m_scales, v_scales = absmax_scales_from_maxima(m_max, v_max)
+    m_codes, v_codes = block_codes(m_rows, v_rows, m_scales, v_scales, block_size)
+    exp_avg.copy_(from_rows(m_codes, exp_avg))
+    exp_avg_sq.copy_(from_rows(v_codes, exp_avg_sq))
+    return m_scales, v_scales

@@ -44,10 +44,10 @@ CASES = [
     Case("lamb16-betas-trust", Lamb16, dict(betas=(0.8, 0.99), trust_scale=0.5, eps=1e-8)),
     Case("lamb16-tensor-lr", Lamb16, dict(fused=False), lr_shape=(1,)),
     Case("lamb16-1pass-tensor-lr", Lamb16, dict(single_pass=True), lr_shape=()),
-    Case("lamb16-block", Lamb16, dict(scaling="block", block_size=32)),
-    Case("lamb16-block-reference", Lamb16, dict(scaling="block", block_size=32, fused=False)),
-    Case("lamb16-block-1pass", Lamb16, dict(scaling="block", block_size=32, single_pass=True)),
+    Case("lamb16-small-blocks", Lamb16, dict(block_size=32)),
+    Case("lamb16-absmax", Lamb16, dict(scaling="absmax")),
+    Case("lamb16-absmax-1pass", Lamb16, dict(scaling="absmax", single_pass=True)),
 ]
 
 # The cases whose tests are costly (torch.compile): one per optimizer and step kind.
-CORE = [case for case in CASES if case.name in ("lamb", "lamb16", "lamb16-seed", "lamb16-1pass", "lamb16-block")]
+CORE = [case for case in CASES if case.name in ("lamb", "lamb16", "lamb16-seed", "lamb16-1pass", "lamb16-absmax")]

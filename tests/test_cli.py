@@ -77,7 +77,8 @@ def test_train_writes_config_metrics_and_summary(data_dir, tmp_path):
     assert summary["final_test_accuracy"] == test[-1]["test_accuracy"]
     assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in test)
     assert summary["parameters"] == 431_080
-    assert 2.0 < summary["state_bytes_per_parameter"] < 2.001
+    # 2 bytes an element and a pair of float32 scales per block of a row (2,145 blocks in the CNN): 2.04
+    assert 2.039 < summary["state_bytes_per_parameter"] < 2.041
     assert (run_dir / "checkpoint.pt").is_file()
 
 
@@ -344,7 +345,7 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
     rows = {r["optimizer"]: r for r in report["steps"]["cnn"]}
     assert rows["adam fused"]["ratio_to_adam_fused"] == 1.0
     assert rows["lamb16"]["median_ms"] > 0 and rows["lamb16"]["parameters"] == 431_080
-    assert 2.0 < rows["lamb16"]["state_bytes_per_parameter"] < 2.001
+    assert 2.039 < rows["lamb16"]["state_bytes_per_parameter"] < 2.041
     assert 8.0 < rows["adam fused"]["state_bytes_per_parameter"] < 8.001
     assert rows["sgd"]["state_bytes_per_parameter"] == 4.0 and rows["sgd"]["traffic_ms"] is None
     for name in ("adam fused", "lamb16", "lamb16 1pass"):  # each beside its design's traffic alone, in the same rounds

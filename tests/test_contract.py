@@ -234,13 +234,13 @@ def conv_net() -> nn.Module:
     "make_optimizer, per_param, per_tensor_max",
     [
         # Six float32 scalars (two scales, the step, three statistics) and the single-pass carry's four.
-        (lambda ps: Lamb16(ps), 2, 40),
+        (lambda ps: Lamb16(ps, scaling="absmax"), 2, 40),
         (lambda ps: Lamb16(ps, scaling="seed"), 2, 40),
-        (lambda ps: Lamb16(ps, single_pass=True), 2, 40),
+        (lambda ps: Lamb16(ps, scaling="absmax", single_pass=True), 2, 40),
         (lambda ps: Lamb(ps), 8, 16),
         (lambda ps: torch.optim.Adam(ps), 8, 16),
     ],
-    ids=["lamb16", "lamb16-seed", "lamb16-1pass", "lamb", "adam"],
+    ids=["lamb16-absmax", "lamb16-seed", "lamb16-absmax-1pass", "lamb", "adam"],
 )
 def test_state_nbytes_measures_bytes_per_parameter(make_optimizer, per_param, per_tensor_max):
     model = conv_net()
@@ -251,6 +251,20 @@ def test_state_nbytes_measures_bytes_per_parameter(make_optimizer, per_param, pe
     n = sum(p.numel() for p in params)
     extra = state_nbytes(optimizer) - per_param * n
     assert 0 < extra <= per_tensor_max * len(params)
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_state_nbytes_of_block_scales_is_two_bytes_and_a_pair_of_scales_per_block(single_pass):
+    """The default scaling: 2 bytes an element, 8 per block (the conv's rows of
+    25 elements are a block each; the linear layer's of 4,608, 18 blocks of
+    256), and four float32 scalars and the carry's four per tensor."""
+    model = conv_net()
+    optimizer = Lamb16(model.parameters(), single_pass=single_pass)
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    blocks = 8 * 1 + 1 + 10 * 18 + 1  # conv weight, conv bias (8 elements: one block), linear weight and bias
+    n = sum(p.numel() for p in model.parameters())
+    assert state_nbytes(optimizer) == 2 * n + 8 * blocks + 4 * 8 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,22 +21,23 @@ from lamb16 import Lamb, Lamb16, state_nbytes
 from models import MnistCNN
 from stops import StopAtCheck
 
-OPTIMIZERS = {"lamb16": Lamb16, "lamb": Lamb,
+OPTIMIZERS = {"lamb16-absmax": functools.partial(Lamb16, scaling="absmax"), "lamb": Lamb,
               # Blocks of 4: 12-element rows in three; 1-D tensors cut inside a block (33 = 17 + 16).
-              "lamb16-block": functools.partial(Lamb16, scaling="block", block_size=4)}
+              "lamb16": functools.partial(Lamb16, block_size=4)}
 DDP_OPTIMIZERS = {**OPTIMIZERS, "lamb16-1pass": functools.partial(Lamb16, single_pass=True)}
 # Every way a sharded step can run: both optimizers, Lamb16's two scalings,
 # the CPU kernels (fused) and the eager reference.
 SETUPS = {
-    "lamb16": (Lamb16, {}),
+    "lamb16-absmax": (Lamb16, {"scaling": "absmax"}),
     "lamb16-seed": (Lamb16, {"scaling": "seed"}),
-    "lamb16-reference": (Lamb16, {"fused": False}),
+    "lamb16-absmax-reference": (Lamb16, {"scaling": "absmax", "fused": False}),
     "lamb": (Lamb, {}),
     "lamb-bias-corrected": (Lamb, {"bias_correction": True, "max_weight_norm": None}),
     "lamb-reference": (Lamb, {"fused": False}),
+    "lamb16": (Lamb16, {}),  # block scales of 256: a block a row here
     # Blocks of 4: several a row, 1-D tensors cut inside a block.
-    "lamb16-block": (Lamb16, {"scaling": "block", "block_size": 4}),
-    "lamb16-block-reference": (Lamb16, {"scaling": "block", "block_size": 4, "fused": False}),
+    "lamb16-small-blocks": (Lamb16, {"block_size": 4}),
+    "lamb16-small-blocks-reference": (Lamb16, {"block_size": 4, "fused": False}),
 }
 STEPS = 4
 WORLD = 2
@@ -101,9 +102,13 @@ def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(name, tm
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(torch.equal(a, b) for a, b in zip(*ranks))  # every rank took the same step
     model, x, y = model_and_data()
+    initial = [p.detach().clone() for p in model.parameters()]
     train(model, DDP_OPTIMIZERS[name](model.parameters(), lr=1e-2, weight_decay=0.01), x, y, STEPS)
-    for single, distributed in zip(model.parameters(), ranks[0]):
-        torch.testing.assert_close(distributed, single.detach(), rtol=1e-4, atol=1e-5)
+    for single, distributed, start in zip(model.parameters(), ranks[0], initial):
+        if name == "lamb":
+            torch.testing.assert_close(distributed, single.detach(), rtol=1e-4, atol=1e-5)
+        else:  # the all-reduced gradient's last bits can move an fp8 code a step: see FP8_BOUND
+            assert (distributed - single).norm() <= FP8_BOUND * (single.detach() - start).norm(), name
 
 
 # -------------------------------------------------- DTensor placements ----
@@ -119,7 +124,7 @@ PLACED_IN_ROWS = [((7, 5), "shard0"), ((1, 9), "shard0"), ((6, 4), "replicate"),
 
 
 def placed(setup: str) -> list[tuple[tuple[int, ...], str]]:
-    return PLACED_IN_ROWS if SETUPS[setup][1].get("scaling") == "block" else PLACED
+    return PLACED_IN_ROWS if SETUPS[setup][1].get("scaling", "block") == "block" else PLACED
 
 
 def placed_tensors(setup: str, seed: int) -> list[torch.Tensor]:
@@ -303,16 +308,16 @@ def test_fsdp2_trains_as_one_process_keeps_a_quarter_of_adams_state_and_resumes_
             assert len(result["continued"]) == len(result["resumed"])
             for continued, resumed in zip(result["continued"], result["resumed"]):
                 assert continued.dtype == resumed.dtype and torch.equal(continued, resumed), name
-    assert [r["lamb16"]["local_elements"] for r in ranks] == [17 * 12 + 17 + 33 + 1, 16 * 12 + 16]  # rank 1: no piece of the last layer
+    assert [r["lamb16-absmax"]["local_elements"] for r in ranks] == [17 * 12 + 17 + 33 + 1, 16 * 12 + 16]  # rank 1: no piece of the last layer
     for rank in ranks:
         scalars = (6 + 4) * 4 * 4  # 4 tensors: six 0-dim float32 states (scales, step, statistics), a carry of four
-        assert rank["lamb16"]["nbytes"] == 2 * rank["lamb16"]["local_elements"] + scalars
+        assert rank["lamb16-absmax"]["nbytes"] == 2 * rank["lamb16-absmax"]["local_elements"] + scalars
     # Block scales, two float32 grids a tensor: each process its rows' of the
     # weights (17 and 16 rows of 3 blocks; 1 row and none of 9), whole ones of
     # the 1-D biases (9 blocks, 1), as their cuts fall inside blocks.
     for rank, (rows, last_rows) in zip(ranks, [(17, 1), (16, 0)]):
         grids = 2 * 4 * (rows * 3 + 9 + last_rows * 9 + 1)
-        assert rank["lamb16-block"]["nbytes"] == 2 * rank["lamb16-block"]["local_elements"] + 4 * 4 * 8 + grids
+        assert rank["lamb16"]["nbytes"] == 2 * rank["lamb16"]["local_elements"] + 4 * 4 * 8 + grids
         assert rank["lamb"]["nbytes"] == 8 * rank["lamb"]["local_elements"] + 4 * 4 * 4
         assert rank["adam"]["nbytes"] == 8 * rank["adam"]["local_elements"] + 4 * 4
 
