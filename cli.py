@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 import lamb16
+import lamb16.native
 from experiments import bench as benchmarks
 from experiments import parallel, quantization, registry, studies, tuning, widerange
 from experiments import sweep as sweeps
@@ -397,8 +398,9 @@ def deviation(optimizers, steps, batch_size, lr, seeds, data_dir, download, devi
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True, help="Timed training batches.")
 @data_dir_option
 @device_option
+@click.option("--loops", type=click.Choice(lamb16.native.LOOPS), default=None, help="The CPU kernels' loops to time [default: the widest this processor has].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures to this JSON file.")
-def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path):
+def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, json_path):
     """Time optimizer steps (medians, optimizers interleaved in one process) and
     state bytes per parameter on the MNIST CNN and on ~10 M / ~100 M parameter
     transformer shapes, with ratios to Adam fused; then where a training step's
@@ -410,6 +412,7 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
     \b
     Examples:
       python cli.py bench --sizes cnn,10m --json bench.json
+      python cli.py bench --sizes 10m,100m --loops avx2 --optimizers "adam fused,lamb16,lamb16 1pass"
       torchrun --nproc-per-node 2 cli.py bench --sizes 10m --optimizers "adam fused,lamb,lamb16"
       python cli.py bench --sizes gpt150 --optimizers "adam fused,lamb16 compiled,lamb16 compiled per tensor"
     """
@@ -421,6 +424,9 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, json_path
         registry.check_available(benchmarks.registry_name(name))
     if json_path is not None:
         writable_dir(json_path.parent, "--json")
+    if loops is not None and not lamb16.native.use_loops(loops):
+        raise UserError(f"no {loops} loops in the CPU kernels built here (they run {lamb16.native.loops()}); "
+                        "choose another --loops")
     torch_device = studies.device_of(device)
     train_data = load_mnist(data_dir, True, torch_device, download=None)
     with parallel.process_group(False, torch_device) as processes:

@@ -129,6 +129,30 @@ struct BlockMoments {
   float m_max, v_max, update;
 };
 
+// A tensor seen as rows of row_length cut into blocks of block_size (the
+// last block of a row shorter), numbered row by row, so that a run of blocks
+// is a run of elements; a chunk is a run of whole blocks.
+struct BlockLayout {
+  int64_t n, row_length, block_size, per_row;
+
+  BlockLayout(int64_t n_, int64_t row_length_, int64_t block_size_)
+      : n(n_), row_length(row_length_), block_size(block_size_), per_row((row_length_ + block_size_ - 1) / block_size_) {}
+  int64_t count() const { return n / row_length * per_row; }
+  int64_t start(int64_t b) const { return b / per_row * row_length + b % per_row * block_size; }
+  int64_t length(int64_t b) const { return std::min(block_size, row_length - b % per_row * block_size); }
+  // Blocks a chunk takes: about CHUNK elements of them.
+  int64_t per_chunk() const { return std::max<int64_t>(1, CHUNK / std::min(block_size, row_length)); }
+  int64_t chunks() const { return (count() + per_chunk() - 1) / per_chunk(); }
+  int64_t first(int64_t c) const { return c * per_chunk(); }
+  int64_t last(int64_t c) const { return std::min(count(), (c + 1) * per_chunk()); }  // one past
+  // Floats a block's moment buffer holds: whole vectors of the widest loops.
+  int64_t buffer() const { return (std::min(block_size, row_length) + 15) / 16 * 16; }
+};
+
+// Whether a block's m scale lets the hand-vectorized loops fold 2**8 into it
+// exactly (see loops_for in cpu_kernels.cpp); a NaN fails.
+inline bool foldable(float m_scale) { return std::fabs(m_scale) <= 0x1p100f && std::fabs(m_scale) >= 0x1p-126f; }
+
 // An absmax scale from the largest magnitude it scales and the format's top
 // (448 or 57344), as absmax_scales_from_maxima(): floored at the smallest
 // normal float, so that an all-zero block divides safely; a NaN stays NaN.

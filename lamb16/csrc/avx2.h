@@ -8,6 +8,7 @@
 #pragma once
 
 #include "arithmetic.h"
+#include "portable.h"
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define LAMB16_AVX2 1
@@ -220,20 +221,59 @@ SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __rest
   return {sum(update), sum(m_sum), sum(v_sum)};
 }
 
-// Block scales, as the portable loops (portable.h); the moments' buffers hold
-// whole vectors, the last one's padded lanes too.
-inline NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
-                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+// Block scales' exact step, as avx512::lamb16_blocks_sums and _apply.
+inline NormSums lamb16_blocks_sums(const float* p, const float* g, const uint8_t* mq, const uint8_t* vq,
+                                   const BlockLayout& layout, int64_t first, int64_t last, const float* m_scales,
+                                   const float* v_scales, Lamb16Args args, float* new_m, float* new_v) {
   Floats weight = _mm256_setzero_ps(), update = weight;
-  for_each_8<false>(const_cast<float*>(p), g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
-                    [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
-    const Moments x = lamb16_moments(pi, gi, mi, vi, args);
-    weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
-    update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
-  });
-  return {sum(weight), sum(update)};
+  float elsewhere_weight = 0, elsewhere_update = 0;  // the portable loops'
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    if (!foldable(args.m_scale)) {
+      const NormSums s = portable::lamb16_blocks_sums(p, g, mq, vq, layout, b, b + 1, m_scales, v_scales, args,
+                                                      new_m, new_v);
+      elsewhere_weight += s.weight, elsewhere_update += s.update;
+      continue;
+    }
+    Ints m_top = _mm256_setzero_si256(), v_top = m_top;  // padded lanes hold m = v = 0
+    // Read only: the block's arrays pass as writable for for_each_8, which writes nothing back here.
+    for_each_8<false>(const_cast<float*>(p + lo), g + lo, const_cast<uint8_t*>(mq + lo), const_cast<uint8_t*>(vq + lo),
+                      layout.length(b), [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+      const Moments x = lamb16_moments(pi, gi, mi, vi, args);
+      m_top = _mm256_max_epu32(m_top, magnitude_bits(x.m));
+      v_top = _mm256_max_epu32(v_top, magnitude_bits(x.v));
+      weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
+      update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
+    });
+    new_m[b] = absmax_scale(largest(m_top), 448.0f);
+    new_v[b] = absmax_scale(largest(v_top), 57344.0f);
+  }
+  return {sum(weight) + elsewhere_weight, sum(update) + elsewhere_update};
 }
 
+inline void lamb16_blocks_apply(float* p, const float* g, uint8_t* mq, uint8_t* vq, const BlockLayout& layout,
+                                int64_t first, int64_t last, float* m_scales, float* v_scales, const float* new_m,
+                                const float* new_v, Lamb16Args args, float step_size) {
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    if (!foldable(args.m_scale) || !foldable(new_m[b])) {
+      portable::lamb16_blocks_apply(p, g, mq, vq, layout, b, b + 1, m_scales, v_scales, new_m, new_v, args,
+                                    step_size);
+      continue;
+    }
+    const Floats m_to_code = splat(1.0f / new_m[b] * E4M3_IN_HALF), v_to_code = splat(1.0f / new_v[b]);
+    for_each_8<true>(p + lo, g + lo, mq + lo, vq + lo, layout.length(b),
+                     [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats) {
+      lamb16_store<false, false>(pi, mi, vi, lamb16_moments(pi, gi, mi, vi, args), m_to_code, v_to_code, step_size);
+    });
+    m_scales[b] = new_m[b], v_scales[b] = new_v[b];
+  }
+}
+
+// Block scales' single pass, as the portable loops (portable.h); the moments'
+// buffers hold whole vectors, the last one's padded lanes too.
 template <bool kSumUpdate>
 BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
                                   const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "arithmetic.h"
+#include "portable.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
 #define LAMB16_AVX512 1
@@ -265,19 +266,60 @@ SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __rest
   return {sum(update), sum(m_sum), sum(v_sum)};
 }
 
-// Block scales, as the portable loops (portable.h). The moments' buffers hold
-// whole vectors: the last, masked one is stored whole.
-inline NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
-                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+// Block scales' exact step, as portable::lamb16_blocks_sums and _apply: the
+// loops above, one block after another with each block's scales, the sums
+// kept in registers across the run; a block whose scales cannot be folded
+// takes the portable loops.
+inline NormSums lamb16_blocks_sums(const float* p, const float* g, const uint8_t* mq, const uint8_t* vq,
+                                   const BlockLayout& layout, int64_t first, int64_t last, const float* m_scales,
+                                   const float* v_scales, Lamb16Args args, float* new_m, float* new_v) {
   Floats weight = _mm512_setzero_ps(), update = weight;
-  for_each_16(n, [&](int64_t i, Lanes k) {
-    const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
-    weight = _mm512_mask_add_ps(weight, k, weight, clamp(_mm512_mul_ps(x.p, x.p), args.eps, 1.0f));
-    update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
-  });
-  return {sum(weight), sum(update)};
+  float elsewhere_weight = 0, elsewhere_update = 0;  // the portable loops'
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b), n = layout.length(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    if (!foldable(args.m_scale)) {
+      const NormSums s = portable::lamb16_blocks_sums(p, g, mq, vq, layout, b, b + 1, m_scales, v_scales, args,
+                                                      new_m, new_v);
+      elsewhere_weight += s.weight, elsewhere_update += s.update;
+      continue;
+    }
+    Ints m_top = _mm512_setzero_si512(), v_top = m_top;  // as bits: a NaN's above any number's
+    for_each_16(n, [&](int64_t i, Lanes k) {
+      const Moments x = lamb16_moments(p + lo, g + lo, mq + lo, vq + lo, i, k, args);
+      m_top = _mm512_max_epu32(m_top, magnitude_bits(x.m));
+      v_top = _mm512_max_epu32(v_top, magnitude_bits(x.v));
+      weight = _mm512_mask_add_ps(weight, k, weight, clamp(_mm512_mul_ps(x.p, x.p), args.eps, 1.0f));
+      update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
+    });
+    new_m[b] = absmax_scale(largest(m_top), 448.0f);
+    new_v[b] = absmax_scale(largest(v_top), 57344.0f);
+  }
+  return {sum(weight) + elsewhere_weight, sum(update) + elsewhere_update};
 }
 
+inline void lamb16_blocks_apply(float* p, const float* g, uint8_t* mq, uint8_t* vq, const BlockLayout& layout,
+                                int64_t first, int64_t last, float* m_scales, float* v_scales, const float* new_m,
+                                const float* new_v, Lamb16Args args, float step_size) {
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    if (!foldable(args.m_scale) || !foldable(new_m[b])) {
+      portable::lamb16_blocks_apply(p, g, mq, vq, layout, b, b + 1, m_scales, v_scales, new_m, new_v, args,
+                                    step_size);
+      continue;
+    }
+    const Floats m_to_code = splat(1.0f / new_m[b] * E4M3_IN_HALF), v_to_code = splat(1.0f / new_v[b]);
+    for_each_16(layout.length(b), [&](int64_t i, Lanes k) {
+      const Moments x = lamb16_moments(p + lo, g + lo, mq + lo, vq + lo, i, k, args);
+      lamb16_store<false, false>(p + lo, mq + lo, vq + lo, i, k, x, m_to_code, v_to_code, step_size);
+    });
+    m_scales[b] = new_m[b], v_scales[b] = new_v[b];
+  }
+}
+
+// Block scales' single pass, as the portable loops (portable.h). The moments'
+// buffers hold whole vectors: the last, masked one is stored whole.
 template <bool kSumUpdate>
 BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
                                   const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,

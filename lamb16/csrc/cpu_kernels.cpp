@@ -56,9 +56,7 @@ int loops = WIDEST_LOOPS;
 // finite moments are at most 2**128 / 448; a larger one (a diverged or edited
 // state) takes the portable loops.
 inline int loops_for(float old_m_scale, float new_m_scale) {
-  const bool exact = std::fabs(old_m_scale) <= 0x1p100f && std::fabs(old_m_scale) >= 0x1p-126f &&
-                     std::fabs(new_m_scale) <= 0x1p100f && std::fabs(new_m_scale) >= 0x1p-126f;
-  return exact ? loops : PORTABLE_LOOPS;
+  return foldable(old_m_scale) && foldable(new_m_scale) ? loops : PORTABLE_LOOPS;
 }
 
 inline int64_t chunks_of(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
@@ -274,42 +272,41 @@ void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, 
 // block with scales of its own in a grid laid out as the blocks are. A chunk
 // is a run of whole blocks. A block's new scales come from its own moments:
 // the writes compute them once, into a buffer, while the block is in cache,
-// moving its weights and finding its maxima, then encode them. So the exact
-// step's first pass only sums the norms, and the single pass needs nothing
-// but the last step's update norm. Each block takes the hand-vectorized
-// loops where its old scale (decoding) or new scale (encoding) allows.
+// moving its weights and finding its maxima, then encode them: the single
+// pass needs nothing but the last step's update norm. The exact step's first
+// pass finds every block's maxima with the norms, and its second writes each
+// block over its new scales, both by the loops of a scale per tensor, run on
+// one block at a time. Each block takes the hand-vectorized loops where its
+// old scale (decoding) and new scale (encoding) allow.
 
-struct BlockLayout {
-  int64_t n, row_length, block_size, per_row;
 
-  BlockLayout(int64_t n_, int64_t row_length_, int64_t block_size_)
-      : n(n_), row_length(row_length_), block_size(block_size_), per_row((row_length_ + block_size_ - 1) / block_size_) {}
-  int64_t count() const { return n / row_length * per_row; }
-  int64_t start(int64_t b) const { return b / per_row * row_length + b % per_row * block_size; }
-  int64_t length(int64_t b) const { return std::min(block_size, row_length - b % per_row * block_size); }
-  // Blocks a chunk takes: about CHUNK elements of them.
-  int64_t per_chunk() const { return std::max<int64_t>(1, CHUNK / std::min(block_size, row_length)); }
-  int64_t chunks() const { return (count() + per_chunk() - 1) / per_chunk(); }
-  int64_t first(int64_t c) const { return c * per_chunk(); }
-  int64_t last(int64_t c) const { return std::min(count(), (c + 1) * per_chunk()); }  // one past
-  // Floats a block's moment buffer holds: whole vectors of the widest loops.
-  int64_t buffer() const { return (std::min(block_size, row_length) + 15) / 16 * 16; }
-};
-
-using BlockSumsLoop = NormSums (*)(const float*, const float*, const uint8_t*, const uint8_t*, int64_t,
-                                   const Lamb16Args);
+using BlocksSumsLoop = NormSums (*)(const float*, const float*, const uint8_t*, const uint8_t*, const BlockLayout&,
+                                     int64_t, int64_t, const float*, const float*, Lamb16Args, float*, float*);
+using BlocksApplyLoop = void (*)(float*, const float*, uint8_t*, uint8_t*, const BlockLayout&, int64_t, int64_t, float*,
+                                 float*, const float*, const float*, Lamb16Args, float);
 using BlockMomentsLoop = BlockMoments (*)(float*, const float*, const uint8_t*, const uint8_t*, int64_t,
                                           const Lamb16Args, float, float*, float*);
 using EncodeLoop = void (*)(const float*, const float*, int64_t, float, float, uint8_t*, uint8_t*);
 
-BlockSumsLoop block_sums_loop(int which) {
+// The exact step's two passes over runs of blocks, by the loops that run.
+BlocksSumsLoop blocks_sums_loop() {
 #ifdef LAMB16_AVX512
-  if (which == AVX512_LOOPS) return avx512::lamb16_block_sums;
+  if (loops == AVX512_LOOPS) return avx512::lamb16_blocks_sums;
 #endif
 #ifdef LAMB16_AVX2
-  if (which == AVX2_LOOPS) return avx2::lamb16_block_sums;
+  if (loops == AVX2_LOOPS) return avx2::lamb16_blocks_sums;
 #endif
-  return portable::lamb16_block_sums;
+  return portable::lamb16_blocks_sums;
+}
+
+BlocksApplyLoop blocks_apply_loop() {
+#ifdef LAMB16_AVX512
+  if (loops == AVX512_LOOPS) return avx512::lamb16_blocks_apply;
+#endif
+#ifdef LAMB16_AVX2
+  if (loops == AVX2_LOOPS) return avx2::lamb16_blocks_apply;
+#endif
+  return portable::lamb16_blocks_apply;
 }
 
 template <bool kSumUpdate>
@@ -333,33 +330,46 @@ EncodeLoop encode_loop(int which) {
   return portable::encode_block;
 }
 
-// The exact step's first pass: the clamped square sums of the weights and the
-// update, each block's moments from its old scales (lamb16_block_partials()).
-NormSums lamb16_block_norm_sums(const float* param, const float* grad, const uint8_t* exp_avg,
-                                const uint8_t* exp_avg_sq, const BlockLayout& layout, const float* m_scales,
-                                const float* v_scales, Lamb16Args args, int threads) {
+// The exact step's first pass (lamb16_block_partials()): the clamped square
+// sums of the weights and the update, each block's moments from its old
+// scales; and, where new_scales is given (2 x the blocks), each block's new m
+// and v scales from its maxima.
+NormSums lamb16_block_first_pass(const float* param, const float* grad, const uint8_t* exp_avg,
+                                 const uint8_t* exp_avg_sq, const BlockLayout& layout, const float* m_scales,
+                                 const float* v_scales, const Lamb16Args args, float* new_scales, int threads) {
+  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
+  std::vector<float> unused(new_scales == nullptr ? 2 * layout.count() : 0);
+  float* new_m = new_scales == nullptr ? unused.data() : new_scales;
+  float* new_v = new_m + layout.count();
   double weight = 0, update = 0;
 #pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads) \
-    reduction(+ : weight, update) firstprivate(args)
+    reduction(+ : weight, update)
   for (int64_t c = 0; c < layout.chunks(); ++c) {
-    float chunk_weight = 0, chunk_update = 0;
-    for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
-      const int64_t lo = layout.start(b);
-      args.m_scale = m_scales[b], args.v_scale = v_scales[b];
-      const NormSums s = block_sums_loop(loops_for(args.m_scale, args.m_scale))(
-          param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, layout.length(b), args);
-      chunk_weight += s.weight;
-      chunk_update += s.update;
-    }
-    weight += chunk_weight;
-    update += chunk_update;
+    const NormSums s = blocks_sums(param, grad, exp_avg, exp_avg_sq, layout, layout.first(c), layout.last(c),
+                                   m_scales, v_scales, args, new_m, new_v);
+    weight += s.weight;
+    update += s.update;
   }
   return {float(weight), float(update)};
 }
 
-// The writes of every block (lamb16_block_apply()): its moments from its old
-// scales, its weights moved by step_size times the update, its new scales (in
-// place of the old) from its own maxima, its codes. kSinglePass: also the sums
+// The exact step's writes: each block's moments from its old scales, stored
+// over its new ones (which then replace the old), its weights moved.
+void lamb16_block_apply(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                        const BlockLayout& layout, float* m_scales, float* v_scales, const float* new_scales,
+                        const Lamb16Args args, float step_size, int threads) {
+  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
+#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads)
+  for (int64_t c = 0; c < layout.chunks(); ++c) {
+    blocks_apply(param, grad, exp_avg, exp_avg_sq, layout, layout.first(c), layout.last(c), m_scales, v_scales,
+                 new_scales, new_scales + layout.count(), args, step_size);
+  }
+}
+
+// The writes of every block with its maxima found in cache: its moments from
+// its old scales into a buffer, its weights moved by step_size times the
+// update, its new scales (in place of the old) from its own maxima, its codes
+// (the single pass; a sharded tensor's pieces). kSinglePass: also the sums
 // the carry takes, the update's and (over each chunk just written, as
 // lamb16_block_weight_norm() sums it) the new weights'.
 template <bool kSinglePass>
@@ -697,12 +707,13 @@ void lamb16_block_steps(const int64_t* table, int64_t count, float lr, float tru
     const float* grad = address<const float>(r[1]);
     uint8_t *exp_avg = address<uint8_t>(r[2]), *exp_avg_sq = address<uint8_t>(r[3]);
     float *m_scales = address<float>(r[5]), *v_scales = address<float>(r[6]);
-    const NormSums s = lamb16_block_norm_sums(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args,
-                                              tensor_threads);
+    std::vector<float> new_scales(2 * layout.count());
+    const NormSums s = lamb16_block_first_pass(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args,
+                                               new_scales.data(), tensor_threads);
     const float weight_norm = std::sqrt(s.weight) / float(layout.n), adam_norm = std::sqrt(s.update) / float(layout.n);
     const float trust = lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale);
-    lamb16_block_writes<false>(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args, trust * lr,
-                               tensor_threads);
+    lamb16_block_apply(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, new_scales.data(), args,
+                       trust * lr, tensor_threads);
     *address<float>(r[7]) = weight_norm;
     *address<float>(r[8]) = adam_norm;
     *address<float>(r[9]) = trust;
@@ -744,10 +755,10 @@ void lamb16_block_partials(const int64_t* table, int64_t count, float beta1, flo
   const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
   each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * BLOCK_COLUMNS;
-    const NormSums s = lamb16_block_norm_sums(address<const float>(r[0]), address<const float>(r[1]),
-                                              address<const uint8_t>(r[2]), address<const uint8_t>(r[3]),
-                                              layout_of(r, block_size), address<const float>(r[5]),
-                                              address<const float>(r[6]), args, tensor_threads);
+    const NormSums s = lamb16_block_first_pass(address<const float>(r[0]), address<const float>(r[1]),
+                                               address<const uint8_t>(r[2]), address<const uint8_t>(r[3]),
+                                               layout_of(r, block_size), address<const float>(r[5]),
+                                               address<const float>(r[6]), args, nullptr, tensor_threads);
     out[2 * t] = s.weight;
     out[2 * t + 1] = s.update;
   });

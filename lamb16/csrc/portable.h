@@ -167,27 +167,45 @@ void lamb_chunk_apply(float* __restrict p, const float* __restrict mq, const flo
 
 // ------------------------------------------------------------ block scales --
 //
-// A block (scaling="block") is at most block_size elements with scales of
-// their own: the first pass sums its norms; the writes compute its moments
-// once, keep them in a buffer while they move the weights and find the block's
-// maxima, then encode them over the block's new scales.
-
-NormSums lamb16_block_sums(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
-                           const uint8_t* __restrict vq, int64_t n, const Lamb16Args args) {
+// The exact step's two passes over a run of blocks [first, last) of a
+// layout, each block with its own scales (the hand-vectorized loops keep
+// their sums in registers across the run): the norms' sums, and each block's
+// new scales from its maxima; then each block's writes over its new scales,
+// which replace its old.
+NormSums lamb16_blocks_sums(const float* p, const float* g, const uint8_t* mq, const uint8_t* vq,
+                            const BlockLayout& layout, int64_t first, int64_t last, const float* m_scales,
+                            const float* v_scales, Lamb16Args args, float* new_m, float* new_v) {
   float weight = 0, update = 0;
-  const float eps = args.eps;
-#pragma omp simd simdlen(16) reduction(+ : weight, update)
-  for (int64_t i = 0; i < n; ++i) {
-    const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
-    const float u = m / (std::sqrt(v) + eps) + p[i] * args.weight_decay;
-    weight += clamp(p[i] * p[i], eps, 1.0f);
-    update += clamp(u * u, eps, 1.0f);
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    const Lamb16Sums s = lamb16_chunk_sums(p + lo, g + lo, mq + lo, vq + lo, layout.length(b), args);
+    weight += s.weight;
+    update += s.update;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    new_m[b] = s.m_nans > 0 ? nan : absmax_scale(s.m_stat, 448.0f);
+    new_v[b] = s.v_nans > 0 ? nan : absmax_scale(s.v_stat, 57344.0f);
   }
   return {weight, update};
 }
 
-// A block's moments into m_out and v_out, its weights moved by step_size
-// times the update; kSumUpdate: the update's clamped square sum too.
+void lamb16_blocks_apply(float* p, const float* g, uint8_t* mq, uint8_t* vq, const BlockLayout& layout,
+                         int64_t first, int64_t last, float* m_scales, float* v_scales, const float* new_m,
+                         const float* new_v, Lamb16Args args, float step_size) {
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t lo = layout.start(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    lamb16_chunk_apply(p + lo, g + lo, mq + lo, vq + lo, layout.length(b), args, new_m[b], new_v[b], step_size);
+    m_scales[b] = new_m[b], v_scales[b] = new_v[b];
+  }
+}
+
+// A block (scaling="block") is at most block_size elements with scales of
+// their own. The exact step runs the loops above on each block (with its own
+// scales); the single pass computes a block's moments once, keeps them in a
+// buffer while it moves the weights and finds the block's maxima, then
+// encodes them over the block's new scales.
+
 template <bool kSumUpdate>
 BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
                                   const uint8_t* __restrict vq, int64_t n, const Lamb16Args args, float step_size,
