@@ -424,12 +424,9 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, js
         registry.check_available(benchmarks.registry_name(name))
     if json_path is not None:
         writable_dir(json_path.parent, "--json")
-    if loops is not None and not lamb16.native.use_loops(loops):
-        raise UserError(f"no {loops} loops in the CPU kernels built here (they run {lamb16.native.loops()}); "
-                        "choose another --loops")
     torch_device = studies.device_of(device)
     train_data = load_mnist(data_dir, True, torch_device, download=None)
-    with parallel.process_group(False, torch_device) as processes:
+    with benchmarks.kernel_loops(loops), parallel.process_group(False, torch_device) as processes:
         report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device,
                                 click.echo, processes)
     if json_path is not None and processes.is_main:

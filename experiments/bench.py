@@ -21,6 +21,7 @@ from lamb16 import state_nbytes
 from models import MnistCNN
 
 from . import registry
+from .errors import UserError
 from .data import MNIST_MEAN, MNIST_STD, Split
 from .loop import cpu_flush_denormal, make_model, train_step
 from .parallel import SINGLE, Parallel, barrier, shard_rows
@@ -88,6 +89,20 @@ def compiled_on_cpu(per_tensor: bool) -> Iterator[None]:
         yield
     finally:
         lamb16.native.usable, lamb16.compiled.compiles_on, lamb16.dispatch.compile_per_tensor = saved
+
+
+@contextlib.contextmanager
+def kernel_loops(name: str | None) -> Iterator[None]:
+    """The CPU kernels run the named loops (None: as they are) for the length
+    of the benchmark, then the ones they ran before."""
+    before = lamb16.native.loops()
+    if name is not None and not lamb16.native.use_loops(name):
+        raise UserError(f"no {name} loops in the CPU kernels built here (they run {before}); choose another --loops")
+    try:
+        yield
+    finally:
+        if before != "none":
+            lamb16.native.use_loops(before)
 
 
 def stepper(name: str, optimizer: torch.optim.Optimizer) -> Callable[[], object]:

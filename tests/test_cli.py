@@ -372,3 +372,12 @@ def test_deviation_gives_each_optimizers_distance_from_float32_state_over_seeds(
 def test_deviation_refuses_an_unknown_optimizer(data_dir):
     result = invoke("deviation", "--optimizers", "lamb16,adam9", "--data-dir", str(data_dir))
     assert result.exit_code == 2 and "adam9" in error_line(result)
+
+
+def test_bench_times_the_loops_it_is_asked_for_then_leaves_the_kernels_as_they_were(data_dir):
+    widest = lamb16.native.loops()
+    result = invoke("bench", "--sizes", "cnn", "--optimizers", "adam fused,lamb16", "--steps", "3", "--warmup", "1",
+                    "--batches", "1", "--loops", "portable", "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    assert "on the portable kernel loops" in result.output
+    assert lamb16.native.loops() == widest
