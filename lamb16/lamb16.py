@@ -122,6 +122,14 @@ def lamb16_partials(
     return torch.stack([m_stat, v_stat, clamped_square_sum(param, eps), clamped_square_sum(update, eps)])
 
 
+def norms_and_trust(
+    weight_sum: Tensor, update_sum: Tensor, numel: int | Tensor, trust_lr: Number, trust_scale: Number
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(weight_norm, adam_norm, trust_ratio) from a whole tensor's clamped square sums."""
+    weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
+    return weight_norm, adam_norm, lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
+
+
 def lamb16_finish(
     partials: Tensor, numel: int | Tensor, *, trust_lr: Number, eps: Number, trust_scale: Number, scaling: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -133,9 +141,7 @@ def lamb16_finish(
         m_scale, v_scale = seed_scales_from_sums(m_stat, v_stat, numel, eps)
     else:
         m_scale, v_scale = absmax_scales_from_maxima(m_stat, v_stat)
-    weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
-    return m_scale, v_scale, weight_norm, adam_norm, trust
+    return m_scale, v_scale, *norms_and_trust(weight_sum, update_sum, numel, trust_lr, trust_scale)
 
 
 def lamb16_apply(
@@ -302,14 +308,6 @@ def lamb16_block_partials(
     update = block_update(m, v, param, eps, weight_decay)
     sums = torch.stack([clamped_square_sum(param, eps), clamped_square_sum(update, eps)])
     return (sums, *block_maxima(m, v, block_size, phase))
-
-
-def norms_and_trust(
-    weight_sum: Tensor, update_sum: Tensor, numel: int | Tensor, trust_lr: Number, trust_scale: Number
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(weight_norm, adam_norm, trust_ratio) from a whole tensor's clamped square sums."""
-    weight_norm, adam_norm = weight_sum.sqrt() / numel, update_sum.sqrt() / numel
-    return weight_norm, adam_norm, lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
 
 
 def lamb16_block_apply(
