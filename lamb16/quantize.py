@@ -37,24 +37,29 @@ of the float32 moments (median over 30 checks); "drift" compares the fp8
 chain with the float32 one after 300 steps:
 
     tensor        elements  scaling  store m  store v  drift m  drift v  m saturated  m flushed  v flushed
-    conv1.weight       500  seed     0.571    0.051    0.882    0.520    45.3%        0.00%      0.00%
-    conv1.weight       500  absmax   0.026    0.053    0.062    0.478     0.0%        0.00%      0.00%
-    conv2.weight    25,000  seed     0.921    0.053    0.983    0.513    85.1%        0.00%      0.00%
-    conv2.weight    25,000  absmax   0.026    0.053    0.062    0.413     0.0%        0.00%      0.00%
-    fc1.weight     400,000  seed     0.939    0.053    0.980    0.332    63.3%        9.17%      3.68%
-    fc1.weight     400,000  absmax   0.027    0.053    0.066    0.313     0.0%       11.27%      0.00%
+    conv1.weight       500  seed     0.572    0.052    0.880    0.513    45.0%        0.00%      0.00%
+    conv1.weight       500  absmax   0.026    0.053    0.059    0.472     0.0%        0.00%      0.00%
+    conv1.weight       500  block    0.024    0.049    0.061    0.269     0.0%        0.00%      0.00%
+    conv2.weight    25,000  seed     0.921    0.053    0.983    0.516    85.5%        0.00%      0.00%
+    conv2.weight    25,000  absmax   0.026    0.053    0.062    0.412     0.0%        0.00%      0.00%
+    conv2.weight    25,000  block    0.026    0.051    0.061    0.365     0.0%        0.00%      0.00%
+    fc1.weight     400,000  seed     0.942    0.053    0.976    0.335    63.2%        8.83%      3.63%
+    fc1.weight     400,000  absmax   0.027    0.053    0.065    0.310     0.0%       10.82%      0.00%
+    fc1.weight     400,000  block    0.026    0.051    0.061    0.274     0.0%        0.55%      0.00%
 
-With absmax, one store loses 2.6-2.7% of the first moment on every size (the
-seed arithmetic 57-94%) and 5.3% of the second: the resolution of the formats
-themselves. What no scaling removes is the drift of v: e5m2 has 2 mantissa
-bits, so an increment of (1 - b2) = 0.1% per step rounds away, and the stored
-v lags the float32 one (by 31-48% after 300 steps here). Stochastic rounding
-would remove that bias but make the error a random walk whose spread settles
-near 1 / sqrt(1 - b2**2), some 22 times the per-step rounding error. LAMB16's
-trust ratio partly renormalises each layer's step, so the drift mostly
-reweights elements within a layer. fc1's 11% of m flushed to zero are
-elements below 2.2e-6 of the tensor's largest, mostly units whose gradient is
-already zero.
+With absmax or block scales, one store loses 2.4-2.7% of the first moment on
+every size (the seed arithmetic 57-94%) and 5% of the second: the resolution
+of the formats themselves. What no scaling removes is the drift of v: e5m2
+has 2 mantissa bits, so an increment of (1 - b2) = 0.1% per step rounds
+away, and the stored v strays from the float32 one (by 27-47% after 300 steps
+here; block scales, whose largest element in each block is stored exactly,
+least). Stochastic rounding would remove that bias but make the error a
+random walk whose spread settles near 1 / sqrt(1 - b2**2), some 22 times the
+per-step rounding error. LAMB16's trust ratio partly renormalises each
+layer's step, so the drift mostly reweights elements within a layer. fc1's
+11% of m flushed to zero under a scale per tensor are elements below 2.2e-6
+of the tensor's largest, mostly units whose gradient is already zero; block
+scales keep all but 0.55% of them.
 """
 
 import math
