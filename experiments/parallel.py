@@ -86,6 +86,9 @@ def process_group(fsdp: bool, device: torch.device) -> Iterator[Parallel]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Parallel("fsdp" if fsdp else "ddp", dist.get_rank(), dist.get_world_size())
+        # Every rank done before any tears the group down: a rank whose peer had
+        # already gone sometimes aborted in gloo's teardown (1 run in about 12).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
