@@ -40,6 +40,12 @@ inline Halves load_codes(const uint8_t* p) {
 inline void store_codes(uint8_t* p, Halves codes) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(_mm_srli_epi16(codes, 8), _mm_setzero_si128()));
 }
+// Both moments' codes through one pack.
+inline void store_codes(uint8_t* m, uint8_t* v, Halves m_codes, Halves v_codes) {
+  const __m128i both = _mm_packus_epi16(_mm_srli_epi16(m_codes, 8), _mm_srli_epi16(v_codes, 8));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(m), both);
+  _mm_storeh_pi(reinterpret_cast<__m64*>(v), _mm_castsi128_ps(both));
+}
 
 inline Floats float_of_half(Halves h) { return _mm256_cvtph_ps(h); }
 inline Halves half_of(Floats x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -72,6 +78,9 @@ inline Halves encode_e5m2(Floats x) {  // from 61440 up: inf; NaN stays NaN
   return half_of(with_sign_of(round_to_grid<2>(_mm256_min_ps(splat(0x1p16f), magnitude(x))), x));
 }
 inline Halves encode_unsigned_e5m2(Floats x) { return half_of(round_to_grid<2>(_mm256_min_ps(splat(0x1p16f), x))); }
+// v over an absmax scale of its own (at most 57344 give or take a rounding,
+// never inf: no saturation), floored at e5m2's smallest subnormal, NaN kept.
+inline Halves encode_absmax_e5m2(Floats x) { return half_of(round_to_grid<2>(_mm256_max_ps(splat(0x1p-16f), x))); }
 
 // x / E4M3_IN_HALF as e4m3, for x within +-1.75 give or take a rounding, and no NaN.
 inline Halves encode_unsaturated_e4m3_in_half(Floats x) {
@@ -97,14 +106,20 @@ inline float largest(Ints magnitudes) {  // the largest of 8 magnitudes given as
   return ::float_of(uint32_t(_mm_cvtsi128_si32(m)));
 }
 
-// body(p, g, mq, vq, valid) over a chunk, 8 elements at a time; `valid` has
-// its lanes set where elements are (all but in the last, short step, which runs
-// on zero-padded copies; kWrites: written back).
+// Every lane valid: a mask with nothing to take out, which the compiler
+// would otherwise apply (an AND with all ones is not folded for floats).
+struct AllLanes {};
+inline Floats masked(AllLanes, Floats x) { return x; }
+inline Floats masked(Floats valid, Floats x) { return _mm256_and_ps(valid, x); }
+
+// body(p, g, mq, vq, valid) over a chunk, 8 elements at a time; `valid` says
+// which lanes hold elements: AllLanes, but in the last, short step, which runs
+// on zero-padded copies, a mask (kWrites: written back). Bodies are generic
+// lambdas, compiled once for each.
 template <bool kWrites, typename Body>
 inline void for_each_8(float* p, const float* g, uint8_t* mq, uint8_t* vq, int64_t n, Body body) {
-  const Floats all = float_of(splat_int(0xFFFFFFFFu));
   int64_t i = 0;
-  for (; i + WIDTH <= n; i += WIDTH) body(p + i, g + i, mq + i, vq + i, all);
+  for (; i + WIDTH <= n; i += WIDTH) body(p + i, g + i, mq + i, vq + i, AllLanes{});
   const int64_t rest = n - i;
   if (rest == 0) return;
   alignas(32) float p8[WIDTH] = {}, g8[WIDTH] = {};
@@ -144,8 +159,9 @@ inline Moments lamb16_moments(const float* p, const float* g, const uint8_t* mq,
 }
 
 // clamp(x*x, lo, hi) where `valid`, 0 elsewhere.
-inline Floats clamped_square(Floats x, float lo, float hi, Floats valid) {
-  return _mm256_and_ps(valid, clamp(_mm256_mul_ps(x, x), lo, hi));
+template <typename Valid>
+inline Floats clamped_square(Floats x, float lo, float hi, Valid valid) {
+  return masked(valid, clamp(_mm256_mul_ps(x, x), lo, hi));
 }
 
 template <bool kSeed>
@@ -155,14 +171,14 @@ Lamb16Sums lamb16_chunk_sums(const float* __restrict p, const float* __restrict 
   Ints m_max = _mm256_setzero_si256(), v_max = m_max;  // as bits: a NaN's order above any number's
   // Read only: the chunk's arrays pass as writable for for_each_8, which writes nothing back here.
   for_each_8<false>(const_cast<float*>(p), g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
-                    [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+                    [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto valid) {
     const Moments x = lamb16_moments(pi, gi, mi, vi, args);
     if (kSeed) {  // padded lanes hold m = v = 0, which add nothing
       m_sum = _mm256_add_ps(m_sum, clamp(_mm256_mul_ps(x.m, x.m), 0.0f, 10.0f));
       v_sum = _mm256_add_ps(v_sum, clamp(_mm256_mul_ps(x.v, x.v), 0.0f, 10.0f));
     } else {
-      m_max = _mm256_max_epu32(m_max, magnitude_bits(x.m));
-      v_max = _mm256_max_epu32(v_max, magnitude_bits(x.v));
+      m_max = _mm256_max_epu32(magnitude_bits(x.m), m_max);
+      v_max = _mm256_max_epu32(magnitude_bits(x.v), v_max);
     }
     weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
     update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
@@ -182,11 +198,13 @@ inline void lamb16_store(float* p, uint8_t* mq, uint8_t* vq, const Moments& x, F
   };
   if (kSeed) {
     const float m_bound = 15.0f * E4M3_IN_HALF;
-    store_codes(mq, encode_m(clamp(_mm256_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
-    store_codes(vq, encode_unsigned_e5m2(_mm256_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
-  } else {
-    store_codes(mq, encode_m(_mm256_mul_ps(x.m, m_to_code)));
-    store_codes(vq, encode_unsigned_e5m2(_mm256_max_ps(splat(0x1p-16f), _mm256_mul_ps(x.v, v_to_code))));
+    store_codes(mq, vq, encode_m(clamp(_mm256_mul_ps(x.m, m_to_code), -m_bound, m_bound)),
+                encode_unsigned_e5m2(_mm256_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
+  } else if (kGeneral) {  // scales bound from the carry: v may lie above its top
+    store_codes(mq, vq, encode_m(_mm256_mul_ps(x.m, m_to_code)),
+                encode_unsigned_e5m2(_mm256_max_ps(splat(0x1p-16f), _mm256_mul_ps(x.v, v_to_code))));
+  } else {  // absmax scales of these very moments
+    store_codes(mq, vq, encode_m(_mm256_mul_ps(x.m, m_to_code)), encode_absmax_e5m2(_mm256_mul_ps(x.v, v_to_code)));
   }
   _mm256_storeu_ps(p, _mm256_fnmadd_ps(x.u, splat(step_size), x.p));
 }
@@ -197,7 +215,7 @@ void lamb16_chunk_apply(float* __restrict p, const float* __restrict g, uint8_t*
                         float step_size) {
   const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;  // as the portable loops
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
-  for_each_8<true>(p, g, mq, vq, n, [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats) {
+  for_each_8<true>(p, g, mq, vq, n, [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto) {
     lamb16_store<kSeed, false>(pi, mi, vi, lamb16_moments(pi, gi, mi, vi, args), m_to_code, v_to_code, step_size);
   });
 }
@@ -209,7 +227,7 @@ SinglePassSums lamb16_chunk_single_pass(float* __restrict p, const float* __rest
   const float m_inverse = 1.0f / m_scale, v_inverse = 1.0f / v_scale;
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
   Floats update = _mm256_setzero_ps(), m_sum = update, v_sum = update;
-  for_each_8<true>(p, g, mq, vq, n, [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+  for_each_8<true>(p, g, mq, vq, n, [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto valid) {
     const Moments x = lamb16_moments(pi, gi, mi, vi, args);
     lamb16_store<kSeed, true>(pi, mi, vi, x, m_to_code, v_to_code, step_size);
     if (kSeed) {  // padded lanes hold m = v = 0, which add nothing
@@ -239,10 +257,10 @@ inline NormSums lamb16_blocks_sums(const float* p, const float* g, const uint8_t
     Ints m_top = _mm256_setzero_si256(), v_top = m_top;  // padded lanes hold m = v = 0
     // Read only: the block's arrays pass as writable for for_each_8, which writes nothing back here.
     for_each_8<false>(const_cast<float*>(p + lo), g + lo, const_cast<uint8_t*>(mq + lo), const_cast<uint8_t*>(vq + lo),
-                      layout.length(b), [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+                      layout.length(b), [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto valid) {
       const Moments x = lamb16_moments(pi, gi, mi, vi, args);
-      m_top = _mm256_max_epu32(m_top, magnitude_bits(x.m));
-      v_top = _mm256_max_epu32(v_top, magnitude_bits(x.v));
+      m_top = _mm256_max_epu32(magnitude_bits(x.m), m_top);
+      v_top = _mm256_max_epu32(magnitude_bits(x.v), v_top);
       weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
       update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
     });
@@ -265,7 +283,7 @@ inline void lamb16_blocks_apply(float* p, const float* g, uint8_t* mq, uint8_t* 
     }
     const Floats m_to_code = splat(1.0f / new_m[b] * E4M3_IN_HALF), v_to_code = splat(1.0f / new_v[b]);
     for_each_8<true>(p + lo, g + lo, mq + lo, vq + lo, layout.length(b),
-                     [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats) {
+                     [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto) {
       lamb16_store<false, false>(pi, mi, vi, lamb16_moments(pi, gi, mi, vi, args), m_to_code, v_to_code, step_size);
     });
     m_scales[b] = new_m[b], v_scales[b] = new_v[b];
@@ -282,14 +300,14 @@ BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g
   Floats update = _mm256_setzero_ps();
   // The codes are only read (for_each_8 copies the last ones back unchanged).
   for_each_8<true>(p, g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
-                   [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, Floats valid) {
+                   [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto valid) {
     const Moments x = lamb16_moments(pi, gi, mi, vi, args);
     _mm256_storeu_ps(pi, _mm256_fnmadd_ps(x.u, splat(step_size), x.p));
     _mm256_storeu_ps(m_out, x.m);
     _mm256_storeu_ps(v_out, x.v);
     m_out += WIDTH, v_out += WIDTH;
-    m_top = _mm256_max_epu32(m_top, magnitude_bits(x.m));
-    v_top = _mm256_max_epu32(v_top, magnitude_bits(x.v));
+    m_top = _mm256_max_epu32(magnitude_bits(x.m), m_top);
+    v_top = _mm256_max_epu32(magnitude_bits(x.v), v_top);
     if (kSumUpdate) update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
   });
   return {largest(m_top), largest(v_top), sum(update)};
@@ -299,21 +317,17 @@ BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g
 inline void encode_block(const float* __restrict m, const float* __restrict v, int64_t n, float m_inverse,
                          float v_inverse, uint8_t* __restrict mq, uint8_t* __restrict vq) {
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
-  for (int64_t i = 0; i < n; i += WIDTH) {
-    const Halves m_codes = encode_unsaturated_e4m3_in_half(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_to_code));
-    const Halves v_codes = encode_unsigned_e5m2(
-        _mm256_max_ps(splat(0x1p-16f), _mm256_mul_ps(_mm256_loadu_ps(v + i), v_to_code)));
-    if (i + WIDTH <= n) {
-      store_codes(mq + i, m_codes);
-      store_codes(vq + i, v_codes);
-    } else {
-      uint8_t m8[WIDTH], v8[WIDTH];
-      store_codes(m8, m_codes);
-      store_codes(v8, v_codes);
-      std::memcpy(mq + i, m8, n - i);
-      std::memcpy(vq + i, v8, n - i);
-    }
-  }
+  const auto encode = [&](int64_t i, uint8_t* m_codes, uint8_t* v_codes) {
+    store_codes(m_codes, v_codes, encode_unsaturated_e4m3_in_half(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_to_code)),
+                encode_absmax_e5m2(_mm256_mul_ps(_mm256_loadu_ps(v + i), v_to_code)));
+  };
+  int64_t i = 0;
+  for (; i + WIDTH <= n; i += WIDTH) encode(i, mq + i, vq + i);
+  if (i == n) return;
+  uint8_t m8[WIDTH], v8[WIDTH];
+  encode(i, m8, v8);
+  std::memcpy(mq + i, m8, n - i);
+  std::memcpy(vq + i, v8, n - i);
 }
 
 inline float gradient_chunk_absmax(const float* __restrict g, int64_t n) {

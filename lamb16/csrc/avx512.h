@@ -94,6 +94,10 @@ inline Halves encode_e5m2(Floats x) {
 // The same for x at least +0, or NaN (of either sign, which it keeps).
 inline Halves encode_unsigned_e5m2(Floats x) { return half_of(round_to_grid<2>(_mm512_min_ps(splat(0x1p16f), x))); }
 
+// v over an absmax scale of its own (at most 57344 give or take a rounding,
+// never inf: no saturation), floored at e5m2's smallest subnormal, NaN kept.
+inline Halves encode_absmax_e5m2(Floats x) { return half_of(round_to_grid<2>(_mm512_max_ps(splat(0x1p-16f), x))); }
+
 // As the scalar encode_e4m3 of x / E4M3_IN_HALF, for x that needs no
 // saturation and is no NaN: within +-1.75 (448 here), give or take a rounding,
 // which rounds back to 1.75.
@@ -203,9 +207,12 @@ inline void lamb16_store(float* p, uint8_t* mq, uint8_t* vq, int64_t i, Lanes k,
     const float m_bound = 15.0f * E4M3_IN_HALF;
     store_codes(mq + i, k, encode_m(clamp(_mm512_mul_ps(x.m, m_to_code), -m_bound, m_bound)));
     store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_mul_ps(clamp(x.v, 0.0f, 10.0f), v_to_code)));
-  } else {
+  } else if (kGeneral) {  // scales bound from the carry: v may lie above its top
     store_codes(mq + i, k, encode_m(_mm512_mul_ps(x.m, m_to_code)));
     store_codes(vq + i, k, encode_unsigned_e5m2(_mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(x.v, v_to_code))));
+  } else {  // absmax scales of these very moments
+    store_codes(mq + i, k, encode_m(_mm512_mul_ps(x.m, m_to_code)));
+    store_codes(vq + i, k, encode_absmax_e5m2(_mm512_mul_ps(x.v, v_to_code)));
   }
   _mm512_mask_storeu_ps(p + i, k, _mm512_fnmadd_ps(x.u, splat(step_size), x.p));
 }
@@ -346,8 +353,7 @@ inline void encode_block(const float* __restrict m, const float* __restrict v, i
   const Floats m_to_code = splat(m_inverse * E4M3_IN_HALF), v_to_code = splat(v_inverse);
   for_each_16(n, [&](int64_t i, Lanes k) {
     store_codes(mq + i, k, encode_unsaturated_e4m3_in_half(_mm512_mul_ps(_mm512_loadu_ps(m + i), m_to_code)));
-    const Floats v_scaled = _mm512_max_ps(splat(0x1p-16f), _mm512_mul_ps(_mm512_loadu_ps(v + i), v_to_code));
-    store_codes(vq + i, k, encode_unsigned_e5m2(v_scaled));
+    store_codes(vq + i, k, encode_absmax_e5m2(_mm512_mul_ps(_mm512_loadu_ps(v + i), v_to_code)));
   });
 }
 
