@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lamb16.lamb16 import adam_direction, clamped_square_sum, lamb16_trust_ratio, new_moments, weight_norm_of
-from lamb16.lamb16 import DEFAULT_BLOCK_SIZE
+from lamb16.updates import adam_direction, clamped_square_sum, lamb16_trust_ratio, new_moments, weight_norm_of
+from lamb16.updates import DEFAULT_BLOCK_SIZE
 from lamb16.quantize import (E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, as_rows, block_grid, dequantize, dequantize_blocks,
                              from_rows, store_absmax, store_blocks, store_seed)
 

@@ -660,7 +660,7 @@ def test_the_trust_ratio_reads_the_scheduled_or_the_initial_lr(make, trust_lr):
     started from ("initial", so that lr x trust keeps the schedule's shape)."""
     if make.optimizer is not Lamb16:
         pytest.skip("Lamb's trust ratio reads no lr")
-    from lamb16.lamb16 import lamb16_trust_ratio
+    from lamb16.updates import lamb16_trust_ratio
 
     model = small_model()
     optimizer = make(model.parameters(), lr=LR, trust_lr=trust_lr)

@@ -248,7 +248,7 @@ def assert_same_run(a: tuple[list[nn.Parameter], Lamb16], b: tuple[list[nn.Param
 
 
 def assert_policy_holds(fused: bool, scaling: str) -> None:
-    """The policy (lamb16.lamb16.usable_gradient): a NaN, an infinity or a
+    """The policy (lamb16.updates.usable_gradient): a NaN, an infinity or a
     gradient whose square overflows float32 changes nothing but what a zero
     there would, bit for bit, so every weight and moment stays finite."""
     bad = runs_with_bad_gradients(fused, bad=True, scaling=scaling)
@@ -632,7 +632,7 @@ def test_a_piece_of_a_sharded_1d_tensor_passes_compiled_as_eagerly():
     """What a process runs for its piece of a 1-D tensor whose cut falls inside a
     block (off the CPU: compiled with dynamic shapes, the piece flat, its
     blocks' scales as a grid): both passes, starting 3 elements into a block."""
-    from lamb16.lamb16 import lamb16_block_apply, lamb16_block_partials
+    from lamb16.updates import lamb16_block_apply, lamb16_block_partials
 
     gen = torch.Generator().manual_seed(0)
     moments = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, block_size=8, phase=3)

@@ -12,7 +12,7 @@ import lamb16.lamb16
 from experiments.data import load_mnist
 from experiments.quantization import trajectory_deviation
 from lamb16 import Lamb16
-from lamb16.lamb16 import new_moments, weight_norm_of
+from lamb16.updates import new_moments, weight_norm_of
 from lamb16.quantize import E4M3_MAX, E5M2_MAX, dequantize
 
 FUSED = [pytest.param(True, id="kernels"), pytest.param(False, id="reference")]

@@ -92,7 +92,7 @@ struct Lamb16Args {
 };
 
 // A gradient element that is NaN or infinite, or whose square overflows
-// float32, counts as 0 (as usable_gradient() in lamb16.py): it would otherwise
+// float32, counts as 0 (as usable_gradient() in updates.py): it would otherwise
 // reach every element of its tensor through the scales and norms.
 inline float usable(float g) { return g * g < std::numeric_limits<float>::infinity() ? g : 0.0f; }
 

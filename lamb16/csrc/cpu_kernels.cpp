@@ -12,7 +12,7 @@
 // (LAMB's float32 moments are the exception: pass 1 stores them, see below.)
 // Lamb16's single pass reads the gradient alone for its absmax, then reads
 // and writes everything once (see "LAMB16, single pass"). The arithmetic is
-// that of lamb16/lamb16.py and lamb16/lamb.py, operation for operation; tests
+// that of lamb16/updates.py and lamb16/lamb.py, operation for operation; tests
 // check every set of loops against it. Beside them, the same passes'
 // memory traffic alone, for `bench`. No torch headers: the library loads this
 // through ctypes with raw pointers, so it builds in a few seconds.
@@ -62,7 +62,7 @@ inline int loops_for(float old_m_scale, float new_m_scale) {
 inline int64_t chunks_of(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
 
 // A LAMB16 step's reductions over n elements (pass 1), from the old scales in
-// args: {m_stat, v_stat, weight, update} as lamb16_partials() in lamb16.py:
+// args: {m_stat, v_stat, weight, update} as lamb16_partials() in updates.py:
 // largest |m| and v (NaN if any is) or the seed's sums, and the clamped square
 // sums of the weights and the update.
 struct Lamb16Partials {
@@ -196,7 +196,7 @@ float weight_norm(const float* param, int64_t n, float eps, int threads) {
 }
 
 // One single-pass LAMB16 step on n elements, from the old scales in args, the
-// carry (CARRY in lamb16.py) and the last step's update norm; out: {new m
+// carry (CARRY in updates.py) and the last step's update norm; out: {new m
 // scale, new v scale, weight_norm, adam_norm, trust_ratio, then the new carry's four}.
 void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq, int64_t n,
                              const Lamb16Args args, float lr, float trust_lr, float trust_scale, const float* carry,
@@ -267,7 +267,7 @@ void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, 
 
 // ------------------------------------------------- LAMB16, block scales ----
 //
-// scaling="block" (lamb16_block_update() in lamb16.py): n elements are rows of
+// scaling="block" (lamb16_block_update() in updates.py): n elements are rows of
 // row_length, each cut into blocks of block_size (the last one shorter), each
 // block with scales of its own in a grid laid out as the blocks are. A chunk
 // is a run of whole blocks. A block's new scales come from its own moments:

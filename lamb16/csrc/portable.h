@@ -76,7 +76,7 @@ void lamb16_chunk_apply(float* __restrict p, const float* __restrict g, uint8_t*
   }
 }
 
-// The single-pass step (lamb16_single_pass_update() in lamb16.py) reads the
+// The single-pass step (lamb16_single_pass_update() in updates.py) reads the
 // weights, gradient and codes once: its scales come from bounds that need only
 // the gradient's absmax (a read of the gradient alone before the pass), its
 // trust ratio from the last step's update norm. While it writes, it sums what
