@@ -23,7 +23,7 @@ from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, R
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
-from experiments.runs import free_path, fresh_dir, writable_dir
+from experiments.runs import fresh_dir, writable_dir, write_json
 from experiments.options import (
     POSITIVE,
     base_config,
@@ -234,17 +234,8 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
     train_data, test_data = load_data(data_dir, download, device)
     hold_out(train_data, chosen.val_size)  # a --val-size too large fails here, before the study exists
     ctx.meta["resume_hint"] = "the same python cli.py sweep command again (it resumes {run_dir})"
-    sweeps.open_study(chosen, out, storage, echo=click.echo, requeue=not prune)
-    if workers == 1:
-        with stop_on_signals() as stop:
-            sweeps.work(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, bars=progress, stop=stop,
-                        prune=prune)
-    else:
-        sweeps.run_workers(chosen, out, storage, data_dir, train_data.images.device, workers, echo=click.echo,
-                           prune=prune)
-    if retrain:
-        with stop_on_signals() as stop:
-            sweeps.retrain(chosen, out, storage, data_dir, train_data, test_data, echo=click.echo, stop=stop, bars=progress)
+    sweeps.run(chosen, out, storage, data_dir, train_data, test_data, workers=workers, prune=prune,
+               retrain_chosen=retrain, echo=click.echo, bars=progress)
     click.echo(tuning.report(out, target) + f"\nresults.csv, results.md and figures written to {out}")
 
 
@@ -278,29 +269,10 @@ def plot(run_dirs, output, title, log_y, force, tensorboard):
     Example:
       python cli.py plot runs/compare_b1024_lr0.02_wd0.01
     """
-    from experiments import aggregate
-    from experiments.runs import load_runs
-    from plots import check_figure_path, comparison_figure, figure_title
-
     check_tensorboard(tensorboard)
-    runs = load_runs(run_dirs, warn=lambda line: click.echo(f"warning: {line}", err=True))
-    if not runs:
-        raise UserError(f"no runs in {', '.join(map(str, run_dirs))}: a run directory holds config.json and metrics.jsonl")
-    if output is not None and output.exists() and not force:
-        raise UserError(f"{output} exists; pass --force to overwrite it, or choose another --output")
-    if output is not None:
-        try:
-            check_figure_path(output)
-        except ValueError as error:
-            raise UserError(f"--output {error}") from None
-    first = run_dirs[0]
-    output = output or free_path((first.parent if (first / "config.json").is_file() else first) / "figure.png")
-    writable_dir(output.parent, "--output")
-    groups = aggregate.group_runs(runs)
-    seeds = max(len(g) for g in groups.values())
-    comparison_figure(aggregate.all_curves(groups), output, title or figure_title([r.config for r in runs], seeds),
-                      log_y)
-    click.echo(aggregate.results_table(groups))
+    runs, table, output = studies.plot(list(run_dirs), output, title, log_y, force,
+                                       warn=lambda line: click.echo(line, err=True))
+    click.echo(table)
     click.echo(f"figure written to {output}")
     if tensorboard is not None:
         written = events.export_runs([run.path for run in runs], tensorboard)
@@ -349,8 +321,6 @@ def wide_range(optimizers, probes, zipf_vocab, zipf_steps, no_zipf, seed, json_p
     Example:
       python cli.py widerange --optimizers lamb16-absmax,lamb16-block256,bnb-adamw8bit --no-zipf
     """
-    import json
-
     names = (parse_list(optimizers, list(widerange.VARIANTS), "--optimizers") if optimizers
              else widerange.default_variants())
     probe_names = parse_list(probes, list(widerange.PROBES), "--probes") if probes.strip() else []
@@ -359,7 +329,7 @@ def wide_range(optimizers, probes, zipf_vocab, zipf_steps, no_zipf, seed, json_p
     task = None if no_zipf else widerange.ZipfTask(vocab=zipf_vocab, steps=zipf_steps)
     report = widerange.run_study(names, probe_names, task, seed, click.echo)
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
         click.echo(f"\nwritten to {json_path}")
 
 
@@ -416,8 +386,6 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, js
       torchrun --nproc-per-node 2 cli.py bench --sizes 10m --optimizers "adam fused,lamb,lamb16"
       python cli.py bench --sizes gpt150 --optimizers "adam fused,lamb16 compiled,lamb16 compiled per tensor"
     """
-    import json
-
     names = parse_list(optimizers, benchmarks.choices(), "--optimizers")
     set_names = parse_list(sizes, benchmarks.SIZES, "--sizes")
     for name in names:
@@ -430,7 +398,7 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, js
         report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device,
                                 click.echo, processes)
     if json_path is not None and processes.is_main:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
         click.echo(f"\nwritten to {json_path}")
 
 

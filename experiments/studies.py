@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from plots import comparison_figure, figure_title
+from plots import check_figure_path, comparison_figure, figure_title
 
 from . import aggregate, registry
 from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfig
@@ -18,7 +18,8 @@ from .data import Split
 from .errors import UserError
 from .loop import StopRequest, train_run
 from .parallel import SINGLE, Parallel, from_main
-from .runs import FINISHED, RunDir, check_resumable, fresh_dir, load_runs, run_metadata, write_atomic
+from .runs import (FINISHED, RunDir, check_resumable, free_path, fresh_dir, load_runs, run_metadata, writable_dir,
+                   write_atomic)
 
 Echo = Callable[[str], None]
 
@@ -91,17 +92,45 @@ def run_all(
                   events=tensorboard / path.name if tensorboard else None)
 
 
+def draw(runs: list[RunDir], figure: Path, title: str | None = None, log_y: bool = False) -> tuple[str, str, Path]:
+    """One mean curve with a seed band per optimizer and setting of `runs`;
+    returns the results table, the title and the figure's path."""
+    groups = aggregate.group_runs(runs)
+    seeds = max((len(g) for g in groups.values()), default=1)
+    title = title or figure_title([run.config for run in runs], seeds)
+    figure = comparison_figure(aggregate.all_curves(groups), figure, title, log_y)
+    return aggregate.results_table(groups), title, figure
+
+
 def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo = print,
            figure: Path | None = None) -> tuple[str, Path]:
     """Figure and results.md of the runs under `out`; returns the table and the figure's path."""
     runs = load_runs([out], warn=lambda line: echo(f"warning: {line}"))
-    groups = aggregate.group_runs(runs)
-    seeds = max((len(g) for g in groups.values()), default=1)
-    title = title or figure_title([run.config for run in runs], seeds)
-    figure = comparison_figure(aggregate.all_curves(groups), figure or out / "figure.png", title, log_y)
-    table = aggregate.results_table(groups)
+    table, title, figure = draw(runs, figure or out / "figure.png", title, log_y)
     write_atomic(out / "results.md", f"## {title}\n\n{table}\n".encode())
     return table, figure
+
+
+def plot(run_dirs: list[Path], output: Path | None, title: str | None, log_y: bool, force: bool,
+         warn: Echo = print) -> tuple[list[RunDir], str, Path]:
+    """The figure of saved runs (run directories, or folders holding them at
+    any depth), into `output` or a new figure.png beside them; returns the
+    runs, the results table and the figure's path. Checked before drawing."""
+    runs = load_runs(run_dirs, warn=lambda line: warn(f"warning: {line}"))
+    if not runs:
+        raise UserError(f"no runs in {', '.join(map(str, run_dirs))}: a run directory holds config.json and metrics.jsonl")
+    if output is not None and output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it, or choose another --output")
+    if output is not None:
+        try:
+            check_figure_path(output)
+        except ValueError as error:
+            raise UserError(f"--output {error}") from None
+    first = run_dirs[0]
+    output = output or free_path((first.parent if (first / "config.json").is_file() else first) / "figure.png")
+    writable_dir(output.parent, "--output")
+    table, _, figure = draw(runs, output, title, log_y)
+    return runs, table, figure
 
 
 def compare(

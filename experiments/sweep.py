@@ -468,6 +468,22 @@ def check_sweep(sweep: Sweep) -> None:
             raise UserError(f"{name} lists {repeated[0]} twice; list each value once")
 
 
+def run(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Split, test: Split, *, workers: int,
+        prune: bool, retrain_chosen: bool, echo: Echo = print, bars: bool | None = None) -> None:
+    """The sweep's queued points, on this process (`workers` 1, stopped by
+    Ctrl-C between batches) or on `workers` processes; then, with
+    `retrain_chosen`, each chosen setting trained again on all the images."""
+    open_study(sweep, out, storage, echo=echo, requeue=not prune)
+    if workers == 1:
+        with stop_on_signals() as stop:
+            work(sweep, out, storage, data_dir, train, test, echo=echo, bars=bars, stop=stop, prune=prune)
+    else:
+        run_workers(sweep, out, storage, data_dir, train.images.device, workers, echo=echo, prune=prune)
+    if retrain_chosen:
+        with stop_on_signals() as stop:
+            retrain(sweep, out, storage, data_dir, train, test, echo=echo, stop=stop, bars=bars)
+
+
 def retrain(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Split, test: Split, *,
             echo: Echo = print,
             stop: StopRequest | None = None, bars: bool | None = None) -> None:
