@@ -255,7 +255,7 @@ def train_epoch(
 def train_run(
     config: RunConfig, run: RunDir, train_data: Split, test_data: Split, *,
     bars: bool | None = None, echo: Echo = print, stop: StopRequest | None = None, parallel: Parallel = SINGLE,
-    prune: Callable[[int, float], bool] | None = None, events: Path | None = None,
+    prune: Callable[[int, float | None], bool] | None = None, events: Path | None = None,
 ) -> dict:
     """Train one model in `run`, from its last checkpoint if it has one; returns
     the summary it writes. A stop request ends it after the current batch with
@@ -263,7 +263,9 @@ def train_run(
     loss is not finite or exceeds DIVERGENCE_FACTOR times its first batch's.
     `prune(epoch, validation accuracy)`, asked after each epoch but the last
     (a sweep's rule), may end it there, checkpointed, with status "pruned"; it
-    resumes from there like an interrupted run. `events`: a folder the curves
+    resumes from there like an interrupted run. A run with no epoch yet is
+    asked `prune(0, None)` first (the sweep's rule across seeds), and may end
+    with status "pruned" before training at all. `events`: a folder the curves
     also go to as TensorBoard events, while it trains.
     Across processes (`parallel`) every rank calls it with the same run, and
     rank 0 alone writes to it."""
@@ -300,8 +302,12 @@ def train_run(
         status, diverged_loss, unsaved = "completed", None, None
         session_start = time.perf_counter()
         try:
+            if prune is not None and progress.epoch == 0 and prune(0, None):
+                log.write(kind="pruned", epoch=0, samples=0, time=now())
+                echo(f"{label:22s} pruned before its first epoch")
+                status = "pruned"
             with cpu_flush_denormal(device):
-                while progress.epoch < config.epochs:
+                while status != "pruned" and progress.epoch < config.epochs:
                     epoch_start = time.perf_counter()
                     order = torch.randperm(len(train_data), generator=order_generator).to(device)
                     outcome, train_loss = train_epoch(

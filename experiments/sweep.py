@@ -102,6 +102,8 @@ def middle_out(values: tuple[float, ...]) -> list[float]:
 # clearly below the best at that epoch among the points of the same optimizer,
 # batch size and seed: its error more than twice the best's, and at least half
 # a point more. Measured on a small grid both ways (README), the same lrs chosen.
+# A setting pruned on one seed is not trained on the others (it is out of the
+# choice either way): pruned_on_another_seed.
 PRUNE_GROUP = ("optimizer", "batch_size", "seed")
 PRUNE_ERROR_RATIO = 2.0
 PRUNE_MARGIN = 0.005
@@ -119,6 +121,26 @@ def best_peer(study, params: dict, name: str, epoch: int) -> float | None:
               if t.user_attrs.get("run") not in (None, name) and epoch in t.intermediate_values
               and all(t.params.get(k) == params[k] for k in PRUNE_GROUP)]
     return max(values, default=None)
+
+
+def params_of(trial) -> dict:
+    """A trial's point: its parameters, or while it waits in the queue, the ones it was queued with."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
+def pruned_on_another_seed(study, params: dict, name: str) -> bool:
+    """Whether `params`' setting (every parameter but the seed) stands pruned on
+    another seed. Such a setting is out of the choice (tuning.choose), so its
+    other seeds would train for nothing: with the seeds run in order, a grid's
+    later seeds train only the settings its first seed kept."""
+    import optuna
+
+    current: dict[str, Any] = {}  # run name -> its latest trial (a pruned point may be queued again)
+    for trial in study.get_trials(deepcopy=False):
+        run, point = trial.user_attrs.get("run"), params_of(trial)
+        if run not in (None, name) and point and all(point.get(k) == v for k, v in params.items() if k != "seed"):
+            current[run] = trial  # trials come in the order they were made
+    return any(t.state == optuna.trial.TrialState.PRUNED for t in current.values())
 
 
 def requeue_pruned(study) -> int:
@@ -232,7 +254,9 @@ def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print,
     again (a sweep without --prune)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Errors only: a point stopped by Ctrl-C is a trial Optuna logs as failed, with
+    # a traceback; the sweep says so in one line and queues it again.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     out.mkdir(parents=True, exist_ok=True)  # the runs, and the default storage
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=open_storage(storage_url(out, storage)), direction="maximize",
@@ -331,7 +355,7 @@ def remaining(study, out: Path) -> int:
 
 
 def run_point(config: RunConfig, out: Path, data_dir: Path, train, test, *, echo: Echo, stop: StopRequest | None,
-              bars: bool | None, folder: str = "runs", prune: Callable[[int, float], bool] | None = None,
+              bars: bool | None, folder: str = "runs", prune: Callable[[int, float | None], bool] | None = None,
               keep_pruned: bool = False) -> dict:
     """One point's run: trained (or resumed) in out/<folder>/<name>, or read back
     if it has ended (or was pruned, with `keep_pruned`)."""
@@ -372,9 +396,15 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             echo(f"[{worker}] {config.optimizer}, batch {config.batch_size}, lr {config.lr:g}, wd {config.wd:g}, "
                  + (f"warmup {config.warmup:g}, " if "warmup" in params else "")
                  + f"seed {config.seed} ({remaining(study, out)} more queued)")
-            def judge(epoch: int, accuracy: float) -> bool:
-                trial.report(accuracy, epoch)
-                best = best_peer(study, params, name, epoch) if prune else None
+            def judge(epoch: int, accuracy: float | None) -> bool:
+                if accuracy is not None:
+                    trial.report(accuracy, epoch)
+                if not prune:
+                    return False
+                if pruned_on_another_seed(study, params, name):
+                    echo(f"[{worker}] {name}: its setting was pruned on another seed; not trained further")
+                    return True
+                best = best_peer(study, params, name, epoch) if accuracy is not None else None
                 return best is not None and clearly_below(accuracy, best)
 
             with holding(lock_path(out, name, trial.number)):

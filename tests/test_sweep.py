@@ -71,7 +71,7 @@ def test_sweep_runs_each_point_once_writes_reports_and_a_rerun_trains_nothing(da
     assert len(queued_trials(out)) == 4
 
 
-def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path):
+def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path, capfd):
     """Stopped inside its third point, the sweep queues that point again; run
     again, it trains the two it had not finished (the stopped one resumed from
     its run directory) and not the two it had."""
@@ -84,6 +84,7 @@ def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path):
     with pytest.raises(Interrupted):
         sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None,
                     stop=StopAtCheck(2 * batches + batches // 2 + 1))
+    assert "Traceback" not in capfd.readouterr().err  # a stop is a status, not a crash
     statuses = {p.name: json.loads((p / "summary.json").read_text())["status"] for p in (out / "runs").iterdir()}
     assert sorted(statuses.values()) == ["completed", "completed", "interrupted"]
     stopped = next(name for name, status in statuses.items() if status == "interrupted")
@@ -349,6 +350,54 @@ def test_a_pruned_point_is_recorded_and_resumes_bit_for_bit_in_a_sweep_without_p
         ours = torch.load(tmp_path / "pruned" / "runs" / name / "checkpoint.pt", weights_only=True)["model"]
         theirs = torch.load(tmp_path / "whole" / "runs" / name / "checkpoint.pt", weights_only=True)["model"]
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_setting_pruned_on_one_seed_is_not_trained_on_the_others(data_dir, tmp_path):
+    """Seed 1 prunes lr 1e-5 after an epoch or two; that setting is then out of
+    the choice, so seed 2 records it pruned without training it, and finishes
+    it from scratch in a sweep without --prune."""
+    out = tmp_path / "seeds"
+    result = pruning_sweep(data_dir, out, "--prune", "--seeds", "1,2")
+    assert result.exit_code == 0, result.output
+    pruned = summaries(out)
+    first, second = "adamw_b16_lr1e-05_wd0.01_seed1", "adamw_b16_lr1e-05_wd0.01_seed2"
+    assert pruned[first]["status"] == "pruned" and 1 <= pruned[first]["epochs_completed"] < 3
+    assert pruned[second]["status"] == "pruned" and pruned[second]["epochs_completed"] == 0
+    assert trained_epochs(out)[second] == 0 and "pruned before its first epoch" in result.output
+    assert pruned["adamw_b16_lr0.003_wd0.01_seed2"]["status"] == "completed"  # kept on seed 1: trained on seed 2
+    states = {t.user_attrs["run"]: t.state for t in queued_trials(out)}
+    assert states[second] == optuna.trial.TrialState.PRUNED
+    assert "never trained: their setting was pruned on another seed" in (out / "results.md").read_text()
+    chosen = tuning.choose(load_runs([out / "runs"]))[("adamw", 16)].lr
+    assert chosen != 1e-5
+
+    again = pruning_sweep(data_dir, out, "--seeds", "1,2")  # without --prune: both seeds of it finish
+    assert again.exit_code == 0, again.output
+    assert {s["status"] for s in summaries(out).values()} == {"completed"}
+    assert trained_epochs(out)[second] == 3
+    kinds = [r["kind"] for r in read_records(out / "runs" / second / "metrics.jsonl")[0]]
+    assert "resumed" not in kinds  # nothing to resume from: trained from its first batch
+
+
+def test_a_setting_counts_as_pruned_on_another_seed_only_while_its_latest_trial_is_pruned():
+    study = optuna.create_study(direction="maximize")
+    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in dict(
+        optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]).items()}
+
+    def add(run: str, state, **params) -> None:
+        params = dict(dict(optimizer="adamw", batch_size=64, lr=0.001, seed=1), **params)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, state=state,
+                                                  value=0.9 if state == optuna.trial.TrialState.COMPLETE else None,
+                                                  user_attrs={"run": run}))
+
+    me = dict(optimizer="adamw", batch_size=64, lr=0.001, seed=2)
+    add("lr 0.01, seed 1", optuna.trial.TrialState.PRUNED, lr=0.01)  # another setting: no bearing on mine
+    assert not sweeps.pruned_on_another_seed(study, me, "me")
+    add("seed 1", optuna.trial.TrialState.PRUNED)
+    assert sweeps.pruned_on_another_seed(study, me, "me")
+    assert not sweeps.pruned_on_another_seed(study, dict(me, seed=1), "seed 1")  # its own trial is not another seed's
+    study.enqueue_trial(dict(optimizer="adamw", batch_size=64, lr=0.001, seed=1), user_attrs={"run": "seed 1"})
+    assert not sweeps.pruned_on_another_seed(study, me, "me")  # queued again to finish: no longer out
 
 
 def test_pruning_compares_a_point_only_with_its_own_optimizer_batch_size_and_seed():
