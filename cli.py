@@ -212,7 +212,7 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
 @click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes (the CPU threads split between them).")
-@click.option("--prune", is_flag=True, help="Stop a point after an epoch where its validation accuracy is clearly below the best of its optimizer, batch size and seed (error over twice the best's), and a setting pruned on one seed on its other seeds; a later sweep without --prune finishes them.")
+@click.option("--prune", is_flag=True, help="Stop a point after an epoch where its validation accuracy is clearly below the best of its optimizer, batch size and seed (error over twice the best's) on the first seed; later seeds train only the settings it kept, in full. A later sweep without --prune finishes them.")
 @click.option("--retrain", is_flag=True, help="Then train each chosen setting again on all the training images (into --out/retrained).")
 @data_options
 @click.pass_context

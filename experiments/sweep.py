@@ -98,12 +98,15 @@ def middle_out(values: tuple[float, ...]) -> list[float]:
     return [ordered[i] for i in sorted(range(len(ordered)), key=lambda i: (abs(i - center), i))]
 
 
-# --prune: a point is stopped after an epoch when its validation accuracy is
-# clearly below the best at that epoch among the points of the same optimizer,
-# batch size and seed: its error more than twice the best's, and at least half
-# a point more. Measured on a small grid both ways (README), the same lrs chosen.
-# A setting pruned on one seed is not trained on the others (it is out of the
-# choice either way): pruned_on_another_seed.
+# --prune: on the sweep's first seed, a point is stopped after an epoch when
+# its validation accuracy is clearly below the best at that epoch among the
+# points of the same optimizer, batch size and seed: its error more than twice
+# the best's, and at least half a point more. Measured on a small grid both ways
+# (README), the same lrs chosen. Later seeds are not judged by epoch: they train
+# in full the settings the first seed kept, so that the choice among those is by
+# the mean over every seed, and skip the ones it pruned (out of the choice either
+# way). Judged seed by seed, early noise would get one chance a seed to drop a
+# finalist (measured: LAMB16's best lr at batch 8192, at epoch 2 of a third seed).
 PRUNE_GROUP = ("optimizer", "batch_size", "seed")
 PRUNE_ERROR_RATIO = 2.0
 PRUNE_MARGIN = 0.005
@@ -128,19 +131,36 @@ def params_of(trial) -> dict:
     return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
-def pruned_on_another_seed(study, params: dict, name: str) -> bool:
+def first_seed_pruned(study, params: dict, first_seed: int) -> bool:
     """Whether `params`' setting (every parameter but the seed) stands pruned on
-    another seed. Such a setting is out of the choice (tuning.choose), so its
-    other seeds would train for nothing: with the seeds run in order, a grid's
-    later seeds train only the settings its first seed kept."""
+    the sweep's first seed (its latest trial: a pruned point may be queued again)."""
     import optuna
 
-    current: dict[str, Any] = {}  # run name -> its latest trial (a pruned point may be queued again)
-    for trial in study.get_trials(deepcopy=False):
-        run, point = trial.user_attrs.get("run"), params_of(trial)
-        if run not in (None, name) and point and all(point.get(k) == v for k, v in params.items() if k != "seed"):
-            current[run] = trial  # trials come in the order they were made
-    return any(t.state == optuna.trial.TrialState.PRUNED for t in current.values())
+    sibling = dict(params, seed=first_seed)
+    trials = [t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs and params_of(t) == sibling]
+    return bool(trials) and trials[-1].state == optuna.trial.TrialState.PRUNED
+
+
+def should_prune(study, params: dict, name: str, epoch: int, accuracy: float | None, first_seed: int) -> bool:
+    """The --prune rule for a point after `epoch` (0: before it trains, no accuracy yet)."""
+    if params["seed"] != first_seed:
+        return first_seed_pruned(study, params, first_seed)
+    best = best_peer(study, params, name, epoch) if accuracy is not None else None
+    return best is not None and clearly_below(accuracy, best)
+
+
+def requeue_finalists(study, first_seed: int) -> int:
+    """Points of later seeds that stand pruned though the first seed kept their
+    setting (pruned before the first seed's point ended, or by an earlier rule)
+    queued again, to train in full; returns how many."""
+    import optuna
+
+    latest = {t.user_attrs["run"]: t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs}
+    again = [(name, params_of(t)) for name, t in latest.items() if t.state == optuna.trial.TrialState.PRUNED
+             and params_of(t).get("seed") != first_seed and not first_seed_pruned(study, params_of(t), first_seed)]
+    for name, params in again:
+        study.enqueue_trial(params, user_attrs={"run": name})
+    return len(again)
 
 
 def requeue_pruned(study) -> int:
@@ -248,10 +268,11 @@ def serialize_sqlite_transactions(engine) -> None:
     engine.dispose()  # connections made before the listeners: closed, the next ones made with them
 
 
-def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print, requeue: bool = False):
+def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print, pruning: bool | None = None):
     """The sweep's study, created with every point queued, or joined: then its
-    grid and settings must be this sweep's. `requeue`: its pruned points queued
-    again (a sweep without --prune)."""
+    grid and settings must be this sweep's. `pruning` False (a sweep without
+    --prune): its pruned points queued again; True: its later seeds' pruned
+    points whose setting the first seed kept."""
     import optuna
 
     # Errors only: a point stopped by Ctrl-C is a trial Optuna logs as failed, with
@@ -272,8 +293,11 @@ def open_study(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print,
     elif Sweep.from_dict(stored) != sweep:
         raise UserError(f"{storage_url(out, storage)} holds another sweep ({describe(Sweep.from_dict(stored))}); "
                         "join it with the same options, or choose another --out or --storage")
-    elif requeue and (count := requeue_pruned(study)):
+    elif pruning is False and (count := requeue_pruned(study)):
         echo(f"{count} pruned point{'s' if count > 1 else ''} queued again, to resume without pruning")
+    elif pruning and (count := requeue_finalists(study, sweep.seeds[0])):
+        echo(f"{count} pruned point{'s' if count > 1 else ''} of later seeds queued again: the first seed kept "
+             f"{'their settings' if count > 1 else 'its setting'}")
     return study
 
 
@@ -399,13 +423,11 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
             def judge(epoch: int, accuracy: float | None) -> bool:
                 if accuracy is not None:
                     trial.report(accuracy, epoch)
-                if not prune:
+                if not prune or not should_prune(study, params, name, epoch, accuracy, sweep.seeds[0]):
                     return False
-                if pruned_on_another_seed(study, params, name):
-                    echo(f"[{worker}] {name}: its setting was pruned on another seed; not trained further")
-                    return True
-                best = best_peer(study, params, name, epoch) if accuracy is not None else None
-                return best is not None and clearly_below(accuracy, best)
+                if params["seed"] != sweep.seeds[0]:
+                    echo(f"[{worker}] {name}: its setting was pruned on seed {sweep.seeds[0]}; not trained further")
+                return True
 
             with holding(lock_path(out, name, trial.number)):
                 summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars,
@@ -503,7 +525,7 @@ def run(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Spl
     """The sweep's queued points, on this process (`workers` 1, stopped by
     Ctrl-C between batches) or on `workers` processes; then, with
     `retrain_chosen`, each chosen setting trained again on all the images."""
-    open_study(sweep, out, storage, echo=echo, requeue=not prune)
+    open_study(sweep, out, storage, echo=echo, pruning=prune)
     if workers == 1:
         with stop_on_signals() as stop:
             work(sweep, out, storage, data_dir, train, test, echo=echo, bars=bars, stop=stop, prune=prune)

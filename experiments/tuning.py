@@ -159,7 +159,7 @@ def pruning_lines(runs: list[Run]) -> list[str]:
     trained = sum(epochs_trained(r) for r in runs)
     by_pruning = sum(r.config["epochs"] - epochs_trained(r) for r in pruned)
     untrained = sum(epochs_trained(r) == 0 for r in pruned)
-    across = f" ({untrained} of them never trained: their setting was pruned on another seed)" if untrained else ""
+    across = f" ({untrained} of them never trained: their setting was pruned on the first seed)" if untrained else ""
     return [f"- Pruning: {len(pruned)} of {len(runs)} points stopped early, clearly behind their optimizer, batch "
             f"size and seed{across}; {trained} of the grid's {grid} epochs trained ({1 - trained / grid:.0%} saved, "
             f"{by_pruning / grid:.0%} by pruning, the rest by divergence)."]

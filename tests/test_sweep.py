@@ -352,10 +352,10 @@ def test_a_pruned_point_is_recorded_and_resumes_bit_for_bit_in_a_sweep_without_p
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_a_setting_pruned_on_one_seed_is_not_trained_on_the_others(data_dir, tmp_path):
+def test_a_setting_pruned_on_the_first_seed_is_not_trained_on_the_others(data_dir, tmp_path):
     """Seed 1 prunes lr 1e-5 after an epoch or two; that setting is then out of
-    the choice, so seed 2 records it pruned without training it, and finishes
-    it from scratch in a sweep without --prune."""
+    the choice, so seed 2 records it pruned without training it, trains the
+    others in full, and finishes it from scratch in a sweep without --prune."""
     out = tmp_path / "seeds"
     result = pruning_sweep(data_dir, out, "--prune", "--seeds", "1,2")
     assert result.exit_code == 0, result.output
@@ -364,10 +364,13 @@ def test_a_setting_pruned_on_one_seed_is_not_trained_on_the_others(data_dir, tmp
     assert pruned[first]["status"] == "pruned" and 1 <= pruned[first]["epochs_completed"] < 3
     assert pruned[second]["status"] == "pruned" and pruned[second]["epochs_completed"] == 0
     assert trained_epochs(out)[second] == 0 and "pruned before its first epoch" in result.output
-    assert pruned["adamw_b16_lr0.003_wd0.01_seed2"]["status"] == "completed"  # kept on seed 1: trained on seed 2
+    for lr in ("1e-05", "0.003", "0.01"):  # seed 2: in full where seed 1 kept the setting, else not at all
+        kept = pruned[f"adamw_b16_lr{lr}_wd0.01_seed1"]["status"] == "completed"
+        assert trained_epochs(out)[f"adamw_b16_lr{lr}_wd0.01_seed2"] == (3 if kept else 0)
+    assert pruned["adamw_b16_lr0.003_wd0.01_seed1"]["status"] == "completed"
     states = {t.user_attrs["run"]: t.state for t in queued_trials(out)}
     assert states[second] == optuna.trial.TrialState.PRUNED
-    assert "never trained: their setting was pruned on another seed" in (out / "results.md").read_text()
+    assert "never trained: their setting was pruned on the first seed" in (out / "results.md").read_text()
     chosen = tuning.choose(load_runs([out / "runs"]))[("adamw", 16)].lr
     assert chosen != 1e-5
 
@@ -379,25 +382,45 @@ def test_a_setting_pruned_on_one_seed_is_not_trained_on_the_others(data_dir, tmp
     assert "resumed" not in kinds  # nothing to resume from: trained from its first batch
 
 
-def test_a_setting_counts_as_pruned_on_another_seed_only_while_its_latest_trial_is_pruned():
+def grid_study(space: dict):
     study = optuna.create_study(direction="maximize")
-    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in dict(
-        optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]).items()}
+    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
 
-    def add(run: str, state, **params) -> None:
-        params = dict(dict(optimizer="adamw", batch_size=64, lr=0.001, seed=1), **params)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, state=state,
-                                                  value=0.9 if state == optuna.trial.TrialState.COMPLETE else None,
-                                                  user_attrs={"run": run}))
+    def add(run: str, state=optuna.trial.TrialState.COMPLETE, accuracies=(), **params):
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, state=state, user_attrs={"run": run},
+            value=0.9 if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values=dict(enumerate(accuracies, 1))))
+    return study, add
 
-    me = dict(optimizer="adamw", batch_size=64, lr=0.001, seed=2)
-    add("lr 0.01, seed 1", optuna.trial.TrialState.PRUNED, lr=0.01)  # another setting: no bearing on mine
-    assert not sweeps.pruned_on_another_seed(study, me, "me")
-    add("seed 1", optuna.trial.TrialState.PRUNED)
-    assert sweeps.pruned_on_another_seed(study, me, "me")
-    assert not sweeps.pruned_on_another_seed(study, dict(me, seed=1), "seed 1")  # its own trial is not another seed's
-    study.enqueue_trial(dict(optimizer="adamw", batch_size=64, lr=0.001, seed=1), user_attrs={"run": "seed 1"})
-    assert not sweeps.pruned_on_another_seed(study, me, "me")  # queued again to finish: no longer out
+
+def test_later_seeds_train_the_first_seeds_finalists_in_full_and_skip_the_rest():
+    study, add = grid_study(dict(optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]))
+    point = dict(optimizer="adamw", batch_size=64)
+    add("best, seed 1", accuracies=[0.99], lr=0.01, seed=1, **point)
+    add("best, seed 2", accuracies=[0.99], lr=0.01, seed=2, **point)
+    slow = dict(point, lr=0.001)
+    # Far behind at epoch 1: pruned on the first seed, judged by the first seed on the second.
+    assert sweeps.should_prune(study, dict(slow, seed=1), "slow, seed 1", 1, 0.5, first_seed=1)
+    assert not sweeps.should_prune(study, dict(slow, seed=2), "slow, seed 2", 1, 0.5, first_seed=1)
+    add("slow, seed 1", optuna.trial.TrialState.PRUNED, accuracies=[0.5], lr=0.001, seed=1, **point)
+    assert sweeps.should_prune(study, dict(slow, seed=2), "slow, seed 2", 0, None, first_seed=1)
+    assert not sweeps.should_prune(study, dict(point, lr=0.01, seed=2), "best, seed 2", 0, None, first_seed=1)
+
+
+def test_a_later_seeds_point_pruned_though_the_first_seed_kept_its_setting_is_queued_again():
+    study, add = grid_study(dict(optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]))
+    point = dict(optimizer="adamw", batch_size=64)
+    add("kept, seed 1", lr=0.01, seed=1, **point)
+    add("kept, seed 2", optuna.trial.TrialState.PRUNED, lr=0.01, seed=2, **point)  # by an earlier rule
+    add("out, seed 1", optuna.trial.TrialState.PRUNED, lr=0.001, seed=1, **point)
+    add("out, seed 2", optuna.trial.TrialState.PRUNED, lr=0.001, seed=2, **point)
+    assert sweeps.requeue_finalists(study, first_seed=1) == 1
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["run"] for t in waiting] == ["kept, seed 2"]
+    assert sweeps.requeue_finalists(study, first_seed=1) == 0  # queued already: its latest trial waits
+    add("out, seed 1", lr=0.001, seed=1, **point)  # finished by a sweep without --prune: no longer out
+    assert not sweeps.first_seed_pruned(study, dict(point, lr=0.001, seed=2), first_seed=1)
 
 
 def test_pruning_compares_a_point_only_with_its_own_optimizer_batch_size_and_seed():
