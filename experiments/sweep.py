@@ -429,9 +429,11 @@ def work(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Sp
                     echo(f"[{worker}] {name}: its setting was pruned on seed {sweep.seeds[0]}; not trained further")
                 return True
 
+            # Under --prune a pruned point stays so, but for a later seed's finalist (queued again to train in full).
+            finalist = params["seed"] != sweep.seeds[0] and not first_seed_pruned(study, params, sweep.seeds[0])
             with holding(lock_path(out, name, trial.number)):
                 summary = run_point(config, out, data_dir, train, test, echo=echo, stop=stop, bars=bars,
-                                    prune=judge, keep_pruned=prune)
+                                    prune=judge, keep_pruned=prune and not finalist)
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("final_test_accuracy", summary.get("final_test_accuracy"))
             if summary["status"] == "pruned":

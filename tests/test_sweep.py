@@ -382,6 +382,26 @@ def test_a_setting_pruned_on_the_first_seed_is_not_trained_on_the_others(data_di
     assert "resumed" not in kinds  # nothing to resume from: trained from its first batch
 
 
+def test_a_finalist_pruned_on_a_later_seed_trains_in_full_when_the_sweep_runs_again(data_dir, tmp_path):
+    """A later seed's point pruned though the first seed kept its setting (here:
+    the first seed's point finished since, as a sweep without --prune does) is
+    queued again by the next --prune sweep, and trains, not read back as pruned."""
+    out = tmp_path / "seeds"
+    assert pruning_sweep(data_dir, out, "--prune", "--seeds", "1,2").exit_code == 0
+    second = "adamw_b16_lr1e-05_wd0.01_seed2"
+    assert trained_epochs(out)[second] == 0
+    study = optuna.load_study(study_name=sweeps.STUDY_NAME, storage=sweeps.storage_url(out, None))
+    sweep = sweeps.Sweep.from_dict(study.user_attrs["sweep"])
+    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in sweep.search_space().items()}
+    study.add_trial(optuna.trial.create_trial(
+        params=dict(optimizer="adamw", batch_size=16, lr=1e-5, wd=0.01, seed=1), distributions=space, value=0.5,
+        user_attrs={"run": "adamw_b16_lr1e-05_wd0.01_seed1"}))  # the first seed's point, now kept
+    again = pruning_sweep(data_dir, out, "--prune", "--seeds", "1,2")
+    assert again.exit_code == 0, again.output
+    assert "1 pruned point of later seeds queued again" in again.output
+    assert summaries(out)[second]["status"] == "completed" and trained_epochs(out)[second] == 3
+
+
 def grid_study(space: dict):
     study = optuna.create_study(direction="maximize")
     distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
