@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -487,7 +488,10 @@ def run_workers(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, de
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; a SIGINT sent to this one alone is passed on
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGINT)
         for process in processes:
             process.join()
     codes = [p.exitcode for p in processes]

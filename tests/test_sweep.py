@@ -232,6 +232,38 @@ def test_a_sweep_killed_halfway_finishes_the_rest_when_started_again(data_dir, t
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
 
 
+def test_a_sigint_to_the_sweep_alone_stops_its_workers_and_queues_their_points_again(data_dir, tmp_path):
+    """Ctrl-C in a terminal reaches every process of the sweep; a SIGINT sent
+    to its main process alone (a job scheduler, kill -INT) must stop the
+    workers as well, not leave it waiting on them."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = sweep_args(data_dir, out, "--workers", "2")
+    args[args.index("--epochs") + 1] = "200"  # far longer than the test waits
+    command = [sys.executable, str(Path(cli.__file__)), *args]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # not this test's process group: only its pid gets the signal
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("runs/*/checkpoint.pt"))) < 2:
+        time.sleep(0.05)
+    os.kill(sweep.pid, signal.SIGINT)
+    try:
+        output, _ = sweep.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of it, workers included
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, output
+    assert output.count("stopped; its point is queued again") == 2 and "Traceback" not in output
+    statuses = {json.loads((p / "summary.json").read_text())["status"] for p in (out / "runs").iterdir()}
+    assert statuses == {"interrupted"}
+
+
 def test_the_report_says_how_sure_each_comparison_is():
     """LAMB16 against each other optimizer at each batch size, and each
     optimizer's largest batch against its smallest, paired by seed, each with
