@@ -240,16 +240,24 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
 
 
 @cli.command()
-@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("sweep_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the report of several sweeps together [default: the one sweep's folder].")
 @target_option
-def report(sweep_dir, target):
-    """Write a sweep's results.csv, results.md and figures from its stored runs, without training.
+def report(sweep_dirs, out, target):
+    """Write a sweep's results.csv, results.md and figures from its stored runs,
+    without training; of several sweeps (other batch sizes, optimizers or seeds), one report.
 
     \b
-    Example:
+    Examples:
       python cli.py report runs/sweep
+      python cli.py report runs/claims512 runs/claims8192 --out runs/claims
     """
-    click.echo(tuning.report(sweep_dir, target) + f"\nresults.csv, results.md and figures written to {sweep_dir}")
+    if out is None and len(sweep_dirs) > 1:
+        raise UserError(f"{len(sweep_dirs)} sweeps: give --out, the folder their one report goes in "
+                        "(e.g. --out runs/claims)")
+    out = out or sweep_dirs[0]
+    click.echo(tuning.report(out, target, sweeps=list(sweep_dirs)) + f"\nresults.csv, results.md and figures "
+               f"written to {out}")
 
 
 @cli.command()

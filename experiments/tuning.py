@@ -331,18 +331,36 @@ def batch_series(choices: dict[tuple[str, int], Choice]) -> list[Series]:
     return series
 
 
-def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print) -> str:
-    """results.csv, results.md, lr.png and batch.png of the runs under out/runs; returns the table."""
-    runs = [r for r in load_runs([out / "runs"], warn=lambda line: None) if "val_size" in r.config]
+def sweep_runs(sweeps: list[Path], folder: str = "runs") -> list[Run]:
+    """The runs under each sweep's `folder`, one of each point: the same point in
+    two sweeps would count its seed twice."""
+    runs = [r for r in load_runs([s / folder for s in sweeps if (s / folder).is_dir()], warn=lambda line: None)
+            if "val_size" in r.config or folder != "runs"]
+    where: dict[tuple, Path] = {}
+    for run in runs:
+        point = (*setting_of(run), run.config["seed"], run.config.get("val_size"))
+        if point in where:
+            raise UserError(f"{run.path.name} is in {where[point].parent} and in {run.path.parent}; report sweeps "
+                            "whose points differ (other batch sizes, optimizers or seeds)")
+        where[point] = run.path
+    return runs
+
+
+def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps: list[Path] | None = None) -> str:
+    """results.csv, results.md, lr.png and batch.png of the runs under out/runs,
+    or of several `sweeps` together (written to out); returns the table."""
+    sweeps = sweeps or [out]
+    runs = sweep_runs(sweeps)
     if not runs:
-        raise UserError(f"{out} holds no sweep runs (no {out / 'runs'} with run directories); give the --out of a "
-                        "sweep")
+        raise UserError(f"{', '.join(map(str, sweeps))} hold{'s' if len(sweeps) == 1 else ''} no sweep runs (no "
+                        "runs/ folder with run directories); give the --out of a sweep")
+    out.mkdir(parents=True, exist_ok=True)
     seeds = len({r.config["seed"] for r in runs})
     epochs = max(r.config["epochs"] for r in runs)
     title = f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''}, validation {runs[0].config['val_size']} images"
     choices = choose(runs)
     write_atomic(out / "results.csv", csv_text(runs, target).encode())
-    retrained = load_runs([out / "retrained"], warn=lambda line: None) if (out / "retrained").is_dir() else []
+    retrained = sweep_runs(sweeps, "retrained")
     text = results_markdown(choices, runs, target, title, retrained)
     figures = []
     if choices:

@@ -5,6 +5,7 @@ learning rate chosen by validation, never by the test set."""
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import optuna
@@ -133,6 +134,28 @@ def test_bad_sweep_options_are_one_line_errors(data_dir, tmp_path, option, value
     result = invoke(*args)
     assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output
     assert not (tmp_path / "sweep" / "sweep.db").exists()  # nothing queued
+
+
+def test_report_of_several_sweeps_compares_their_batch_sizes_in_one_report(data_dir, tmp_path):
+    small, large = tmp_path / "b32", tmp_path / "b64"
+    for out, batch in ((small, "32"), (large, "64")):
+        args = sweep_args(data_dir, out)
+        args[args.index("--batch-sizes") + 1] = batch
+        assert invoke(*args).exit_code == 0
+    before = (small / "results.md").read_text()
+    result = invoke("report", str(small), str(large), "--out", str(tmp_path / "both"))
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "both" / "results.md").read_text()
+    assert "| LAMB16 | 32 |" in markdown and "| LAMB16 | 64 |" in markdown
+    assert "Batch 64 against batch 32, each tuned, paired by seed" in markdown
+    assert len(list(csv.DictReader((tmp_path / "both" / "results.csv").open()))) == 8
+    assert (small / "results.md").read_text() == before  # each sweep's own report left as it was
+
+    no_out = invoke("report", str(small), str(large))
+    assert no_out.exit_code == 1 and "give --out" in no_out.output and len(no_out.output.splitlines()) == 1
+    shutil.copytree(small, tmp_path / "copy")  # the same points in two sweeps
+    twice = invoke("report", str(small), str(tmp_path / "copy"), "--out", str(tmp_path / "twice"))
+    assert twice.exit_code == 1 and "report sweeps whose points differ" in twice.output
 
 
 def test_report_of_a_folder_without_a_sweep_is_a_one_line_error(tmp_path):
