@@ -132,14 +132,18 @@ def params_of(trial) -> dict:
     return trial.params or trial.system_attrs.get("fixed_params", {})
 
 
+def latest_trials(study) -> dict[str, Any]:
+    """Each point's latest trial, by run name (a pruned or stopped point is queued again as a new trial)."""
+    return {t.user_attrs["run"]: t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs}
+
+
 def first_seed_pruned(study, params: dict, first_seed: int) -> bool:
-    """Whether `params`' setting (every parameter but the seed) stands pruned on
-    the sweep's first seed (its latest trial: a pruned point may be queued again)."""
+    """Whether `params`' setting (every parameter but the seed) stands pruned on the sweep's first seed."""
     import optuna
 
     sibling = dict(params, seed=first_seed)
-    trials = [t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs and params_of(t) == sibling]
-    return bool(trials) and trials[-1].state == optuna.trial.TrialState.PRUNED
+    return any(params_of(t) == sibling and t.state == optuna.trial.TrialState.PRUNED
+               for t in latest_trials(study).values())
 
 
 def should_prune(study, params: dict, name: str, epoch: int, accuracy: float | None, first_seed: int) -> bool:
@@ -156,8 +160,7 @@ def requeue_finalists(study, first_seed: int) -> int:
     queued again, to train in full; returns how many."""
     import optuna
 
-    latest = {t.user_attrs["run"]: t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs}
-    again = [(name, params_of(t)) for name, t in latest.items() if t.state == optuna.trial.TrialState.PRUNED
+    again = [(name, params_of(t)) for name, t in latest_trials(study).items() if t.state == optuna.trial.TrialState.PRUNED
              and params_of(t).get("seed") != first_seed and not first_seed_pruned(study, params_of(t), first_seed)]
     for name, params in again:
         study.enqueue_trial(params, user_attrs={"run": name})
@@ -169,15 +172,10 @@ def requeue_pruned(study) -> int:
     each resuming from the epoch it was pruned at); returns how many."""
     import optuna
 
-    trials = study.get_trials(deepcopy=False)
-    live = {t.user_attrs.get("run") for t in trials if t.state != optuna.trial.TrialState.PRUNED
-            and t.state != optuna.trial.TrialState.FAIL}
-    pruned = {t.user_attrs["run"]: t for t in trials
-              if t.state == optuna.trial.TrialState.PRUNED and "run" in t.user_attrs}
-    for name, trial in pruned.items():
-        if name not in live:
-            study.enqueue_trial(trial.params, user_attrs={"run": name})
-    return len(set(pruned) - live)
+    pruned = [(name, t.params) for name, t in latest_trials(study).items() if t.state == optuna.trial.TrialState.PRUNED]
+    for name, params in pruned:
+        study.enqueue_trial(params, user_attrs={"run": name})
+    return len(pruned)
 
 
 # The original README's claims (LAMB16 enables much larger batches, and beats
