@@ -9,9 +9,10 @@ compiler vectorizes (`loops()` says which). They include no torch
 headers, so the first use builds them in about two seconds with the system's
 C++ compiler (`$CXX`, else `c++`) and caches the library under
 `$LAMB16_CACHE_DIR` (default `~/.cache/lamb16`). One call runs a parameter
-group's updates, the small tensors several at once on the threads, the large
-ones each across all of them. Where no compiler can build the kernels, the
-optimizers warn once and use the reference.
+group's updates: with block scales (the default) all its tensors' chunks
+shared out among the threads in one go, otherwise the small tensors several at
+once on the threads and the large ones each across all of them. Where no
+compiler can build the kernels, the optimizers warn once and use the reference.
 """
 
 import _ctypes

@@ -350,20 +350,52 @@ def test_the_largest_moments_are_stored_at_the_top_of_fp8_never_past_it(magnitud
         assert int(v_codes.max()) == 0x7B, trial  # 57344
 
 
-def test_cpu_kernels_give_the_same_result_on_any_number_of_threads(loops):
+def same_state(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])
+def test_cpu_kernels_give_the_same_result_on_any_number_of_threads(single_pass, loops):
     threads = torch.get_num_threads()
+    hyper = dict(weight_decay=0.01, single_pass=single_pass)
     try:
         torch.set_num_threads(1)
-        one = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=SMALL_MANY)
+        one = twin_runs(Lamb16, hyper, shapes=SMALL_MANY)
         torch.set_num_threads(max(threads, 2))
-        many = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=SMALL_MANY)
+        many = twin_runs(Lamb16, hyper, shapes=SMALL_MANY)
     finally:
         torch.set_num_threads(threads)
-    # A small tensor is one thread's, whichever: the very same result. A large
-    # one differs only in the order its threads' partial sums add up.
-    for p, q in zip(one[0][:-1], many[0][:-1]):
+    # Each tensor's sums add up chunk by chunk in order, whichever thread took
+    # which chunk: the very same bits, the large tensor's (256 x 160) too.
+    for p, q in zip(one[0], many[0]):
         assert torch.equal(p, q)
-    torch.testing.assert_close(one[0][-1], many[0][-1], rtol=1e-6, atol=1e-8)
+        assert same_state(one[2].state[p], many[2].state[q])
+
+
+# Over a million elements: the exact step's phases (lamb16.native's BlockGroup),
+# the first a tensor of its own, the second several, rows of every kind.
+PHASES = [(1100, 1000), (700, 600), (3,), (300, 700), (70,), (600, 600), (500, 1000)]
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])
+def test_a_group_steps_each_tensor_as_it_would_step_alone(single_pass, loops):
+    gen = torch.Generator().manual_seed(0)
+    initial = [torch.randn(shape, generator=gen) for shape in PHASES]
+    together = [nn.Parameter(t.clone()) for t in initial]
+    alone = [nn.Parameter(t.clone()) for t in initial]
+    hyper = dict(lr=1e-2, weight_decay=0.01, single_pass=single_pass)
+    group = Lamb16(together, **hyper)
+    singles = [Lamb16([p], **hyper) for p in alone]
+    for _ in range(3):
+        for p, q in zip(together, alone):
+            p.grad = torch.randn(p.shape, generator=gen) * torch.exp(torch.randn(p.shape, generator=gen))
+            q.grad = p.grad.clone()
+        group.step()
+        for opt in singles:
+            opt.step()
+    for p, q, opt in zip(together, alone, singles):
+        assert torch.equal(p, q)
+        assert same_state(group.state[p], opt.state[q])
 
 
 def kernel_conversion(name: str, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -145,6 +145,7 @@ struct BlockLayout {
   int64_t chunks() const { return (count() + per_chunk() - 1) / per_chunk(); }
   int64_t first(int64_t c) const { return c * per_chunk(); }
   int64_t last(int64_t c) const { return std::min(count(), (c + 1) * per_chunk()); }  // one past
+  int64_t end(int64_t c) const { return start(last(c) - 1) + length(last(c) - 1); }  // one past its last element
   // Floats a block's moment buffer holds: whole vectors of the widest loops.
   int64_t buffer() const { return (std::min(block_size, row_length) + 15) / 16 * 16; }
 };

@@ -34,6 +34,7 @@
 #include "avx512.h"
 #include "portable.h"
 
+#include <array>
 #include <vector>
 
 namespace {
@@ -60,6 +61,14 @@ inline int loops_for(float old_m_scale, float new_m_scale) {
 }
 
 inline int64_t chunks_of(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
+
+// Chunks' sums added up in chunk order, in double: the same bits however many
+// threads summed the chunks, and whichever took which.
+inline NormSums in_order(const NormSums* parts, int64_t n) {
+  double weight = 0, update = 0;
+  for (int64_t c = 0; c < n; ++c) weight += parts[c].weight, update += parts[c].update;
+  return {float(weight), float(update)};
+}
 
 // A LAMB16 step's reductions over n elements (pass 1), from the old scales in
 // args: {m_stat, v_stat, weight, update} as lamb16_partials() in updates.py:
@@ -341,29 +350,13 @@ NormSums lamb16_block_first_pass(const float* param, const float* grad, const ui
   std::vector<float> unused(new_scales == nullptr ? 2 * layout.count() : 0);
   float* new_m = new_scales == nullptr ? unused.data() : new_scales;
   float* new_v = new_m + layout.count();
-  double weight = 0, update = 0;
-#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads) \
-    reduction(+ : weight, update)
-  for (int64_t c = 0; c < layout.chunks(); ++c) {
-    const NormSums s = blocks_sums(param, grad, exp_avg, exp_avg_sq, layout, layout.first(c), layout.last(c),
-                                   m_scales, v_scales, args, new_m, new_v);
-    weight += s.weight;
-    update += s.update;
-  }
-  return {float(weight), float(update)};
-}
-
-// The exact step's writes: each block's moments from its old scales, stored
-// over its new ones (which then replace the old), its weights moved.
-void lamb16_block_apply(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
-                        const BlockLayout& layout, float* m_scales, float* v_scales, const float* new_scales,
-                        const Lamb16Args args, float step_size, int threads) {
-  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
+  std::vector<NormSums> parts(layout.chunks());
 #pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads)
   for (int64_t c = 0; c < layout.chunks(); ++c) {
-    blocks_apply(param, grad, exp_avg, exp_avg_sq, layout, layout.first(c), layout.last(c), m_scales, v_scales,
-                 new_scales, new_scales + layout.count(), args, step_size);
+    parts[c] = blocks_sums(param, grad, exp_avg, exp_avg_sq, layout, layout.first(c), layout.last(c), m_scales,
+                           v_scales, args, new_m, new_v);
   }
+  return in_order(parts.data(), layout.chunks());
 }
 
 // The writes of every block with its maxima found in cache: its moments from
@@ -373,53 +366,55 @@ void lamb16_block_apply(float* param, const float* grad, uint8_t* exp_avg, uint8
 // the carry takes, the update's and (over each chunk just written, as
 // lamb16_block_weight_norm() sums it) the new weights'.
 template <bool kSinglePass>
+NormSums lamb16_chunk_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                             const BlockLayout& layout, int64_t c, float* m_scales, float* v_scales, Lamb16Args args,
+                             float step_size, float* buffer) {
+  float* m_buffer = buffer;
+  float* v_buffer = buffer + layout.buffer();
+  float update = 0;
+  for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
+    const int64_t lo = layout.start(b), len = layout.length(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    const BlockMoments x = block_moments_loop<kSinglePass>(loops_for(args.m_scale, args.m_scale))(
+        param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, step_size, m_buffer, v_buffer);
+    const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
+    m_scales[b] = m_scale, v_scales[b] = v_scale;
+    encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale, exp_avg + lo,
+                                             exp_avg_sq + lo);
+    update += x.update;
+  }
+  if (!kSinglePass) return {0.0f, 0.0f};
+  const int64_t lo = layout.start(layout.first(c));
+  return {weight_sum_loop()(param + lo, layout.end(c) - lo, args.eps), update};
+}
+
+template <bool kSinglePass>
 NormSums lamb16_block_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
-                             const BlockLayout& layout, float* m_scales, float* v_scales, Lamb16Args args,
+                             const BlockLayout& layout, float* m_scales, float* v_scales, const Lamb16Args args,
                              float step_size, int threads) {
-  const WeightSum chunk_weight_sum = weight_sum_loop();
-  double weight = 0, update = 0;
-#pragma omp parallel if (layout.n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight, update) \
-    firstprivate(args)
+  std::vector<NormSums> parts(layout.chunks());
+#pragma omp parallel if (layout.n >= PARALLEL_MIN) num_threads(threads)
   {
     std::vector<float> buffer(2 * layout.buffer());
-    float* m_buffer = buffer.data();
-    float* v_buffer = m_buffer + layout.buffer();
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < layout.chunks(); ++c) {
-      float chunk_update = 0;
-      for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
-        const int64_t lo = layout.start(b), len = layout.length(b);
-        args.m_scale = m_scales[b], args.v_scale = v_scales[b];
-        const BlockMoments x = block_moments_loop<kSinglePass>(loops_for(args.m_scale, args.m_scale))(
-            param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, step_size, m_buffer, v_buffer);
-        const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
-        m_scales[b] = m_scale, v_scales[b] = v_scale;
-        encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale,
-                                                 exp_avg + lo, exp_avg_sq + lo);
-        chunk_update += x.update;
-      }
-      if (kSinglePass) {
-        const int64_t lo = layout.start(layout.first(c));
-        const int64_t hi = layout.start(layout.last(c) - 1) + layout.length(layout.last(c) - 1);
-        weight += chunk_weight_sum(param + lo, hi - lo, args.eps);
-        update += chunk_update;
-      }
+      parts[c] = lamb16_chunk_writes<kSinglePass>(param, grad, exp_avg, exp_avg_sq, layout, c, m_scales, v_scales,
+                                                  args, step_size, buffer.data());
     }
   }
-  return {float(weight), float(update)};
+  return in_order(parts.data(), layout.chunks());
 }
 
 // weight_norm_of() chunk by chunk as the block single pass sums it.
 float lamb16_block_weight_norm(const float* param, const BlockLayout& layout, float eps, int threads) {
   const WeightSum chunk_weight_sum = weight_sum_loop();
-  double weight = 0;
-#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads) reduction(+ : weight)
+  std::vector<NormSums> parts(layout.chunks());
+#pragma omp parallel for schedule(static) if (layout.n >= PARALLEL_MIN) num_threads(threads)
   for (int64_t c = 0; c < layout.chunks(); ++c) {
     const int64_t lo = layout.start(layout.first(c));
-    const int64_t hi = layout.start(layout.last(c) - 1) + layout.length(layout.last(c) - 1);
-    weight += chunk_weight_sum(param + lo, hi - lo, eps);
+    parts[c] = {chunk_weight_sum(param + lo, layout.end(c) - lo, eps), 0.0f};
   }
-  return std::sqrt(float(weight)) / float(layout.n);
+  return std::sqrt(in_order(parts.data(), layout.chunks()).weight) / float(layout.n);
 }
 
 inline float lamb16_trust(float weight_norm, float adam_norm, float trust_lr, float trust_scale) {
@@ -616,6 +611,44 @@ T* address(int64_t value) {
 // A block-scale row's layout (numel in column 4, the row length in 11).
 inline BlockLayout layout_of(const int64_t* r, int block_size) { return BlockLayout(r[4], r[11], block_size); }
 
+// The block-scale steps' rows: param, grad, exp_avg, exp_avg_sq, numel,
+// exp_avg_scale and exp_avg_sq_scale (grids, read, then overwritten),
+// weight_norm, adam_norm, trust_ratio, carry (single pass: four floats, read,
+// then overwritten), row length.
+constexpr int64_t BLOCK_COLUMNS = 12;
+
+// A block step's tensors as one run of chunks, tensor t's from first[t] to
+// first[t + 1], that the threads share out in one parallel region: waking
+// them for each tensor's passes cost a tenth of an exact step of the 10 M set
+// on 2 cores (39 tensors), and more where the runtime lets them fall asleep.
+// The exact step goes phase by phase, a phase being tensors that add up to
+// PHASE elements (or one larger tensor): its first passes, then its writes,
+// which run on into the next phase's first passes (no wait between them) and
+// find what the first passes read still in the last-level cache.
+struct BlockGroup {
+  static constexpr int64_t PHASE = int64_t(1) << 20;
+  const int64_t* table;
+  std::vector<BlockLayout> layouts;
+  std::vector<int64_t> first{0}, blocks{0}, phases{0};  // count + 1 each but phases: the tensors phases start at
+  int64_t elements = 0, buffer = 0;                    // all of them; the largest block buffer
+
+  BlockGroup(const int64_t* table_, int64_t count, int block_size) : table(table_) {
+    layouts.reserve(count);
+    int64_t in_phase = 0;
+    for (int64_t t = 0; t < count; ++t) {
+      const BlockLayout& layout = layouts.emplace_back(layout_of(row(t), block_size));
+      first.push_back(first.back() + layout.chunks());
+      blocks.push_back(blocks.back() + layout.count());
+      elements += layout.n, in_phase += layout.n;
+      buffer = std::max(buffer, layout.buffer());
+      if (in_phase >= PHASE || t + 1 == count) phases.push_back(t + 1), in_phase = 0;
+    }
+  }
+  const int64_t* row(int64_t t) const { return table + t * BLOCK_COLUMNS; }
+  int64_t chunks() const { return first.back(); }
+  int64_t tensor_of(int64_t c) const { return std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1; }
+};
+
 inline Lamb16Args block_args(float beta1, float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
                              float weight_decay) {
   return {0.0f, 0.0f, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, false};
@@ -689,59 +722,99 @@ void lamb16_weight_norms(const int64_t* table, int64_t columns, int64_t count, f
   });
 }
 
-// The block-scale steps' rows: param, grad, exp_avg, exp_avg_sq, numel,
-// exp_avg_scale and exp_avg_sq_scale (grids, read, then overwritten),
-// weight_norm, adam_norm, trust_ratio, carry (single pass: four floats, read,
-// then overwritten), row length.
-constexpr int64_t BLOCK_COLUMNS = 12;
 
 
 void lamb16_block_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1, float beta2,
                         float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, float trust_scale,
                         int block_size, int threads) {
   const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
-  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
-    const int64_t* r = table + t * BLOCK_COLUMNS;
-    const BlockLayout layout = layout_of(r, block_size);
-    float* param = address<float>(r[0]);
-    const float* grad = address<const float>(r[1]);
-    uint8_t *exp_avg = address<uint8_t>(r[2]), *exp_avg_sq = address<uint8_t>(r[3]);
-    float *m_scales = address<float>(r[5]), *v_scales = address<float>(r[6]);
-    std::vector<float> new_scales(2 * layout.count());
-    const NormSums s = lamb16_block_first_pass(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, args,
-                                               new_scales.data(), tensor_threads);
-    const float weight_norm = std::sqrt(s.weight) / float(layout.n), adam_norm = std::sqrt(s.update) / float(layout.n);
-    const float trust = lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale);
-    lamb16_block_apply(param, grad, exp_avg, exp_avg_sq, layout, m_scales, v_scales, new_scales.data(), args,
-                       trust * lr, tensor_threads);
-    *address<float>(r[7]) = weight_norm;
-    *address<float>(r[8]) = adam_norm;
-    *address<float>(r[9]) = trust;
-  });
+  const BlockGroup group(table, count, block_size);
+  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
+  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
+  std::vector<float> new_scales(2 * group.blocks.back());  // tensor t's from 2 * blocks[t]: its m's, then its v's
+  std::vector<NormSums> parts(group.chunks());
+  const auto trust_of = [&](int64_t t, NormSums s) {
+    const float weight_norm = std::sqrt(s.weight) / float(group.layouts[t].n);
+    const float adam_norm = std::sqrt(s.update) / float(group.layouts[t].n);
+    return std::array<float, 3>{weight_norm, adam_norm, lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale)};
+  };
+#pragma omp parallel if (group.elements >= PARALLEL_MIN) num_threads(threads)
+  {
+    int64_t sized = -1;  // the tensor whose step size this thread has
+    float step_size = 0;
+    for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
+      const int64_t first = group.first[group.phases[phase]], last = group.first[group.phases[phase + 1]];
+#pragma omp for schedule(static)
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t t = group.tensor_of(c);
+        const BlockLayout& layout = group.layouts[t];
+        const int64_t* r = group.row(t);
+        float* new_m = new_scales.data() + 2 * group.blocks[t];
+        parts[c] = blocks_sums(address<const float>(r[0]), address<const float>(r[1]), address<const uint8_t>(r[2]),
+                               address<const uint8_t>(r[3]), layout, layout.first(c - group.first[t]),
+                               layout.last(c - group.first[t]), address<const float>(r[5]),
+                               address<const float>(r[6]), args, new_m, new_m + layout.count());
+      }
+      // The phase's sums are all in (the loop's barrier); its writes wait for no one.
+#pragma omp for schedule(static) nowait
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t t = group.tensor_of(c);
+        const BlockLayout& layout = group.layouts[t];
+        const int64_t* r = group.row(t);
+        if (t != sized) {
+          sized = t;
+          step_size = trust_of(t, in_order(parts.data() + group.first[t], layout.chunks()))[2] * lr;
+        }
+        const float* new_m = new_scales.data() + 2 * group.blocks[t];
+        blocks_apply(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                     address<uint8_t>(r[3]), layout, layout.first(c - group.first[t]),
+                     layout.last(c - group.first[t]), address<float>(r[5]), address<float>(r[6]), new_m,
+                     new_m + layout.count(), args, step_size);
+      }
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const std::array<float, 3> norms = trust_of(t, in_order(parts.data() + group.first[t], group.layouts[t].chunks()));
+    for (int k = 0; k < 3; ++k) *address<float>(group.row(t)[7 + k]) = norms[k];
+  }
 }
 
 void lamb16_block_single_pass_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1,
                                     float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
                                     float weight_decay, float trust_scale, int block_size, int threads) {
   const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
-  each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
-    const int64_t* r = table + t * BLOCK_COLUMNS;
-    const BlockLayout layout = layout_of(r, block_size);
+  const BlockGroup group(table, count, block_size);
+  std::vector<float> trusts(count);
+  for (int64_t t = 0; t < count; ++t) {  // from the carried weight norm and the last step's update norm
+    const int64_t* r = group.row(t);
+    trusts[t] = lamb16_trust(address<float>(r[10])[0], *address<float>(r[8]), trust_lr, trust_scale);
+  }
+  std::vector<NormSums> parts(group.chunks());
+#pragma omp parallel if (group.elements >= PARALLEL_MIN) num_threads(threads)
+  {
+    std::vector<float> buffer(2 * group.buffer);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < group.chunks(); ++c) {
+      const int64_t t = group.tensor_of(c);
+      const int64_t* r = group.row(t);
+      parts[c] = lamb16_chunk_writes<true>(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                                           address<uint8_t>(r[3]), group.layouts[t], c - group.first[t],
+                                           address<float>(r[5]), address<float>(r[6]), args, trusts[t] * lr,
+                                           buffer.data());
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t* r = group.row(t);
+    const float n = float(group.layouts[t].n);
+    const NormSums s = in_order(parts.data() + group.first[t], group.layouts[t].chunks());
     float* carry = address<float>(r[10]);
-    float* adam_norm = address<float>(r[8]);  // the last step's, then this step's
-    const float weight_norm = carry[0];
-    const float trust = lamb16_trust(weight_norm, *adam_norm, trust_lr, trust_scale);
-    const NormSums s = lamb16_block_writes<true>(address<float>(r[0]), address<const float>(r[1]),
-                                                 address<uint8_t>(r[2]), address<uint8_t>(r[3]), layout,
-                                                 address<float>(r[5]), address<float>(r[6]), args, trust * lr,
-                                                 tensor_threads);
-    *address<float>(r[7]) = weight_norm;
-    *adam_norm = std::sqrt(s.update) / float(layout.n);
-    *address<float>(r[9]) = trust;
-    carry[0] = std::sqrt(s.weight) / float(layout.n);
+    *address<float>(r[7]) = carry[0];
+    *address<float>(r[8]) = std::sqrt(s.update) / n;  // was the last step's
+    *address<float>(r[9]) = trusts[t];
+    carry[0] = std::sqrt(s.weight) / n;
     carry[1] = carry[2] = 0.0f;  // block scales carry no moment statistics
     carry[3] = 1.0f;
-  });
+  }
 }
 
 // The block steps' two passes apart, for the pieces of sharded tensors:
