@@ -372,9 +372,18 @@ def test_cpu_kernels_give_the_same_result_on_any_number_of_threads(single_pass, 
         assert same_state(one[2].state[p], many[2].state[q])
 
 
-# Over a million elements: the exact step's phases (lamb16.native's BlockGroup),
-# the first a tensor of its own, the second several, rows of every kind.
-PHASES = [(1100, 1000), (700, 600), (3,), (300, 700), (70,), (600, 600), (500, 1000)]
+# The exact step's phases (BlockGroup in cpu_kernels.cpp): a tensor of its own,
+# several that keep their updates, one over 4 M elements (2**22) that keeps
+# none, then two more, with rows of every kind.
+PHASES = [(1100, 1000), (700, 600), (3,), (300, 700), (70,), (4200, 1000), (600, 600), (500, 1000)]
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])
+def test_cpu_kernels_match_reference_phase_by_phase(single_pass, loops):
+    # Two steps (a single pass's first is exact): over 8.7 M elements, a third
+    # finds the rare code that rounded the other way and then nearly cancels.
+    hyper = dict(weight_decay=0.01, single_pass=single_pass)
+    assert_fused_matches_reference(*twin_runs(Lamb16, hyper, shapes=PHASES, steps=2))
 
 
 @pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])

@@ -124,9 +124,10 @@ struct NormSums {
 };
 
 // ...and what the writes find in a block: its largest |m| and |v| (NaN if a
-// moment is), and the sum of clamp(u*u, eps, 1) where asked for.
+// moment is), the sum of clamp(u*u, eps, 1) where asked for, and (the exact
+// step's first pass, which keeps the update) that of the old weights.
 struct BlockMoments {
-  float m_max, v_max, update;
+  float m_max, v_max, update, weight;
 };
 
 // A tensor seen as rows of row_length cut into blocks of block_size (the

@@ -310,7 +310,38 @@ BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g
     v_top = _mm256_max_epu32(magnitude_bits(x.v), v_top);
     if (kSumUpdate) update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
   });
-  return {largest(m_top), largest(v_top), sum(update)};
+  return {largest(m_top), largest(v_top), sum(update), 0.0f};
+}
+
+// As portable::lamb16_block_updates; u_out, like the moments' buffers, holds whole vectors.
+inline BlockMoments lamb16_block_updates(const float* __restrict p, const float* __restrict g,
+                                         const uint8_t* __restrict mq, const uint8_t* __restrict vq, int64_t n,
+                                         const Lamb16Args args, float* __restrict m_out, float* __restrict v_out,
+                                         float* __restrict u_out) {
+  Ints m_top = _mm256_setzero_si256(), v_top = m_top;  // padded lanes hold m = v = 0
+  Floats update = _mm256_setzero_ps(), weight = update;
+  // Read only: the block's arrays pass as writable for for_each_8, which writes nothing back here.
+  for_each_8<false>(const_cast<float*>(p), g, const_cast<uint8_t*>(mq), const_cast<uint8_t*>(vq), n,
+                    [&](float* pi, const float* gi, uint8_t* mi, uint8_t* vi, auto valid) {
+    const Moments x = lamb16_moments(pi, gi, mi, vi, args);
+    _mm256_storeu_ps(m_out, x.m);
+    _mm256_storeu_ps(v_out, x.v);
+    _mm256_storeu_ps(u_out, x.u);
+    m_out += WIDTH, v_out += WIDTH, u_out += WIDTH;
+    m_top = _mm256_max_epu32(magnitude_bits(x.m), m_top);
+    v_top = _mm256_max_epu32(magnitude_bits(x.v), v_top);
+    update = _mm256_add_ps(update, clamped_square(x.u, args.eps, 1.0f, valid));
+    weight = _mm256_add_ps(weight, clamped_square(x.p, args.eps, 1.0f, valid));
+  });
+  return {largest(m_top), largest(v_top), sum(update), sum(weight)};
+}
+
+inline void move_weights(float* __restrict p, const float* __restrict u, int64_t n, float step_size) {
+  int64_t i = 0;
+  for (; i + WIDTH <= n; i += WIDTH) {
+    _mm256_storeu_ps(p + i, _mm256_fnmadd_ps(_mm256_loadu_ps(u + i), splat(step_size), _mm256_loadu_ps(p + i)));
+  }
+  for (; i < n; ++i) p[i] = std::fma(-u[i], step_size, p[i]);  // one rounding, as the vectors'
 }
 
 // As avx512::encode_block; the last, short vector's codes through a copy.

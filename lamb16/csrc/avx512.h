@@ -342,7 +342,36 @@ BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g
     v_top = _mm512_max_epu32(v_top, magnitude_bits(x.v));
     if (kSumUpdate) update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
   });
-  return {largest(m_top), largest(v_top), sum(update)};
+  return {largest(m_top), largest(v_top), sum(update), 0.0f};
+}
+
+// As portable::lamb16_block_updates; u_out, like the moments' buffers, holds whole vectors.
+inline BlockMoments lamb16_block_updates(const float* __restrict p, const float* __restrict g,
+                                         const uint8_t* __restrict mq, const uint8_t* __restrict vq, int64_t n,
+                                         const Lamb16Args args, float* __restrict m_out, float* __restrict v_out,
+                                         float* __restrict u_out) {
+  Ints m_top = _mm512_setzero_si512(), v_top = m_top;  // lanes past the end hold m = v = 0
+  Floats update = _mm512_setzero_ps(), weight = update;
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    const Moments x = lamb16_moments(p, g, mq, vq, i, k, args);
+    _mm512_storeu_ps(m_out + i, x.m);
+    _mm512_storeu_ps(v_out + i, x.v);
+    _mm512_storeu_ps(u_out + i, x.u);
+    m_top = _mm512_max_epu32(m_top, magnitude_bits(x.m));
+    v_top = _mm512_max_epu32(v_top, magnitude_bits(x.v));
+    update = _mm512_mask_add_ps(update, k, update, clamp(_mm512_mul_ps(x.u, x.u), args.eps, 1.0f));
+    weight = _mm512_mask_add_ps(weight, k, weight, clamp(_mm512_mul_ps(x.p, x.p), args.eps, 1.0f));
+  });
+  return {largest(m_top), largest(v_top), sum(update), sum(weight)};
+}
+
+inline void move_weights(float* __restrict p, const float* __restrict u, int64_t n, float step_size) {
+  for_each_16(n, [&](int64_t i, Lanes k) {
+    prefetch(p, i), prefetch(u, i);
+    const Floats moved = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, u + i), splat(step_size),
+                                          _mm512_maskz_loadu_ps(k, p + i));
+    _mm512_mask_storeu_ps(p + i, k, moved);
+  });
 }
 
 // m over its block's scale needs no saturation and is no NaN here: the block's

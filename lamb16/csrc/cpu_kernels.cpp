@@ -36,6 +36,9 @@
 
 #include <array>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -296,6 +299,9 @@ using BlocksApplyLoop = void (*)(float*, const float*, uint8_t*, uint8_t*, const
 using BlockMomentsLoop = BlockMoments (*)(float*, const float*, const uint8_t*, const uint8_t*, int64_t,
                                           const Lamb16Args, float, float*, float*);
 using EncodeLoop = void (*)(const float*, const float*, int64_t, float, float, uint8_t*, uint8_t*);
+using BlockUpdatesLoop = BlockMoments (*)(const float*, const float*, const uint8_t*, const uint8_t*, int64_t,
+                                          const Lamb16Args, float*, float*, float*);
+using MoveLoop = void (*)(float*, const float*, int64_t, float);
 
 // The exact step's two passes over runs of blocks, by the loops that run.
 BlocksSumsLoop blocks_sums_loop() {
@@ -329,6 +335,26 @@ BlockMomentsLoop block_moments_loop(int which) {
   return portable::lamb16_block_moments<kSumUpdate>;
 }
 
+BlockUpdatesLoop block_updates_loop(int which) {
+#ifdef LAMB16_AVX512
+  if (which == AVX512_LOOPS) return avx512::lamb16_block_updates;
+#endif
+#ifdef LAMB16_AVX2
+  if (which == AVX2_LOOPS) return avx2::lamb16_block_updates;
+#endif
+  return portable::lamb16_block_updates;
+}
+
+MoveLoop move_loop() {
+#ifdef LAMB16_AVX512
+  if (loops == AVX512_LOOPS) return avx512::move_weights;
+#endif
+#ifdef LAMB16_AVX2
+  if (loops == AVX2_LOOPS) return avx2::move_weights;
+#endif
+  return portable::move_weights;
+}
+
 EncodeLoop encode_loop(int which) {
 #ifdef LAMB16_AVX512
   if (which == AVX512_LOOPS) return avx512::encode_block;
@@ -359,11 +385,11 @@ NormSums lamb16_block_first_pass(const float* param, const float* grad, const ui
   return in_order(parts.data(), layout.chunks());
 }
 
-// The writes of every block with its maxima found in cache: its moments from
-// its old scales into a buffer, its weights moved by step_size times the
-// update, its new scales (in place of the old) from its own maxima, its codes
-// (the single pass; a sharded tensor's pieces). kSinglePass: also the sums
-// the carry takes, the update's and (over each chunk just written, as
+// The writes of a chunk's blocks, each with its maxima found in cache: its
+// moments from its old scales into a buffer, its weights moved by step_size
+// times the update, its new scales (in place of the old) from its own maxima,
+// its codes (the single pass; a sharded tensor's pieces). kSinglePass: also
+// the sums the carry takes, the update's and (over the chunk just written, as
 // lamb16_block_weight_norm() sums it) the new weights'.
 template <bool kSinglePass>
 NormSums lamb16_chunk_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
@@ -388,21 +414,45 @@ NormSums lamb16_chunk_writes(float* param, const float* grad, uint8_t* exp_avg, 
   return {weight_sum_loop()(param + lo, layout.end(c) - lo, args.eps), update};
 }
 
-template <bool kSinglePass>
-NormSums lamb16_block_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
-                             const BlockLayout& layout, float* m_scales, float* v_scales, const Lamb16Args args,
-                             float step_size, int threads) {
-  std::vector<NormSums> parts(layout.chunks());
+// The exact step's first pass over a chunk whose update has room to be kept
+// (in u, from the chunk's first element on; whole vectors, so with room for
+// one past the chunk's end): each block's moments from its old scales, its
+// new scales from their maxima, its codes over them, its update into u; the
+// chunk's square sums of the weights and the update.
+NormSums lamb16_chunk_updates(const float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                              const BlockLayout& layout, int64_t c, float* m_scales, float* v_scales, Lamb16Args args,
+                              float* buffer, float* u) {
+  float* m_buffer = buffer;
+  float* v_buffer = buffer + layout.buffer();
+  const int64_t chunk_start = layout.start(layout.first(c));
+  float weight = 0, update = 0;
+  for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
+    const int64_t lo = layout.start(b), len = layout.length(b);
+    args.m_scale = m_scales[b], args.v_scale = v_scales[b];
+    const BlockMoments x = block_updates_loop(loops_for(args.m_scale, args.m_scale))(
+        param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_buffer, v_buffer, u + (lo - chunk_start));
+    const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
+    m_scales[b] = m_scale, v_scales[b] = v_scale;
+    encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale, exp_avg + lo,
+                                             exp_avg_sq + lo);
+    weight += x.weight, update += x.update;
+  }
+  return {weight, update};
+}
+
+// The writes of a sharded tensor's piece, by the step size its shards agreed on.
+void lamb16_block_writes(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp_avg_sq,
+                         const BlockLayout& layout, float* m_scales, float* v_scales, const Lamb16Args args,
+                         float step_size, int threads) {
 #pragma omp parallel if (layout.n >= PARALLEL_MIN) num_threads(threads)
   {
     std::vector<float> buffer(2 * layout.buffer());
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < layout.chunks(); ++c) {
-      parts[c] = lamb16_chunk_writes<kSinglePass>(param, grad, exp_avg, exp_avg_sq, layout, c, m_scales, v_scales,
-                                                  args, step_size, buffer.data());
+      lamb16_chunk_writes<false>(param, grad, exp_avg, exp_avg_sq, layout, c, m_scales, v_scales, args, step_size,
+                                 buffer.data());
     }
   }
-  return in_order(parts.data(), layout.chunks());
 }
 
 // weight_norm_of() chunk by chunk as the block single pass sums it.
@@ -618,15 +668,24 @@ inline BlockLayout layout_of(const int64_t* r, int block_size) { return BlockLay
 constexpr int64_t BLOCK_COLUMNS = 12;
 
 // A block step's tensors as one run of chunks, tensor t's from first[t] to
-// first[t + 1], that the threads share out in one parallel region: waking
-// them for each tensor's passes cost a tenth of an exact step of the 10 M set
-// on 2 cores (39 tensors), and more where the runtime lets them fall asleep.
+// first[t + 1], that the threads share out in one parallel region a step
+// instead of one or two a tensor (the CNN's steps and the AVX2 loops' at 10 M
+// measured 3-5% faster, the AVX-512 loops' the same); a tensor's sums, added
+// in chunk order, come out the same whatever the number of threads.
+//
 // The exact step goes phase by phase, a phase being tensors that add up to
-// PHASE elements (or one larger tensor): its first passes, then its writes,
-// which run on into the next phase's first passes (no wait between them) and
-// find what the first passes read still in the last-level cache.
+// PHASE elements or more (or one larger tensor), KEPT at most where it can:
+// the first pass over a phase stores its new codes and keeps its update, and
+// once every thread has its sums in, the writes move the weights by the
+// update kept. The moments and the update are computed once, not once a
+// pass, for 4 bytes an element written and read again, from the last-level
+// cache where the phase fits there (which PHASE is chosen for). Each thread
+// keeps the updates of its own share of a phase's chunks, and the same share
+// is its writes, so that no thread waits for another but at the sums. A
+// tensor over KEPT elements takes two passes that both compute the moments,
+// and keeps nothing.
 struct BlockGroup {
-  static constexpr int64_t PHASE = int64_t(1) << 20;
+  static constexpr int64_t PHASE = int64_t(1) << 20, KEPT = int64_t(1) << 22;
   const int64_t* table;
   std::vector<BlockLayout> layouts;
   std::vector<int64_t> first{0}, blocks{0}, phases{0};  // count + 1 each but phases: the tensors phases start at
@@ -637,6 +696,7 @@ struct BlockGroup {
     int64_t in_phase = 0;
     for (int64_t t = 0; t < count; ++t) {
       const BlockLayout& layout = layouts.emplace_back(layout_of(row(t), block_size));
+      if (in_phase > 0 && in_phase + layout.n > KEPT) phases.push_back(t), in_phase = 0;
       first.push_back(first.back() + layout.chunks());
       blocks.push_back(blocks.back() + layout.count());
       elements += layout.n, in_phase += layout.n;
@@ -647,12 +707,132 @@ struct BlockGroup {
   const int64_t* row(int64_t t) const { return table + t * BLOCK_COLUMNS; }
   int64_t chunks() const { return first.back(); }
   int64_t tensor_of(int64_t c) const { return std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1; }
+  int64_t chunk_start(int64_t c) const {  // in its tensor
+    const int64_t t = tensor_of(c);
+    return layouts[t].start(layouts[t].first(c - first[t]));
+  }
+  int64_t chunk_length(int64_t c) const {
+    const int64_t t = tensor_of(c), local = c - first[t];
+    return layouts[t].end(local) - layouts[t].start(layouts[t].first(local));
+  }
+  int64_t phase_elements(int64_t phase) const {
+    int64_t n = 0;
+    for (int64_t t = phases[phase]; t < phases[phase + 1]; ++t) n += layouts[t].n;
+    return n;
+  }
 };
+
+// This thread's share of chunks first to last (one past), the same each time it asks.
+inline std::pair<int64_t, int64_t> my_share(int64_t first, int64_t last) {
+#ifdef _OPENMP
+  const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+  const int64_t team = 1, me = 0;
+#endif
+  return {first + (last - first) * me / team, first + (last - first) * (me + 1) / team};
+}
 
 inline Lamb16Args block_args(float beta1, float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
                              float weight_decay) {
   return {0.0f, 0.0f, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, false};
 }
+
+// The exact step of a block group (see BlockGroup), a phase at a time, each
+// phase run by every thread of the region.
+struct ExactBlockStep {
+  const BlockGroup& group;
+  const Lamb16Args args;
+  const float lr, trust_lr, trust_scale;
+  std::vector<NormSums> parts;   // each chunk's square sums
+  std::vector<float> new_scales;  // in two passes, tensor t's from 2 * blocks[t]: its m's, then its v's
+  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
+  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
+  const MoveLoop move_weights = move_loop();
+
+  ExactBlockStep(const BlockGroup& group_, Lamb16Args args_, float lr_, float trust_lr_, float trust_scale_)
+      : group(group_), args(args_), lr(lr_), trust_lr(trust_lr_), trust_scale(trust_scale_), parts(group_.chunks()) {
+    for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
+      if (group.phase_elements(phase) > BlockGroup::KEPT) new_scales.resize(2 * group.blocks.back());
+    }
+  }
+
+  // What a thread keeps: its block buffer, its updates (between steps too:
+  // no page faults), and the step size of the tensor it last moved.
+  struct Thread {
+    std::vector<float> buffer;
+    std::vector<float>& kept;
+    int64_t sized = -1;
+    float step_size = 0;
+    explicit Thread(const BlockGroup& group) : buffer(2 * group.buffer), kept(thread_kept()) {}
+    static std::vector<float>& thread_kept() {
+      static thread_local std::vector<float> kept;
+      return kept;
+    }
+  };
+
+  // Tensor t's {weight_norm, adam_norm, trust_ratio}, from its chunks' sums.
+  std::array<float, 3> norms(int64_t t) const {
+    const NormSums s = in_order(parts.data() + group.first[t], group.layouts[t].chunks());
+    const float weight_norm = std::sqrt(s.weight) / float(group.layouts[t].n);
+    const float adam_norm = std::sqrt(s.update) / float(group.layouts[t].n);
+    return {weight_norm, adam_norm, lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale)};
+  }
+  float step_size(int64_t t, Thread& thread) const {
+    if (t != thread.sized) thread.sized = t, thread.step_size = norms(t)[2] * lr;
+    return thread.step_size;
+  }
+
+  // The first pass stores the codes and keeps the update of this thread's
+  // share of the phase's chunks; once every thread's sums are in, the same
+  // share moves its weights. No thread waits for another but at the sums.
+  void keeping_updates(int64_t phase, Thread& thread) {
+    const auto [mine, past] = my_share(group.first[group.phases[phase]], group.first[group.phases[phase + 1]]);
+    int64_t length = 16;  // room for a whole vector past the end
+    for (int64_t c = mine; c < past; ++c) length += group.chunk_length(c);
+    if (int64_t(thread.kept.size()) < length) thread.kept.resize(length);
+    for (int64_t c = mine, at = 0; c < past; at += group.chunk_length(c), ++c) {
+      const int64_t t = group.tensor_of(c);
+      const int64_t* r = group.row(t);
+      parts[c] = lamb16_chunk_updates(address<const float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                                      address<uint8_t>(r[3]), group.layouts[t], c - group.first[t],
+                                      address<float>(r[5]), address<float>(r[6]), args, thread.buffer.data(),
+                                      thread.kept.data() + at);
+    }
+#pragma omp barrier
+    for (int64_t c = mine, at = 0; c < past; at += group.chunk_length(c), ++c) {
+      const int64_t t = group.tensor_of(c);
+      move_weights(address<float>(group.row(t)[0]) + group.chunk_start(c), thread.kept.data() + at,
+                   group.chunk_length(c), step_size(t, thread));
+    }
+  }
+
+  // The sums and each block's new scales, then the writes, which compute the
+  // moments and the update again and run on into the next phase (no wait).
+  void in_two_passes(int64_t phase, Thread& thread) {
+    const int64_t first = group.first[group.phases[phase]], last = group.first[group.phases[phase + 1]];
+#pragma omp for schedule(static)
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t t = group.tensor_of(c);
+      const BlockLayout& layout = group.layouts[t];
+      const int64_t* r = group.row(t);
+      float* new_m = new_scales.data() + 2 * group.blocks[t];
+      parts[c] = blocks_sums(address<const float>(r[0]), address<const float>(r[1]), address<const uint8_t>(r[2]),
+                             address<const uint8_t>(r[3]), layout, layout.first(c - group.first[t]),
+                             layout.last(c - group.first[t]), address<const float>(r[5]), address<const float>(r[6]),
+                             args, new_m, new_m + layout.count());
+    }
+#pragma omp for schedule(static) nowait
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t t = group.tensor_of(c);
+      const BlockLayout& layout = group.layouts[t];
+      const int64_t* r = group.row(t);
+      const float* new_m = new_scales.data() + 2 * group.blocks[t];
+      blocks_apply(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]), address<uint8_t>(r[3]),
+                   layout, layout.first(c - group.first[t]), layout.last(c - group.first[t]), address<float>(r[5]),
+                   address<float>(r[6]), new_m, new_m + layout.count(), args, step_size(t, thread));
+    }
+  }
+};
 
 }  // namespace
 
@@ -727,54 +907,22 @@ void lamb16_weight_norms(const int64_t* table, int64_t columns, int64_t count, f
 void lamb16_block_steps(const int64_t* table, int64_t count, float lr, float trust_lr, float beta1, float beta2,
                         float one_minus_beta1, float one_minus_beta2, float eps, float weight_decay, float trust_scale,
                         int block_size, int threads) {
-  const Lamb16Args args = block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay);
   const BlockGroup group(table, count, block_size);
-  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
-  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
-  std::vector<float> new_scales(2 * group.blocks.back());  // tensor t's from 2 * blocks[t]: its m's, then its v's
-  std::vector<NormSums> parts(group.chunks());
-  const auto trust_of = [&](int64_t t, NormSums s) {
-    const float weight_norm = std::sqrt(s.weight) / float(group.layouts[t].n);
-    const float adam_norm = std::sqrt(s.update) / float(group.layouts[t].n);
-    return std::array<float, 3>{weight_norm, adam_norm, lamb16_trust(weight_norm, adam_norm, trust_lr, trust_scale)};
-  };
+  ExactBlockStep step(group, block_args(beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay), lr,
+                      trust_lr, trust_scale);
 #pragma omp parallel if (group.elements >= PARALLEL_MIN) num_threads(threads)
   {
-    int64_t sized = -1;  // the tensor whose step size this thread has
-    float step_size = 0;
+    ExactBlockStep::Thread mine(group);
     for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
-      const int64_t first = group.first[group.phases[phase]], last = group.first[group.phases[phase + 1]];
-#pragma omp for schedule(static)
-      for (int64_t c = first; c < last; ++c) {
-        const int64_t t = group.tensor_of(c);
-        const BlockLayout& layout = group.layouts[t];
-        const int64_t* r = group.row(t);
-        float* new_m = new_scales.data() + 2 * group.blocks[t];
-        parts[c] = blocks_sums(address<const float>(r[0]), address<const float>(r[1]), address<const uint8_t>(r[2]),
-                               address<const uint8_t>(r[3]), layout, layout.first(c - group.first[t]),
-                               layout.last(c - group.first[t]), address<const float>(r[5]),
-                               address<const float>(r[6]), args, new_m, new_m + layout.count());
-      }
-      // The phase's sums are all in (the loop's barrier); its writes wait for no one.
-#pragma omp for schedule(static) nowait
-      for (int64_t c = first; c < last; ++c) {
-        const int64_t t = group.tensor_of(c);
-        const BlockLayout& layout = group.layouts[t];
-        const int64_t* r = group.row(t);
-        if (t != sized) {
-          sized = t;
-          step_size = trust_of(t, in_order(parts.data() + group.first[t], layout.chunks()))[2] * lr;
-        }
-        const float* new_m = new_scales.data() + 2 * group.blocks[t];
-        blocks_apply(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
-                     address<uint8_t>(r[3]), layout, layout.first(c - group.first[t]),
-                     layout.last(c - group.first[t]), address<float>(r[5]), address<float>(r[6]), new_m,
-                     new_m + layout.count(), args, step_size);
+      if (group.phase_elements(phase) <= BlockGroup::KEPT) {
+        step.keeping_updates(phase, mine);
+      } else {
+        step.in_two_passes(phase, mine);
       }
     }
   }
   for (int64_t t = 0; t < count; ++t) {
-    const std::array<float, 3> norms = trust_of(t, in_order(parts.data() + group.first[t], group.layouts[t].chunks()));
+    const std::array<float, 3> norms = step.norms(t);
     for (int k = 0; k < 3; ++k) *address<float>(group.row(t)[7 + k]) = norms[k];
   }
 }
@@ -844,9 +992,9 @@ void lamb16_block_applies(const int64_t* table, int64_t count, float beta1, floa
   each_tensor(table, BLOCK_COLUMNS, count, threads, [&](int64_t t, int tensor_threads) {
     const int64_t* r = table + t * BLOCK_COLUMNS;
     const float* f = finished + 4 * t;
-    lamb16_block_writes<false>(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
-                               address<uint8_t>(r[3]), layout_of(r, block_size), address<float>(r[5]),
-                               address<float>(r[6]), args, f[3], tensor_threads);
+    lamb16_block_writes(address<float>(r[0]), address<const float>(r[1]), address<uint8_t>(r[2]),
+                        address<uint8_t>(r[3]), layout_of(r, block_size), address<float>(r[5]), address<float>(r[6]),
+                        args, f[3], tensor_threads);
     for (int k = 0; k < 3; ++k) *address<float>(r[7 + k]) = f[k];
   });
 }

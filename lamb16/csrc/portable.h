@@ -224,7 +224,38 @@ BlockMoments lamb16_block_moments(float* __restrict p, const float* __restrict g
     v_top = std::max(v_top, bits_of(v) & 0x7FFFFFFFu);
     if (kSumUpdate) update += clamp(u * u, eps, 1.0f);
   }
-  return {float_of(m_top), float_of(v_top), update};
+  return {float_of(m_top), float_of(v_top), update, 0.0f};
+}
+
+// The exact step's first pass over a block, where its update has room to be
+// kept: the moments as lamb16_block_moments, the update into u_out (the
+// weights move later, by move_weights), and the sums of the update and of
+// the weights as they were.
+BlockMoments lamb16_block_updates(const float* __restrict p, const float* __restrict g, const uint8_t* __restrict mq,
+                                  const uint8_t* __restrict vq, int64_t n, const Lamb16Args args,
+                                  float* __restrict m_out, float* __restrict v_out, float* __restrict u_out) {
+  uint32_t m_top = 0, v_top = 0;
+  float update = 0, weight = 0;
+  const float eps = args.eps;
+#pragma omp simd simdlen(16) reduction(max : m_top, v_top) reduction(+ : update, weight)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = lamb16_m(mq[i], g[i], args), v = lamb16_v(vq[i], g[i], args);
+    const float u = m / (std::sqrt(v) + eps) + p[i] * args.weight_decay;
+    m_out[i] = m;
+    v_out[i] = v;
+    u_out[i] = u;
+    m_top = std::max(m_top, bits_of(m) & 0x7FFFFFFFu);
+    v_top = std::max(v_top, bits_of(v) & 0x7FFFFFFFu);
+    update += clamp(u * u, eps, 1.0f);
+    weight += clamp(p[i] * p[i], eps, 1.0f);
+  }
+  return {float_of(m_top), float_of(v_top), update, weight};
+}
+
+// The weights moved by step_size times the updates kept, as the writes move them.
+void move_weights(float* __restrict p, const float* __restrict u, int64_t n, float step_size) {
+#pragma omp simd simdlen(16)
+  for (int64_t i = 0; i < n; ++i) p[i] = p[i] - u[i] * step_size;
 }
 
 // A block's codes from its moments, over its new scales (their inverses), as block_codes().
