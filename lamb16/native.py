@@ -2,8 +2,9 @@
 loops), built once per machine and called through ctypes.
 
 The kernels are the reference updates written as vectorized, multi-threaded
-loops (the exact step: one for the reductions, one for the writes; the single
-pass: the gradient's absmax, then one): by hand with AVX-512 or AVX2
+loops (the exact step: one for the reductions, one for the writes, which with
+block scales moves the weights by the update the first kept; the single pass:
+one, after the gradient's absmax with a scale per tensor): by hand with AVX-512 or AVX2
 intrinsics where the processor has them, else as portable loops that the
 compiler vectorizes (`loops()` says which). They include no torch
 headers, so the first use builds them in about two seconds with the system's
@@ -79,7 +80,7 @@ SIGNATURES = {
 RESULTS = {"use_loops": _i, "traffic": _i64}
 LOOPS = ("portable", "avx2", "avx512")  # as the kernels number them
 # A step's design, as traffic() mimics it: its passes, and its moments' dtype.
-TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (2, torch.uint8),
+TRAFFIC_PATTERNS = {"adam": (0, torch.float32), "lamb": (1, torch.float32), "lamb16": (5, torch.uint8),
                     "lamb16-1pass": (4, torch.uint8), "lamb16-absmax": (2, torch.uint8),
                     "lamb16-absmax-1pass": (3, torch.uint8)}
 
@@ -427,11 +428,13 @@ def lamb_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: floa
 def traffic(pattern: str, tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
     """The reads and writes alone of a step of the given design over (param,
     grad, exp_avg, exp_avg_sq) tensors, with the arithmetic left out: "adam"
-    (one pass), "lamb", "lamb16" or "lamb16-absmax" (the kernels' two passes;
-    block scales move the same bytes but for their grids, 8 / block_size an
-    element), "lamb16-1pass" (the second pass alone: block scales need nothing
-    before it) or "lamb16-absmax-1pass" (the gradient alone, for its absmax,
-    then the second pass). For benchmarks: what memory alone costs such a step.
+    (one pass), "lamb" or "lamb16-absmax" (the kernels' two passes),
+    "lamb16" (block scales' first pass, which also writes the codes and an
+    update of 4 bytes an element, then the writes that read it back; for a
+    tensor over 2**22 elements, as "lamb16-absmax"; grids left out, 8 /
+    block_size bytes an element), "lamb16-1pass" (the second pass alone: block
+    scales need nothing before it) or "lamb16-absmax-1pass" (the gradient
+    alone, for its absmax, then the second pass). For benchmarks: what memory alone costs such a step.
     It leaves the gradients as they were and overwrites the rest with
     meaningless bits."""
     if pattern not in TRAFFIC_PATTERNS:

@@ -6,27 +6,29 @@
 // the widest built in used. This file holds what is common to them: which
 // loops run, the threads, and the C entry points that lamb16/native.py calls.
 //
-// Pass 1 reads the weights, the gradient and the old state and returns every
-// reduction of the step; pass 2 reads them again, recomputes the same moments
-// and update (cheaper than storing them) and writes the new state and weights.
-// (LAMB's float32 moments are the exception: pass 1 stores them, see below.)
-// Lamb16's single pass reads the gradient alone for its absmax, then reads
-// and writes everything once (see "LAMB16, single pass"). The arithmetic is
-// that of lamb16/updates.py and lamb16/lamb.py, operation for operation; tests
-// check every set of loops against it. Beside them, the same passes'
-// memory traffic alone, for `bench`. No torch headers: the library loads this
-// through ctypes with raw pointers, so it builds in a few seconds.
+// An exact step makes two passes: its trust ratio (and a scale per tensor) is
+// a reduction over the whole tensor, known only once pass 1 has read it all.
+// With block scales (the default) pass 1 computes each block's moments and
+// update once, writes the block's new scales and codes, and keeps the update
+// (4 bytes an element); pass 2 moves the weights by it (see BlockGroup). With a
+// scale per tensor, pass 1 returns the reductions, and pass 2 reads weights,
+// gradient and codes again, computes the same moments and update again and
+// writes everything. (LAMB's float32 moments: pass 1 stores them, see below.)
+// The single pass reads and writes everything once (with a scale per tensor,
+// after the gradient alone for its absmax; see "LAMB16, single pass"). The
+// arithmetic is that of lamb16/updates.py and lamb16/lamb.py, operation for
+// operation; tests check every set of loops against it. Beside them, the same
+// passes' memory traffic alone, for `bench`. No torch headers: the library
+// loads this through ctypes with raw pointers, so it builds in a few seconds.
 //
-// Where the time goes (`python cli.py bench`, 2 AVX-512 cores): an exact step
-// must read weights, gradient and codes twice, since the trust ratio and the
-// new scales are reductions over the whole tensor known only after pass 1.
-// That is 20 bytes read an element against Adam's 16, and on these machines
-// the time follows the bytes read: the two passes' traffic alone (bench's
-// "traffic" column, the same loads and stores with the arithmetic left out)
-// takes 0.9-1.07x Adam fused's whole step at 10-100 M elements, and the
-// kernels run within 1.1-1.25x of that traffic. The AVX-512 loops are bound by
-// the instructions they issue, not by the divider, so estimates of sqrt and
-// division do not pay; a scale above 2**100 (a diverging run) takes the
+// Where the time goes (2 cores of an AMD EPYC, Zen 5): in cache, on one
+// thread, the block single pass takes 0.96 ns an element on the AVX2 loops
+// and 0.61 on the AVX-512 loops, a quarter of it the encoders, 5% sqrt and
+// division (taken out to measure). The AVX2 loops are bound by the
+// instructions they issue at any size, the AVX-512 ones by memory at 100 M
+// elements and by both at 10 M; computing the moments twice was a sixth of the
+// exact step on both (10 M: 4.44 -> 3.68 ms on AVX-512, 6.38 -> 5.33 on AVX2,
+// once the update was kept). A scale above 2**100 (a diverging run) takes the
 // portable loops, where the 2**8 fold of the e4m3 trick is no longer exact.
 
 #include "arithmetic.h"
@@ -64,6 +66,10 @@ inline int loops_for(float old_m_scale, float new_m_scale) {
 }
 
 inline int64_t chunks_of(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
+
+// The most elements of a block-scale exact step's phase (see BlockGroup) whose
+// updates the first pass keeps for the writes (4 bytes an element, 16 MB).
+constexpr int64_t KEPT = int64_t(1) << 22;
 
 // Chunks' sums added up in chunk order, in double: the same bits however many
 // threads summed the chunks, and whichever took which.
@@ -575,6 +581,24 @@ void lamb16_traffic_second(Word* p, const Word* g, uint8_t* mq, uint8_t* vq, int
   }
 }
 
+// LAMB16's exact step with block scales, its update kept: pass 1 reads the
+// weights, gradient and codes, writes the codes and the update; pass 2 reads
+// the weights and the update and writes the weights.
+void lamb16_kept_traffic_first(const Word* p, const Word* g, uint8_t* mq, uint8_t* vq, Word* u, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t m = mq[i], v = vq[i];
+    u[i] = p[i] ^ g[i];
+    mq[i] = m ^ v;
+    vq[i] = v ^ 1;
+  }
+}
+
+void lamb16_kept_traffic_second(Word* p, const Word* u, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] ^= u[i];
+}
+
 // LAMB16's single pass: the gradient alone first (its absmax), then the second pass above.
 Word gradient_traffic(const Word* g, int64_t n) {
   Word seen = 0;
@@ -588,7 +612,8 @@ enum Pattern {
   LAMB_PATTERN = 1,
   LAMB16_PATTERN = 2,
   LAMB16_SINGLE_PASS_PATTERN = 3,
-  LAMB16_BLOCK_SINGLE_PASS_PATTERN = 4  // the second pass alone
+  LAMB16_BLOCK_SINGLE_PASS_PATTERN = 4,  // the second pass alone
+  LAMB16_BLOCK_PATTERN = 5                // the update kept, up to KEPT elements (else as LAMB16_PATTERN)
 };
 
 // One tensor's traffic, its chunks split across the threads as a step's are.
@@ -599,6 +624,22 @@ Word tensor_traffic(int pattern, Word* p, const Word* g, void* m, void* v, int64
   uint8_t* v8 = static_cast<uint8_t*>(v);
   const int64_t chunks = chunks_of(n);
   Word seen = 0;
+  if (pattern == LAMB16_BLOCK_PATTERN && n <= KEPT) {
+    static thread_local std::vector<Word> kept;  // between calls, as the step's
+    if (int64_t(kept.size()) < n) kept.resize(n);
+    Word* const u = kept.data();  // the calling thread's, which the others share here
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t lo = c * CHUNK, len = std::min(n - lo, CHUNK);
+      lamb16_kept_traffic_first(p + lo, g + lo, m8 + lo, v8 + lo, u + lo, len);
+    }
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t lo = c * CHUNK, len = std::min(n - lo, CHUNK);
+      lamb16_kept_traffic_second(p + lo, u + lo, len);
+    }
+    return seen;
+  }
   const int64_t first_chunks = pattern == LAMB16_BLOCK_SINGLE_PASS_PATTERN ? 0 : chunks;
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(^ : seen)
   for (int64_t c = 0; c < first_chunks; ++c) {
@@ -685,7 +726,7 @@ constexpr int64_t BLOCK_COLUMNS = 12;
 // tensor over KEPT elements takes two passes that both compute the moments,
 // and keeps nothing.
 struct BlockGroup {
-  static constexpr int64_t PHASE = int64_t(1) << 20, KEPT = int64_t(1) << 22;
+  static constexpr int64_t PHASE = int64_t(1) << 20;
   const int64_t* table;
   std::vector<BlockLayout> layouts;
   std::vector<int64_t> first{0}, blocks{0}, phases{0};  // count + 1 each but phases: the tensors phases start at
@@ -752,7 +793,7 @@ struct ExactBlockStep {
   ExactBlockStep(const BlockGroup& group_, Lamb16Args args_, float lr_, float trust_lr_, float trust_scale_)
       : group(group_), args(args_), lr(lr_), trust_lr(trust_lr_), trust_scale(trust_scale_), parts(group_.chunks()) {
     for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
-      if (group.phase_elements(phase) > BlockGroup::KEPT) new_scales.resize(2 * group.blocks.back());
+      if (group.phase_elements(phase) > KEPT) new_scales.resize(2 * group.blocks.back());
     }
   }
 
@@ -914,7 +955,7 @@ void lamb16_block_steps(const int64_t* table, int64_t count, float lr, float tru
   {
     ExactBlockStep::Thread mine(group);
     for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
-      if (group.phase_elements(phase) <= BlockGroup::KEPT) {
+      if (group.phase_elements(phase) <= KEPT) {
         step.keeping_updates(phase, mine);
       } else {
         step.in_two_passes(phase, mine);
