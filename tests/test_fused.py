@@ -548,13 +548,16 @@ def test_failed_kernel_build_falls_back_to_the_reference_with_one_warning(monkey
         assert torch.equal(p, q)  # the reference itself ran
 
 
-def test_a_compiler_without_march_native_still_builds_the_kernels(monkeypatch, tmp_path):
+@pytest.mark.parametrize("refused", ["-march=native", "-fopenmp"])
+@pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])
+def test_a_compiler_without_an_option_still_builds_the_kernels(refused, single_pass, monkeypatch, tmp_path):
     """A compiler that cannot tell this processor (-march=native unsupported)
-    builds the portable variant: no warning, and the reference's results."""
-    compiler = tmp_path / "cxx-without-native"
+    builds the portable loops, one without OpenMP builds them for one thread:
+    no warning, and the reference's results."""
+    compiler = tmp_path / "cxx-without-option"
     compiler.write_text(
-        '#!/bin/sh\nfor arg in "$@"; do\n  if [ "$arg" = "-march=native" ]; then\n'
-        '    echo "error: unsupported option -march=native" >&2; exit 1\n  fi\ndone\nexec c++ "$@"\n'
+        f'#!/bin/sh\nfor arg in "$@"; do\n  if [ "$arg" = "{refused}" ]; then\n'
+        f'    echo "error: unsupported option {refused}" >&2; exit 1\n  fi\ndone\nexec c++ "$@"\n'
     )
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
@@ -563,7 +566,7 @@ def test_a_compiler_without_march_native_still_builds_the_kernels(monkeypatch, t
     monkeypatch.setattr(lamb16.native, "_unavailable", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runs = twin_runs(Lamb16, dict(weight_decay=0.01), shapes=[(30, 40), (8,)])
+        runs = twin_runs(Lamb16, dict(weight_decay=0.01, single_pass=single_pass), shapes=[(300, 200), (8,)])
     assert lamb16.native._library is not None
     assert_fused_matches_reference(*runs)
 
