@@ -381,8 +381,10 @@ def deviation(optimizers, steps, batch_size, lr, seeds, data_dir, download, devi
 def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, json_path):
     """Time optimizer steps (medians, optimizers interleaved in one process) and
     state bytes per parameter on the MNIST CNN and on ~10 M / ~100 M parameter
-    transformer shapes, with ratios to Adam fused; then where a training step's
-    time goes, and the training throughput of `train` against a DataLoader.
+    transformer shapes, with ratios to Adam fused, and the host's part of the
+    CPU kernels' steps (host ms: their calls doing nothing); then where a
+    training step's time goes, and the training throughput of `train` against
+    a DataLoader.
 
     \b
     Under torchrun, the steps alone on parameters sharded over the processes.

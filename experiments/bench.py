@@ -105,6 +105,24 @@ def kernel_loops(name: str | None) -> Iterator[None]:
             lamb16.native.use_loops(before)
 
 
+def on_kernels(name: str, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's steps run on the CPU kernels (on CPU parameters)."""
+    return (name not in COMPILED_ON_CPU and isinstance(optimizer, (lamb16.Lamb, lamb16.Lamb16))
+            and optimizer.defaults.get("fused") is not False)
+
+
+def host_time(step: Callable[[], object], steps: int) -> float:
+    """Median seconds of a step whose kernel calls do nothing: the host's part."""
+    times = []
+    with lamb16.native.calls_only():
+        step()  # a full step may come first (a new plan); the timed ones take the kept plan
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def stepper(name: str, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
     if name not in COMPILED_ON_CPU:
         return optimizer.step
@@ -191,6 +209,9 @@ def step_times(
                 first_step[name] = elapsed
             if round_ >= warmup:
                 times[name].append(elapsed)
+    kernels_here = device.type == "cpu" and lamb16.native.library() is not None and not parallel.distributed
+    host = {name: host_time(runs[name], steps) for name in optimizers
+            if kernels_here and on_kernels(name, optimizer_runs[name][1])}
     n = sum(math.prod(shape) for shape in shapes)
     rows = []
     for name in optimizers:
@@ -206,6 +227,7 @@ def step_times(
             state_bytes_per_parameter=state_nbytes(optimizer) / n,
             min_gb_per_s=min_bytes * n / parallel.world / median / 1e9 if min_bytes else None,  # this rank's part
             traffic_ms=1e3 * statistics.median(traffic) if traffic else None,
+            host_ms=1e3 * host[name] if name in host else None,
         )
         row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
         if device.type == "cuda":
@@ -312,7 +334,7 @@ def run(
     echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {where}")
     header = (
         "| parameters | optimizer | step ms | x Adam fused | traffic ms | x traffic | state bytes/param "
-        "| GB/s (minimum traffic) | first step s |"
+        "| GB/s (minimum traffic) | first step s | host ms |"
     )
     if device.type == "cuda":
         header += " peak extra MB | largest tensor MB |"
@@ -328,9 +350,10 @@ def run(
             traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["traffic_ms"] else "- | -"
             ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}"
             rate = "-" if r["min_gb_per_s"] is None else f"{r['min_gb_per_s']:.1f}"
+            host = "-" if r["host_ms"] is None else f"{r['host_ms']:.3f}"
             line = (
                 f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | {r['median_ms']:.2f} | {ratio} | {traffic} | "
-                f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} |"
+                f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} | {host} |"
             )
             if "peak_extra_mb" in r:
                 line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"

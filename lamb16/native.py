@@ -18,6 +18,7 @@ compiler can build the kernels, the optimizers warn once and use the reference.
 
 import _ctypes
 import array
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +26,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,7 +78,10 @@ SIGNATURES = {
     "decode_e5m2_array": [_ptr, _ptr, _i64],
     "use_loops": [_i],  # LOOPS index, or -1: as it is; returns the index of the loops that run
     "traffic": [_ptr, _i64, _i64, _i, _i],  # table, columns, count, pattern, threads
+    "nothing": [],  # what calls_only() calls in place of the steps
 }
+# The entry points a step calls, which calls_only() replaces.
+STEP_KERNELS = tuple(name for name in SIGNATURES if name.endswith(("_steps", "_norms", "_partials", "_applies")))
 RESULTS = {"use_loops": _i, "traffic": _i64}
 LOOPS = ("portable", "avx2", "avx512")  # as the kernels number them
 # A step's design, as traffic() mimics it: its passes, and its moments' dtype.
@@ -423,6 +428,27 @@ def lamb_applies(jobs: list[Job], finished: Tensor, *, beta1: float, beta2: floa
         table.buffer_info()[0], len(jobs), corrections.data_ptr(), beta1, beta2, 1 - beta1, 1 - beta2, eps,
         weight_decay, bias_correction, torch.get_num_threads(), finished.data_ptr(),
     )
+
+
+@contextlib.contextmanager
+def calls_only() -> Iterator[None]:
+    """Within it, the kernels' step entry points take their arguments and do
+    nothing (a C function that returns at once): steps do all their host work,
+    check, plan and call, and change no tensor. For benchmarks: what the Python
+    around the kernels costs."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"lamb16: no CPU kernels to stand in for ({_unavailable})")
+    saved = {name: getattr(lib, name) for name in STEP_KERNELS}
+    try:
+        for name in STEP_KERNELS:
+            stand_in = lib["nothing"]  # a new function object each time, typed as the step it stands in for
+            stand_in.argtypes, stand_in.restype = SIGNATURES[name], None
+            setattr(lib, name, stand_in)
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(lib, name, kernel)
 
 
 def traffic(pattern: str, tensors: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:

@@ -352,6 +352,10 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
         row = rows[name]
         assert row["traffic_ms"] > 0 and row["ratio_to_traffic"] == row["median_ms"] / row["traffic_ms"]
     assert "| traffic ms | x traffic |" in result.output
+    # The host's part of a kernel step, its kernel calls doing nothing: timed for the kernels' optimizers alone.
+    assert rows["lamb16"]["host_ms"] > 0 and rows["lamb16 1pass"]["host_ms"] > 0
+    assert rows["adam fused"]["host_ms"] is None and rows["sgd"]["host_ms"] is None
+    assert "| host ms |" in result.output
     assert set(report["breakdown_batch_128"]) == {"data", "forward", "backward", "optimizer"}
     assert all(rate > 0 for rate in report["throughput_batch_1024"].values())
 

@@ -471,6 +471,28 @@ def test_traffic_reads_the_gradients_and_writes_what_a_step_writes(pattern):
             assert not torch.equal(bits(written), old)
 
 
+@pytest.mark.parametrize("single_pass", [False, True], ids=["exact", "single-pass"])
+def test_calls_only_runs_a_steps_host_work_and_changes_nothing(single_pass, native_calls):
+    """Within native.calls_only() a step plans and calls the kernels, which
+    do nothing; after it, the kernels step again."""
+    params = [nn.Parameter(torch.randn(shape)) for shape in [(300, 200), (8,)]]
+    optimizer = Lamb16(params, lr=1e-2, single_pass=single_pass)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in optimizer.state[p].items() if k != "step"} for p in params]
+    with lamb16.native.calls_only():
+        optimizer.step()
+    assert len(native_calls) == 3  # it called the kernels' entry point ...
+    for p, old, state in zip(params, before, states):  # ... which changed nothing
+        assert torch.equal(p, old)
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())
+    optimizer.step()
+    assert not torch.equal(params[0], before[0])
+
+
 def test_traffic_takes_only_its_designs_dtypes():
     p = torch.zeros(10)
     with pytest.raises(ValueError, match="uint8 moments"):

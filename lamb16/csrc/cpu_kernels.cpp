@@ -1144,6 +1144,11 @@ int64_t traffic(const int64_t* table, int64_t columns, int64_t count, int patter
   return seen;
 }
 
+// Nothing: what native.calls_only() puts in place of the steps, for `bench` to
+// time the host's part of a step. Their arguments are the caller's to clean up
+// (x86-64 and AArch64 calling conventions), so it takes none.
+void nothing() {}
+
 // Switches to the given loops (Loops: 0 portable, 1 avx2, 2 avx512) where
 // they are built in, or leaves them (-1); returns the loops that run from now on.
 int use_loops(int which) {
