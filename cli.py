@@ -23,7 +23,7 @@ from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, R
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
-from experiments.runs import fresh_dir, writable_dir, write_json
+from experiments.runs import writable_dir
 from experiments.options import (
     POSITIVE,
     base_config,
@@ -34,6 +34,7 @@ from experiments.options import (
     download_option,
     given_options,
     hyperparameter_options,
+    json_option,
     load_data,
     parse_list,
     seeds_of,
@@ -41,6 +42,7 @@ from experiments.options import (
     target_option,
     tensorboard_option,
     warn_batch,
+    write_json_output,
 )
 from experiments.schedules import SCHEDULES
 
@@ -152,10 +154,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     for name in names:
         studies.check_options(replace(base, optimizer=name))
     seed_list = seeds_of(seeds, seed)
-    if resume and out is None:
-        raise UserError("--resume needs --out, the folder of the comparison to finish")
-    out = out or fresh_dir(Path("runs"), f"compare_{base.setting()}")
-    studies.check_out(out, resume)
+    out = studies.comparison_dir(out, resume, base)
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(base, len(train_data))
     writable_dir(out)
@@ -236,7 +235,7 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
     ctx.meta["resume_hint"] = "the same python cli.py sweep command again (it resumes {run_dir})"
     sweeps.run(chosen, out, storage, data_dir, train_data, test_data, workers=workers, prune=prune,
                retrain_chosen=retrain, echo=click.echo, bars=progress)
-    click.echo(tuning.report(out, target) + f"\nresults.csv, results.md and figures written to {out}")
+    click.echo(tuning.write_report([out], None, target))
 
 
 @cli.command()
@@ -252,12 +251,7 @@ def report(sweep_dirs, out, target):
       python cli.py report runs/sweep
       python cli.py report runs/claims512 runs/claims8192 --out runs/claims
     """
-    if out is None and len(sweep_dirs) > 1:
-        raise UserError(f"{len(sweep_dirs)} sweeps: give --out, the folder their one report goes in "
-                        "(e.g. --out runs/claims)")
-    out = out or sweep_dirs[0]
-    click.echo(tuning.report(out, target, sweeps=list(sweep_dirs)) + f"\nresults.csv, results.md and figures "
-               f"written to {out}")
+    click.echo(tuning.write_report(list(sweep_dirs), out, target))
 
 
 @cli.command()
@@ -317,7 +311,7 @@ def scaling(steps, batch_size, lr, seed, data_dir, download, device):
 @click.option("--zipf-steps", type=click.IntRange(min=1), default=400, show_default=True, help="Training steps of the Zipf model.")
 @click.option("--no-zipf", is_flag=True, help="Skip the Zipf model (the probes take about a minute).")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the tables to this JSON file.")
+@json_option("tables")
 def wide_range(optimizers, probes, zipf_vocab, zipf_steps, no_zipf, seed, json_path):
     """Measure how each low-bit optimizer's updates stray from its float32
     parent's (LAMB16's: float32 moments; the peers': AdamW) where a tensor's
@@ -332,13 +326,8 @@ def wide_range(optimizers, probes, zipf_vocab, zipf_steps, no_zipf, seed, json_p
     names = (parse_list(optimizers, list(widerange.VARIANTS), "--optimizers") if optimizers
              else widerange.default_variants())
     probe_names = parse_list(probes, list(widerange.PROBES), "--probes") if probes.strip() else []
-    if json_path is not None:
-        writable_dir(json_path.parent, "--json")
     task = None if no_zipf else widerange.ZipfTask(vocab=zipf_vocab, steps=zipf_steps)
-    report = widerange.run_study(names, probe_names, task, seed, click.echo)
-    if json_path is not None:
-        write_json(json_path, report)
-        click.echo(f"\nwritten to {json_path}")
+    write_json_output(json_path, widerange.run_study(names, probe_names, task, seed, click.echo))
 
 
 @cli.command()
@@ -377,7 +366,7 @@ def deviation(optimizers, steps, batch_size, lr, seeds, data_dir, download, devi
 @data_dir_option
 @device_option
 @click.option("--loops", type=click.Choice(lamb16.native.LOOPS), default=None, help="The CPU kernels' loops to time [default: the widest this processor has].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures to this JSON file.")
+@json_option("figures")
 def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, json_path):
     """Time optimizer steps (medians, optimizers interleaved in one process) and
     state bytes per parameter on the MNIST CNN and on ~10 M / ~100 M parameter
@@ -396,20 +385,15 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, js
       torchrun --nproc-per-node 2 cli.py bench --sizes 10m --optimizers "adam fused,lamb,lamb16"
       python cli.py bench --sizes gpt150 --optimizers "adam fused,lamb16 compiled,lamb16 compiled per tensor"
     """
-    names = parse_list(optimizers, benchmarks.choices(), "--optimizers")
+    names = benchmarks.check_available(parse_list(optimizers, benchmarks.choices(), "--optimizers"))
     set_names = parse_list(sizes, benchmarks.SIZES, "--sizes")
-    for name in names:
-        registry.check_available(benchmarks.registry_name(name))
-    if json_path is not None:
-        writable_dir(json_path.parent, "--json")
     torch_device = studies.device_of(device)
     train_data = load_mnist(data_dir, True, torch_device, download=None)
     with benchmarks.kernel_loops(loops), parallel.process_group(False, torch_device) as processes:
         report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device,
                                 click.echo, processes)
-    if json_path is not None and processes.is_main:
-        write_json(json_path, report)
-        click.echo(f"\nwritten to {json_path}")
+    if processes.is_main:
+        write_json_output(json_path, report)
 
 
 if __name__ == "__main__":

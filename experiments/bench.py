@@ -60,6 +60,13 @@ def choices() -> list[str]:
             + [name for name in registry.OPTIMIZERS if name not in IMPLEMENTATIONS])
 
 
+def check_available(names: list[str]) -> list[str]:
+    """Every optimizer to time can be built here (its package installed): checked before anything runs."""
+    for name in names:
+        registry.check_available(registry_name(name))
+    return names
+
+
 def registry_name(name: str) -> str:
     if name in COMPILED_ON_CPU:
         return COMPILED_ON_CPU[name][0]

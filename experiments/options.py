@@ -12,7 +12,7 @@ from . import studies, tuning
 from .config import DEFAULTS, RunConfig, parse_seeds
 from .data import load_train_and_test
 from .errors import UserError
-from .runs import writable_dir
+from .runs import writable_dir, write_json
 from .schedules import SCHEDULES
 
 # Where an option's value came from when the user gave it (not its default).
@@ -99,6 +99,24 @@ def check_tensorboard(directory: Path | None) -> None:
 
         require()
         writable_dir(directory, "--tensorboard")
+
+
+def json_option(what: str):
+    """--json FILE, its folder checked writable before anything runs."""
+    def writable_parent(ctx, param, path: Path | None) -> Path | None:
+        if path is not None:
+            writable_dir(path.parent, "--json")
+        return path
+
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        callback=writable_parent, help=f"Also write the {what} to this JSON file.")
+
+
+def write_json_output(path: Path | None, report: dict) -> None:
+    """What --json asked for, if it did."""
+    if path is not None:
+        write_json(path, report)
+        click.echo(f"\nwritten to {path}")
 
 
 def seeds_option(default: str | None):

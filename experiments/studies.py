@@ -56,6 +56,15 @@ def check_out(out: Path, resume: bool) -> None:
         raise UserError(f"--out {out} already holds runs; pass --resume to finish them, or choose another --out")
 
 
+def comparison_dir(out: Path | None, resume: bool, base: RunConfig) -> Path:
+    """compare's folder: --out, which --resume needs, else a new one named by the setting; checked as check_out."""
+    if resume and out is None:
+        raise UserError("--resume needs --out, the folder of the comparison to finish")
+    out = out or fresh_dir(Path("runs"), f"compare_{base.setting()}")
+    check_out(out, resume)
+    return out
+
+
 def check_same_settings(run: RunDir, config: RunConfig) -> None:
     stored = run.config()
     for name, value in config.to_dict().items():

@@ -137,13 +137,22 @@ def latest_trials(study) -> dict[str, Any]:
     return {t.user_attrs["run"]: t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs}
 
 
-def first_seed_pruned(study, params: dict, first_seed: int) -> bool:
-    """Whether `params`' setting (every parameter but the seed) stands pruned on the sweep's first seed."""
+def setting_key(params: dict) -> tuple:
+    """A point's setting: every parameter but the seed."""
+    return tuple(sorted((key, value) for key, value in params.items() if key != "seed"))
+
+
+def pruned_on_first_seed(latest: dict[str, Any], first_seed: int) -> set[tuple]:
+    """The settings that stand pruned on the sweep's first seed, from each point's latest trial."""
     import optuna
 
-    sibling = dict(params, seed=first_seed)
-    return any(params_of(t) == sibling and t.state == optuna.trial.TrialState.PRUNED
-               for t in latest_trials(study).values())
+    return {setting_key(params_of(t)) for t in latest.values()
+            if t.state == optuna.trial.TrialState.PRUNED and params_of(t).get("seed") == first_seed}
+
+
+def first_seed_pruned(study, params: dict, first_seed: int) -> bool:
+    """Whether `params`' setting stands pruned on the sweep's first seed."""
+    return setting_key(params) in pruned_on_first_seed(latest_trials(study), first_seed)
 
 
 def should_prune(study, params: dict, name: str, epoch: int, accuracy: float | None, first_seed: int) -> bool:
@@ -160,8 +169,10 @@ def requeue_finalists(study, first_seed: int) -> int:
     queued again, to train in full; returns how many."""
     import optuna
 
-    again = [(name, params_of(t)) for name, t in latest_trials(study).items() if t.state == optuna.trial.TrialState.PRUNED
-             and params_of(t).get("seed") != first_seed and not first_seed_pruned(study, params_of(t), first_seed)]
+    latest = latest_trials(study)
+    dropped = pruned_on_first_seed(latest, first_seed)
+    again = [(name, params_of(t)) for name, t in latest.items() if t.state == optuna.trial.TrialState.PRUNED
+             and params_of(t).get("seed") != first_seed and setting_key(params_of(t)) not in dropped]
     for name, params in again:
         study.enqueue_trial(params, user_attrs={"run": name})
     return len(again)

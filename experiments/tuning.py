@@ -346,6 +346,15 @@ def sweep_runs(sweeps: list[Path], folder: str = "runs") -> list[Run]:
     return runs
 
 
+def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_TARGET) -> str:
+    """The report of one sweep (into its folder, unless `out`) or of several
+    (into `out`); returns its table and where it went, to print."""
+    if out is None and len(sweeps) > 1:
+        raise UserError(f"{len(sweeps)} sweeps: give --out, the folder their one report goes in (e.g. --out runs/claims)")
+    out = out or sweeps[0]
+    return report(out, target, sweeps=sweeps) + f"\nresults.csv, results.md and figures written to {out}"
+
+
 def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps: list[Path] | None = None) -> str:
     """results.csv, results.md, lr.png and batch.png of the runs under out/runs,
     or of several `sweeps` together (written to out); returns the table."""

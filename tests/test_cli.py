@@ -365,6 +365,14 @@ def test_bench_rejects_unknown_sizes(data_dir):
     assert result.exit_code == 2 and "unknown 1b" in error_line(result)
 
 
+def test_bench_refuses_a_json_file_it_could_not_write_before_timing(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("bench", "--sizes", "cnn", "--data-dir", str(data_dir), "--json", str(blocker / "bench.json"))
+    assert result.exit_code == 1 and "--json" in error_line(result)
+    assert "optimizer step" not in result.output
+
+
 def test_deviation_gives_each_optimizers_distance_from_float32_state_over_seeds(data_dir):
     result = invoke("deviation", "--steps", "5", "--seeds", "2", "--optimizers", "lamb16,lamb16-1pass",
                     "--data-dir", str(data_dir))

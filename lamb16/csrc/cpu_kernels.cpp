@@ -56,6 +56,28 @@ constexpr int WIDEST_LOOPS = PORTABLE_LOOPS;
 #endif
 int loops = WIDEST_LOOPS;
 
+// LOOP(which, name): the loop `name` of the set `which` (Loops) where that set
+// is built in, else the portable one, as a pointer to it (for loops that take
+// the same arguments in every set).
+template <typename Loop>
+Loop loop_of(int which, Loop avx512_loop, Loop avx2_loop, Loop portable_loop) {
+  if (which == AVX512_LOOPS && avx512_loop != nullptr) return avx512_loop;
+  if (which == AVX2_LOOPS && avx2_loop != nullptr) return avx2_loop;
+  return portable_loop;
+}
+#ifdef LAMB16_AVX512
+#define AVX512_LOOP(name) &avx512::name
+#else
+#define AVX512_LOOP(name) nullptr
+#endif
+#ifdef LAMB16_AVX2
+#define AVX2_LOOP(name) &avx2::name
+#else
+#define AVX2_LOOP(name) nullptr
+#endif
+#define LOOP(which, name) \
+  loop_of<decltype(&portable::name)>((which), AVX512_LOOP(name), AVX2_LOOP(name), &portable::name)
+
 // The loops to run for a chunk, by the m scales it reads and writes. The
 // hand-vectorized loops fold E4M3_IN_HALF into m's scale, so the scale times
 // 2**8 and its reciprocal times 2**-8 must be normal floats: absmax scales of
@@ -173,13 +195,7 @@ void lamb16_step(float* param, const float* grad, uint8_t* exp_avg, uint8_t* exp
 // gradient's absmax by the switch alone, so that a recomputed weight norm
 // always takes the same loop as the pass that carried it.
 float gradient_absmax(const float* grad, int64_t n, int threads) {
-  auto chunk_absmax = portable::gradient_chunk_absmax;
-#ifdef LAMB16_AVX512
-  if (loops == AVX512_LOOPS) chunk_absmax = avx512::gradient_chunk_absmax;
-#endif
-#ifdef LAMB16_AVX2
-  if (loops == AVX2_LOOPS) chunk_absmax = avx2::gradient_chunk_absmax;
-#endif
+  const auto chunk_absmax = LOOP(loops, gradient_chunk_absmax);
   float top = 0;
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN) num_threads(threads) reduction(max : top)
   for (int64_t c = 0; c < chunks_of(n); ++c) {
@@ -191,15 +207,7 @@ float gradient_absmax(const float* grad, int64_t n, int threads) {
 
 using WeightSum = float (*)(const float*, int64_t, float);
 
-WeightSum weight_sum_loop() {
-#ifdef LAMB16_AVX512
-  if (loops == AVX512_LOOPS) return avx512::weight_chunk_sum;
-#endif
-#ifdef LAMB16_AVX2
-  if (loops == AVX2_LOOPS) return avx2::weight_chunk_sum;
-#endif
-  return portable::weight_chunk_sum;
-}
+WeightSum weight_sum_loop() { return LOOP(loops, weight_chunk_sum); }
 
 // weight_norm_of(): sqrt(sum(clamp(p*p, eps, 1))) / n, chunk by chunk as the single pass sums it.
 float weight_norm(const float* param, int64_t n, float eps, int threads) {
@@ -298,79 +306,6 @@ void lamb16_single_pass_step(float* param, const float* grad, uint8_t* exp_avg, 
 // old scale (decoding) and new scale (encoding) allow.
 
 
-using BlocksSumsLoop = NormSums (*)(const float*, const float*, const uint8_t*, const uint8_t*, const BlockLayout&,
-                                     int64_t, int64_t, const float*, const float*, Lamb16Args, float*, float*);
-using BlocksApplyLoop = void (*)(float*, const float*, uint8_t*, uint8_t*, const BlockLayout&, int64_t, int64_t, float*,
-                                 float*, const float*, const float*, Lamb16Args, float);
-using BlockMomentsLoop = BlockMoments (*)(float*, const float*, const uint8_t*, const uint8_t*, int64_t,
-                                          const Lamb16Args, float, float*, float*);
-using EncodeLoop = void (*)(const float*, const float*, int64_t, float, float, uint8_t*, uint8_t*);
-using BlockUpdatesLoop = BlockMoments (*)(const float*, const float*, const uint8_t*, const uint8_t*, int64_t,
-                                          const Lamb16Args, float*, float*, float*);
-using MoveLoop = void (*)(float*, const float*, int64_t, float);
-
-// The exact step's two passes over runs of blocks, by the loops that run.
-BlocksSumsLoop blocks_sums_loop() {
-#ifdef LAMB16_AVX512
-  if (loops == AVX512_LOOPS) return avx512::lamb16_blocks_sums;
-#endif
-#ifdef LAMB16_AVX2
-  if (loops == AVX2_LOOPS) return avx2::lamb16_blocks_sums;
-#endif
-  return portable::lamb16_blocks_sums;
-}
-
-BlocksApplyLoop blocks_apply_loop() {
-#ifdef LAMB16_AVX512
-  if (loops == AVX512_LOOPS) return avx512::lamb16_blocks_apply;
-#endif
-#ifdef LAMB16_AVX2
-  if (loops == AVX2_LOOPS) return avx2::lamb16_blocks_apply;
-#endif
-  return portable::lamb16_blocks_apply;
-}
-
-template <bool kSumUpdate>
-BlockMomentsLoop block_moments_loop(int which) {
-#ifdef LAMB16_AVX512
-  if (which == AVX512_LOOPS) return avx512::lamb16_block_moments<kSumUpdate>;
-#endif
-#ifdef LAMB16_AVX2
-  if (which == AVX2_LOOPS) return avx2::lamb16_block_moments<kSumUpdate>;
-#endif
-  return portable::lamb16_block_moments<kSumUpdate>;
-}
-
-BlockUpdatesLoop block_updates_loop(int which) {
-#ifdef LAMB16_AVX512
-  if (which == AVX512_LOOPS) return avx512::lamb16_block_updates;
-#endif
-#ifdef LAMB16_AVX2
-  if (which == AVX2_LOOPS) return avx2::lamb16_block_updates;
-#endif
-  return portable::lamb16_block_updates;
-}
-
-MoveLoop move_loop() {
-#ifdef LAMB16_AVX512
-  if (loops == AVX512_LOOPS) return avx512::move_weights;
-#endif
-#ifdef LAMB16_AVX2
-  if (loops == AVX2_LOOPS) return avx2::move_weights;
-#endif
-  return portable::move_weights;
-}
-
-EncodeLoop encode_loop(int which) {
-#ifdef LAMB16_AVX512
-  if (which == AVX512_LOOPS) return avx512::encode_block;
-#endif
-#ifdef LAMB16_AVX2
-  if (which == AVX2_LOOPS) return avx2::encode_block;
-#endif
-  return portable::encode_block;
-}
-
 // The exact step's first pass (lamb16_block_partials()): the clamped square
 // sums of the weights and the update, each block's moments from its old
 // scales; and, where new_scales is given (2 x the blocks), each block's new m
@@ -378,7 +313,7 @@ EncodeLoop encode_loop(int which) {
 NormSums lamb16_block_first_pass(const float* param, const float* grad, const uint8_t* exp_avg,
                                  const uint8_t* exp_avg_sq, const BlockLayout& layout, const float* m_scales,
                                  const float* v_scales, const Lamb16Args args, float* new_scales, int threads) {
-  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
+  const auto blocks_sums = LOOP(loops, lamb16_blocks_sums);
   std::vector<float> unused(new_scales == nullptr ? 2 * layout.count() : 0);
   float* new_m = new_scales == nullptr ? unused.data() : new_scales;
   float* new_v = new_m + layout.count();
@@ -407,12 +342,12 @@ NormSums lamb16_chunk_writes(float* param, const float* grad, uint8_t* exp_avg, 
   for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
     const int64_t lo = layout.start(b), len = layout.length(b);
     args.m_scale = m_scales[b], args.v_scale = v_scales[b];
-    const BlockMoments x = block_moments_loop<kSinglePass>(loops_for(args.m_scale, args.m_scale))(
+    const BlockMoments x = LOOP(loops_for(args.m_scale, args.m_scale), lamb16_block_moments<kSinglePass>)(
         param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, step_size, m_buffer, v_buffer);
     const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
     m_scales[b] = m_scale, v_scales[b] = v_scale;
-    encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale, exp_avg + lo,
-                                             exp_avg_sq + lo);
+    LOOP(loops_for(m_scale, m_scale), encode_block)(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale,
+                                                    exp_avg + lo, exp_avg_sq + lo);
     update += x.update;
   }
   if (!kSinglePass) return {0.0f, 0.0f};
@@ -435,12 +370,12 @@ NormSums lamb16_chunk_updates(const float* param, const float* grad, uint8_t* ex
   for (int64_t b = layout.first(c); b < layout.last(c); ++b) {
     const int64_t lo = layout.start(b), len = layout.length(b);
     args.m_scale = m_scales[b], args.v_scale = v_scales[b];
-    const BlockMoments x = block_updates_loop(loops_for(args.m_scale, args.m_scale))(
+    const BlockMoments x = LOOP(loops_for(args.m_scale, args.m_scale), lamb16_block_updates)(
         param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, len, args, m_buffer, v_buffer, u + (lo - chunk_start));
     const float m_scale = absmax_scale(x.m_max, 448.0f), v_scale = absmax_scale(x.v_max, 57344.0f);
     m_scales[b] = m_scale, v_scales[b] = v_scale;
-    encode_loop(loops_for(m_scale, m_scale))(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale, exp_avg + lo,
-                                             exp_avg_sq + lo);
+    LOOP(loops_for(m_scale, m_scale), encode_block)(m_buffer, v_buffer, len, 1.0f / m_scale, 1.0f / v_scale,
+                                                    exp_avg + lo, exp_avg_sq + lo);
     weight += x.weight, update += x.update;
   }
   return {weight, update};
@@ -786,15 +721,17 @@ struct ExactBlockStep {
   const float lr, trust_lr, trust_scale;
   std::vector<NormSums> parts;   // each chunk's square sums
   std::vector<float> new_scales;  // in two passes, tensor t's from 2 * blocks[t]: its m's, then its v's
-  const BlocksSumsLoop blocks_sums = blocks_sums_loop();
-  const BlocksApplyLoop blocks_apply = blocks_apply_loop();
-  const MoveLoop move_weights = move_loop();
+  const decltype(&portable::lamb16_blocks_sums) blocks_sums = LOOP(loops, lamb16_blocks_sums);
+  const decltype(&portable::lamb16_blocks_apply) blocks_apply = LOOP(loops, lamb16_blocks_apply);
+  const decltype(&portable::move_weights) move_weights = LOOP(loops, move_weights);
 
   ExactBlockStep(const BlockGroup& group_, Lamb16Args args_, float lr_, float trust_lr_, float trust_scale_)
       : group(group_), args(args_), lr(lr_), trust_lr(trust_lr_), trust_scale(trust_scale_), parts(group_.chunks()) {
+    bool two_passes = false;
     for (int64_t phase = 0; phase + 1 < int64_t(group.phases.size()); ++phase) {
-      if (group.phase_elements(phase) > KEPT) new_scales.resize(2 * group.blocks.back());
+      two_passes |= group.phase_elements(phase) > KEPT;
     }
+    if (two_passes) new_scales.resize(2 * group.blocks.back());
   }
 
   // What a thread keeps: its block buffer, its updates (between steps too:
