@@ -197,7 +197,7 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(list(sweeps.PRESETS)), default=None, help="A ready grid (claims: the original README's claims); other options override it.")
+@click.option("--preset", type=click.Choice(list(sweeps.PRESETS)), default=None, help="A ready sweep (claims: the original README's claims, each optimizer searched at batch 512, 2048 and 8192 and confirmed on 8 seeds); other options override it.")
 @click.option("--optimizers", default=None, help=f"Comma-separated [default: adamw,lamb,lamb16], from: {', '.join(registry.OPTIMIZERS)}.")
 @click.option("--lrs", default=None, help="Learning rates, comma-separated (required without --preset).")
 @click.option("--batch-sizes", default=None, help=f"Batch sizes, comma-separated [default: {DEFAULTS.batch_size}].")
@@ -206,29 +206,37 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs per run [default: {DEFAULTS.epochs}].")
 @click.option("--val-size", type=click.IntRange(min=1), default=None, help="Training images held out to choose the learning rate by [default: 10000].")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="The lr after warmup, shared by every point [default: constant; the claims preset: cosine].")
-@click.option("--warmups", default=None, help="Warmup fractions to sweep, comma-separated [default: 0; the claims preset: 0.1].")
+@click.option("--warmups", default=None, help="Warmup fractions to sweep, comma-separated [default: 0; the claims preset's grid: 0.1].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Search instead of a grid: this many settings of each optimizer's search space (lr, weight decay, betas, warmup; experiments/registry.py) at each batch size, drawn quasi-randomly [the claims preset: 8].")
+@click.option("--confirm-seeds", default=None, help="Then train each chosen setting on these seeds, apart from the choice; the report's verdicts come from them alone: a count (8: the 8 seeds after --seeds) or a list [the claims preset: 8].")
 @target_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/sweep", show_default=True, help="The sweep's folder: its runs, reports and (by default) its study.")
 @click.option("--storage", default=None, help="Optuna storage URL shared by workers on several machines [default: sqlite in --out].")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes (the CPU threads split between them).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local worker processes, a thread each: a point's result is the same whatever their number [default: one per CPU core].")
 @click.option("--prune", is_flag=True, help="Stop a point after an epoch where its validation accuracy is clearly below the best of its optimizer, batch size and seed (error over twice the best's) on the first seed; later seeds train only the settings it kept, in full. A later sweep without --prune finishes them.")
 @click.option("--retrain", is_flag=True, help="Then train each chosen setting again on all the training images (into --out/retrained).")
 @data_options
 @click.pass_context
-def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups, target, out,
-          storage, workers, prune, retrain, data_dir, download, device, progress):
-    """Tune: optimizers x lrs x batch sizes x wds x seeds, each point a run under
-    --out, through an Optuna study; the lr chosen by validation, its test accuracy,
-    reports. Run again (or elsewhere, same --storage) to join or resume.
+def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups, trials,
+          confirm_seeds, target, out, storage, workers, prune, retrain, data_dir, download, device, progress):
+    """Tune each optimizer at each batch size, over a grid (--lrs, --wds,
+    --warmups) or a search space (--trials), each point a run under --out,
+    through an Optuna study; the setting chosen by validation; with
+    --confirm-seeds, each choice trained again on fresh seeds, which give the
+    report's verdicts. Run again (or elsewhere, same --storage) to join or
+    resume it, or with more values (lrs, seeds, trials, ...) to extend it.
 
     \b
     Examples:
       python cli.py sweep --optimizers adamw,lamb16 --lrs 0.005,0.02 --batch-sizes 2048 --seeds 1 --epochs 1
+      python cli.py sweep --optimizers adamw,lamb16 --trials 16 --confirm-seeds 8 --batch-sizes 8192 --prune
       python cli.py sweep --preset claims --prune --workers 2
     """
     chosen = sweeps.from_options(preset, optimizers and parse_list(optimizers, list(registry.OPTIMIZERS), "--optimizers"),
-                                 lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups)
+                                 lrs, batch_sizes, wds, seeds, epochs, val_size, schedule, warmups, trials,
+                                 confirm_seeds)
     sweeps.check_sweep(chosen)
+    workers = sweeps.check_workers(workers, echo=lambda line: click.echo(line, err=True))
     out = writable_dir(out)
     train_data, test_data = load_data(data_dir, download, device)
     hold_out(train_data, chosen.val_size)  # a --val-size too large fails here, before the study exists

@@ -92,18 +92,21 @@ class CpuMuon(torch.optim.Muon):
             return super().step(closure)
 
 
-def muon_with_adamw(params: Iterable[Tensor], lr: float, weight_decay: float) -> Combined:
+def muon_with_adamw(params: Iterable[Tensor], lr: float, weight_decay: float, momentum: float | None = None,
+                    **adamw_options: Any) -> Combined:
     """torch.optim.Muon on every 2-D weight and AdamW on everything else (conv
     kernels, biases), as torch's documentation advises; Muon's authors would
     flatten conv kernels to 2-D instead. Muon's update is scaled to AdamW's RMS
-    (adjust_lr_fn="match_rms_adamw") so that one lr serves both parts. On the
-    CPU the orthogonalization runs in float32 (see `CpuMuon`)."""
+    (adjust_lr_fn="match_rms_adamw") so that one lr serves both parts.
+    `momentum` is Muon's (None: its default), `adamw_options` AdamW's (betas).
+    On the CPU the orthogonalization runs in float32 (see `CpuMuon`)."""
     params = list(params)
     matrices = [p for p in params if p.ndim == 2]
     others = [p for p in params if p.ndim != 2]
     parts: list[Optimizer] = []
     if matrices:
-        parts.append(CpuMuon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+        parts.append(CpuMuon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                             **({} if momentum is None else dict(momentum=momentum))))
     if others:
-        parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay))
+        parts.append(torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay, **adamw_options))
     return Combined(parts)

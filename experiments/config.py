@@ -22,6 +22,8 @@ class RunConfig:
     val_size: int = 0  # training images held out for validation (the last ones); 0: none
     schedule: str = "constant"  # the lr after warmup: constant, cosine or linear (experiments.schedules)
     warmup: float = 0.0  # the fraction of the run's steps over which the lr rises linearly from 0
+    beta1: float | None = None  # the first moment's decay (SGD's and Muon's momentum); None: the optimizer's default
+    beta2: float | None = None  # the second moment's decay; None: the optimizer's default
 
     def setting(self) -> str:
         """The settings a comparison shares, as a folder name (a constant lr
@@ -31,6 +33,9 @@ class RunConfig:
             name += f"_{self.schedule}"
         if self.warmup:
             name += f"_warmup{self.warmup:g}"
+        for field, value in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if value is not None:
+                name += f"_{field}-{value:g}"
         return name
 
     def run_name(self) -> str:
@@ -69,6 +74,10 @@ class RunConfig:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup {self.warmup} must be a fraction of the run, at least 0 and below 1")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} {value} must be at least 0 and below 1")
 
 
 def typed(name: str, value, annotation) -> object:
@@ -106,7 +115,11 @@ COMPARE_OPTIMIZERS = ("adam", "lamb", "lamb16")
 DIVERGENCE_FACTOR = 10.0
 
 
-def parse_seeds(text: str) -> list[int]:
+MAX_SEEDS = 1000  # a count of seeds above this is a typo, not a study
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed and torch.Generator take as given
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     """"3" means seeds 1, 2, 3; "1,5,9" means those seeds."""
     from .errors import UserError
 
@@ -116,11 +129,17 @@ def parse_seeds(text: str) -> list[int]:
     except ValueError:
         numbers = []
     if not numbers or ("," not in text and numbers[0] < 1):
-        raise UserError(f"invalid --seeds {text!r}: give a count (3 means seeds 1,2,3) or a list such as 1,2,3")
+        raise UserError(f"invalid {option} {text!r}: give a count (3 means seeds 1,2,3) or a list such as 1,2,3")
+    if "," not in text and numbers[0] > MAX_SEEDS:
+        raise UserError(f"invalid {option} {text!r}: a count of at most {MAX_SEEDS} seeds; to run one seed, list "
+                        f"it with a comma ({option} {numbers[0]},)")
+    outside = [n for n in numbers if not 0 <= n <= MAX_SEED] if "," in text else []
+    if outside:
+        raise UserError(f"invalid {option} {text!r}: seed {outside[0]} is outside 0 to 2**63-1; choose a smaller seed")
     seeds = list(range(1, numbers[0] + 1)) if "," not in text else numbers
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
-        raise UserError(f"invalid --seeds {text!r}: seed {repeated[0]} is listed twice; list each seed once")
+        raise UserError(f"invalid {option} {text!r}: seed {repeated[0]} is listed twice; list each seed once")
     return seeds
 
 

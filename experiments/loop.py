@@ -116,7 +116,8 @@ def check_checkpoint(run: RunDir, config: RunConfig, checkpoint: dict | None) ->
 
 
 def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return registry.build(config.optimizer, model.parameters(), config.lr, config.wd, trust_scale=config.trust_scale)
+    return registry.build(config.optimizer, model.parameters(), config.lr, config.wd, trust_scale=config.trust_scale,
+                          beta1=config.beta1, beta2=config.beta2)
 
 
 def batch_indices(order: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -298,7 +299,7 @@ def train_run(
             log.write(kind="resumed", epoch=progress.epoch, samples=progress.samples, time=now())
             echo(f"{run.path.name}: resuming after epoch {progress.epoch}")
 
-        label = f"{config.optimizer} seed {config.seed}"
+        label = run.path.name  # its settings and seed: lines of runs side by side (a sweep's workers) tell apart
         status, diverged_loss, unsaved = "completed", None, None
         session_start = time.perf_counter()
         try:

@@ -21,6 +21,7 @@ from plots import Band, Series, batch_figure, lr_figure
 
 from . import registry
 from .aggregate import Stat, cell, paired, stat, verdict
+from .config import RunConfig
 from .errors import UserError
 from .runs import Run, load_runs, write_atomic
 
@@ -32,10 +33,16 @@ CSV_FIELDS = ("run", "optimizer", "batch_size", "lr", "wd", "schedule", "warmup"
               "samples_to_target", "seconds_to_target", "state_bytes_per_parameter")
 
 
-def setting_of(run: Run) -> tuple[str, int, float, float, float]:
-    """(optimizer, batch size, lr, weight decay, warmup): a point of the grid less its seed."""
+def setting_of(run: Run) -> tuple:
+    """(optimizer, batch size, lr, weight decay, warmup, beta1, beta2): a point less its seed."""
     c = run.config
-    return c["optimizer"], c["batch_size"], c["lr"], c["wd"], c.get("warmup", 0.0)
+    return (c["optimizer"], c["batch_size"], c["lr"], c["wd"], c.get("warmup", 0.0), c.get("beta1"),
+            c.get("beta2"))
+
+
+def sortable(setting: tuple) -> tuple:
+    """A setting that sorts (an optimizer's default, None, before any value)."""
+    return tuple((value is not None, value) for value in setting)
 
 
 def val_score(run: Run) -> float | None:
@@ -74,6 +81,11 @@ class Choice:
     runs: list[Run]
     diverged: int
 
+    @property
+    def config(self) -> RunConfig:
+        """The chosen setting, as a run's settings (with its first seed)."""
+        return RunConfig.from_dict(self.runs[0].config)
+
 
 def settings(runs: list[Run]) -> dict[tuple, list[Run]]:
     grouped: dict[tuple, list[Run]] = {}
@@ -86,7 +98,7 @@ def choose(runs: list[Run]) -> dict[tuple[str, int], Choice]:
     """Per (optimizer, batch size), the (lr, wd, warmup) with the best mean
     validation score; a setting pruned on any seed (clearly behind) is out."""
     best: dict[tuple[str, int], Choice] = {}
-    for (optimizer, batch_size, lr, wd, warmup), members in settings(runs).items():
+    for (optimizer, batch_size, lr, wd, warmup, *_), members in settings(runs).items():
         val = stat([val_score(r) for r in members])
         if val is None or any(r.status == "pruned" for r in members):
             continue
@@ -171,8 +183,8 @@ def edges_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run]) -> s
     if not flagged:
         return "Every chosen lr lies inside its grid.\n"
     lines = ["### Chosen at the edge of the grid", "",
-             "The best lr may lie beyond the grid: these are not tuned yet. Add the point and run the sweep again "
-             "(its finished points are kept).", ""]
+             "The best lr may lie beyond the grid: these are not tuned yet. To extend the sweep, run the same sweep "
+             "command with the lr added to --lrs: its finished points are kept, only the new ones train.", ""]
     for c, point in sorted(flagged, key=lambda item: (item[0].optimizer, item[0].batch_size)):
         grid = grid_lrs(runs, c.optimizer, c.batch_size)
         where = "the only lr tried" if len(grid) == 1 else ("the lowest lr" if c.lr == grid[0] else "the highest lr")
@@ -189,7 +201,7 @@ def csv_text(runs: list[Run], target: float) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for run in sorted(runs, key=lambda r: (setting_of(r), r.config["seed"])):
+    for run in sorted(runs, key=lambda r: (sortable(setting_of(r)), r.config["seed"])):
         summary = run.summary or {}
         reached = to_target(run, target)
         writer.writerow(dict(
@@ -231,7 +243,7 @@ def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], ta
     for optimizer in in_registry_order({o for o, _ in choices}):
         for batch_size in sorted(b for o, b in choices if o == optimizer):
             c = choices[(optimizer, batch_size)]
-            again = stat([test_accuracy(r) for r in retrained.get((optimizer, batch_size, c.lr, c.wd, c.warmup), [])])
+            again = stat([test_accuracy(r) for r in retrained.get(setting_of(c.runs[0]), [])])
             lr_cell = f"{c.lr:g}" + (" (grid edge)" if edge_point(c, runs) is not None else "")
             lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {c.warmup:g} | {cell(c.val)} | {cell(c.test)} "
                          f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")

@@ -25,7 +25,7 @@ from experiments.runs import Run, load_runs, read_records
 
 VAL = 100  # of the 300 synthetic training images
 GRID = ["--optimizers", "adamw,lamb16", "--lrs", "0.005,0.02", "--batch-sizes", "64", "--seeds", "1", "--epochs", "1",
-        "--val-size", str(VAL)]
+        "--val-size", str(VAL), "--workers", "1"]
 
 
 def invoke(*args: str):
@@ -227,7 +227,7 @@ def test_a_sweep_killed_halfway_finishes_the_rest_when_started_again(data_dir, t
     import time
 
     out = tmp_path / "sweep"
-    args = sweep_args(data_dir, out)
+    args = sweep_args(data_dir, out, "--workers", "1")
     args[args.index("--epochs") + 1] = "3"
     args[args.index("--batch-sizes") + 1] = "16"  # slow enough to be caught in the middle
     command = [sys.executable, str(Path(cli.__file__)), *args]
@@ -345,7 +345,7 @@ def test_warmups_are_swept_under_a_shared_schedule_and_the_choice_names_its_warm
     assert sorted(trained_epochs(out)) == sorted(f"lamb16_b64_lr{lr}_wd0.01_cosine{w}_seed1" for lr in ("0.005", "0.02")
                                                  for w in ("", "_warmup0.5"))
     trials = queued_trials(out)
-    assert len(trials) == 4 and {t.params["warmup"] for t in trials} == {0.0, 0.5}
+    assert len(trials) == 4 and {t.user_attrs["point"]["warmup"] for t in trials} == {0.0, 0.5}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {(r["schedule"], r["warmup"]) for r in rows} == {("cosine", "0.0"), ("cosine", "0.5")}
     (choice,) = tuning.choose(load_runs([out / "runs"])).values()
@@ -355,7 +355,7 @@ def test_warmups_are_swept_under_a_shared_schedule_and_the_choice_names_its_warm
 
 
 PRUNING_GRID = ["--optimizers", "adamw", "--lrs", "1e-5,0.003,0.01", "--batch-sizes", "16", "--seeds", "1",
-                "--epochs", "3", "--val-size", str(VAL)]
+                "--epochs", "3", "--val-size", str(VAL), "--workers", "1"]
 
 
 def pruning_sweep(data_dir: Path, out: Path, *extra: str):
@@ -446,67 +446,63 @@ def test_a_finalist_pruned_on_a_later_seed_trains_in_full_when_the_sweep_runs_ag
     second = "adamw_b16_lr1e-05_wd0.01_seed2"
     assert trained_epochs(out)[second] == 0
     study = optuna.load_study(study_name=sweeps.STUDY_NAME, storage=sweeps.storage_url(out, None))
-    sweep = sweeps.Sweep.from_dict(study.user_attrs["sweep"])
-    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in sweep.search_space().items()}
-    study.add_trial(optuna.trial.create_trial(
-        params=dict(optimizer="adamw", batch_size=16, lr=1e-5, wd=0.01, seed=1), distributions=space, value=0.5,
-        user_attrs={"run": "adamw_b16_lr1e-05_wd0.01_seed1"}))  # the first seed's point, now kept
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=dict(
+        run="adamw_b16_lr1e-05_wd0.01_seed1", point=dict(optimizer="adamw", batch_size=16, lr=1e-5, wd=0.01,
+                                                          warmup=0.0, seed=1))))  # the first seed's point, now kept
     again = pruning_sweep(data_dir, out, "--prune", "--seeds", "1,2")
     assert again.exit_code == 0, again.output
     assert "1 pruned point of later seeds queued again" in again.output
     assert summaries(out)[second]["status"] == "completed" and trained_epochs(out)[second] == 3
 
 
-def grid_study(space: dict):
+def grid_study():
     study = optuna.create_study(direction="maximize")
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
 
-    def add(run: str, state=optuna.trial.TrialState.COMPLETE, accuracies=(), **params):
+    def add(lr: float, seed: int, state=optuna.trial.TrialState.COMPLETE, accuracies=()) -> str:
+        name = f"adamw_b64_lr{lr:g}_wd0.01_seed{seed}"
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=distributions, state=state, user_attrs={"run": run},
-            value=0.9 if state == optuna.trial.TrialState.COMPLETE else None,
+            state=state, value=0.9 if state == optuna.trial.TrialState.COMPLETE else None,
+            user_attrs=dict(run=name, point=dict(optimizer="adamw", batch_size=64, lr=lr, wd=0.01, seed=seed)),
             intermediate_values=dict(enumerate(accuracies, 1))))
+        return name
     return study, add
 
 
 def test_later_seeds_train_the_first_seeds_finalists_in_full_and_skip_the_rest():
-    study, add = grid_study(dict(optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]))
-    point = dict(optimizer="adamw", batch_size=64)
-    add("best, seed 1", accuracies=[0.99], lr=0.01, seed=1, **point)
-    add("best, seed 2", accuracies=[0.99], lr=0.01, seed=2, **point)
-    slow = dict(point, lr=0.001)
+    study, add = grid_study()
+    add(0.01, 1, accuracies=[0.99])
+    best_2 = add(0.01, 2, accuracies=[0.99])
+    slow = dict(optimizer="adamw", batch_size=64, lr=0.001)
+    slow_1, slow_2 = "adamw_b64_lr0.001_wd0.01_seed1", "adamw_b64_lr0.001_wd0.01_seed2"
     # Far behind at epoch 1: pruned on the first seed, judged by the first seed on the second.
-    assert sweeps.should_prune(study, dict(slow, seed=1), "slow, seed 1", 1, 0.5, first_seed=1)
-    assert not sweeps.should_prune(study, dict(slow, seed=2), "slow, seed 2", 1, 0.5, first_seed=1)
-    add("slow, seed 1", optuna.trial.TrialState.PRUNED, accuracies=[0.5], lr=0.001, seed=1, **point)
-    assert sweeps.should_prune(study, dict(slow, seed=2), "slow, seed 2", 0, None, first_seed=1)
-    assert not sweeps.should_prune(study, dict(point, lr=0.01, seed=2), "best, seed 2", 0, None, first_seed=1)
+    assert sweeps.should_prune(study, dict(slow, seed=1), slow_1, 1, 0.5, first_seed=1)
+    assert not sweeps.should_prune(study, dict(slow, seed=2), slow_2, 1, 0.5, first_seed=1)
+    add(0.001, 1, optuna.trial.TrialState.PRUNED, accuracies=[0.5])
+    assert sweeps.should_prune(study, dict(slow, seed=2), slow_2, 0, None, first_seed=1)
+    assert not sweeps.should_prune(study, dict(slow, lr=0.01, seed=2), best_2, 0, None, first_seed=1)
 
 
 def test_a_later_seeds_point_pruned_though_the_first_seed_kept_its_setting_is_queued_again():
-    study, add = grid_study(dict(optimizer=["adamw"], batch_size=[64], lr=[0.001, 0.01], seed=[1, 2]))
-    point = dict(optimizer="adamw", batch_size=64)
-    add("kept, seed 1", lr=0.01, seed=1, **point)
-    add("kept, seed 2", optuna.trial.TrialState.PRUNED, lr=0.01, seed=2, **point)  # by an earlier rule
-    add("out, seed 1", optuna.trial.TrialState.PRUNED, lr=0.001, seed=1, **point)
-    add("out, seed 2", optuna.trial.TrialState.PRUNED, lr=0.001, seed=2, **point)
+    study, add = grid_study()
+    add(0.01, 1)
+    kept_2 = add(0.01, 2, optuna.trial.TrialState.PRUNED)  # by an earlier rule
+    add(0.001, 1, optuna.trial.TrialState.PRUNED)
+    out_2 = add(0.001, 2, optuna.trial.TrialState.PRUNED)
     assert sweeps.requeue_finalists(study, first_seed=1) == 1
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert [t.user_attrs["run"] for t in waiting] == ["kept, seed 2"]
+    assert [t.user_attrs["run"] for t in waiting] == [kept_2]
+    assert waiting[0].user_attrs["point"]["lr"] == 0.01  # queued with its point
     assert sweeps.requeue_finalists(study, first_seed=1) == 0  # queued already: its latest trial waits
-    add("out, seed 1", lr=0.001, seed=1, **point)  # finished by a sweep without --prune: no longer out
-    assert not sweeps.first_seed_pruned(study, dict(point, lr=0.001, seed=2), first_seed=1)
+    add(0.001, 1)  # finished by a sweep without --prune: no longer out
+    assert not sweeps.first_seed_pruned(study, out_2, first_seed=1)
 
 
 def test_pruning_compares_a_point_only_with_its_own_optimizer_batch_size_and_seed():
     study = optuna.create_study(direction="maximize")
-    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in dict(
-        optimizer=["adamw", "lamb16"], batch_size=[64, 512], lr=[0.001, 0.01], seed=[1, 2]).items()}
-
     def add(run: str, accuracy: float, **params) -> None:
         params = dict(dict(optimizer="adamw", batch_size=64, lr=0.01, seed=1), **params)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=accuracy,
-                                                  intermediate_values={1: accuracy}, user_attrs={"run": run}))
+        study.add_trial(optuna.trial.create_trial(value=accuracy, intermediate_values={1: accuracy},
+                                                  user_attrs={"run": run, "point": params}))
 
     add("peer", 0.96)
     add("other optimizer", 0.99, optimizer="lamb16")
