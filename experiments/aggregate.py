@@ -2,64 +2,21 @@
 figures draw, the results table, and verdicts on the original README's claims.
 
 How sure: every figure over seeds is a mean with its sample standard deviation
-and n; a verdict compares a claim with the 95% confidence interval of the
-mean over seeds (Student's t): "met" when the whole interval is at or above
-the claim, "not met" when it is all below, "within noise" when it straddles
-it. Comparisons of two optimizers pair the seeds (the same seed gives both
-the same initial weights and data order).
+and n (experiments.stats); a verdict compares a claim with the 95% confidence
+interval of the mean over seeds (Student's t): "met" when the whole interval
+is at or above the claim, "not met" when it is all below, "within noise" when
+it straddles it; one seed gives no verdict. Comparisons of two optimizers pair
+the seeds (the same seed gives both the same initial weights and data order).
 """
 
-import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from plots import Band, Curves, tell_apart
 
 from . import registry
 from .runs import Run
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom (then 1.96).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-       20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t95(df: int) -> float:
-    return T95[max(k for k in T95 if k <= df)] if df <= 120 else 1.96
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Values over seeds: n, mean, sample standard deviation, lowest, highest."""
-
-    n: int
-    mean: float
-    std: float
-    low: float
-    high: float
-
-    def interval(self) -> tuple[float, float] | None:
-        """95% confidence interval of the mean (None for one value)."""
-        if self.n < 2:
-            return None
-        half = t95(self.n - 1) * self.std / math.sqrt(self.n)
-        return self.mean - half, self.mean + half
-
-    def percent(self) -> str:
-        """"99.12 ± 0.05% (n=3)"."""
-        if self.n == 1:
-            return f"{100 * self.mean:.2f}% (n=1)"
-        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}% (n={self.n})"
-
-
-def stat(values: list[float | None]) -> Stat | None:
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    if not present:
-        return None
-    std = statistics.stdev(present) if len(present) > 1 else 0.0
-    return Stat(len(present), statistics.fmean(present), std, min(present), max(present))
-
+from .stats import Stat, stat
 
 def verdict(values: Stat | None, target: float) -> str:
     """met / not met / within noise, as the module docstring says."""
@@ -67,7 +24,7 @@ def verdict(values: Stat | None, target: float) -> str:
         return "no data"
     interval = values.interval()
     if interval is None:
-        return ("met" if values.mean >= target else "not met") + " (one seed, no spread)"
+        return "one seed: no verdict"
     low, high = interval
     return "met" if low >= target else "not met" if high < target else "within noise"
 

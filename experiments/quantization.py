@@ -15,7 +15,7 @@ from lamb16.quantize import (E4M3, E4M3_MAX, E5M2, SEED_M_CLAMP, as_rows, block_
                              from_rows, store_absmax, store_blocks, store_seed)
 
 from . import registry
-from .aggregate import stat
+from .stats import stat
 from .data import Split
 from .loop import make_model, train_step
 

@@ -31,10 +31,9 @@ import multiprocessing
 import os
 import signal
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +98,8 @@ class Sweep:
         from its middle outwards, so that pruning meets the likely best first
         and the extremes, likely hopeless, last."""
         batch_sizes = sorted(self.batch_sizes, reverse=True)
-        if self.searched:
-            return [dict(optimizer=o, batch_size=b, trial=t, seed=s)
+        if self.searched:  # each trial's drawn values held in its point: read once, when it is queued
+            return [dict(optimizer=o, batch_size=b, trial=t, seed=s, **space.settings(o, self.trials)[t])
                     for s, b, o, t in itertools.product(self.seeds, batch_sizes, self.optimizers, range(self.trials))]
         grid = itertools.product(self.seeds, batch_sizes, self.optimizers, middle_out(self.lrs), self.wds,
                                  self.warmups)
@@ -110,8 +109,9 @@ class Sweep:
     def config(self, point: dict[str, Any]) -> RunConfig:
         """The run of a point: a grid's values, a search trial's drawn setting, or a confirmation's setting."""
         point = dict(point)
-        if "trial" in point:
-            point.update(space.settings(point["optimizer"], self.trials)[point.pop("trial")])
+        trial = point.pop("trial", None)
+        if trial is not None and "lr" not in point:  # queued before points held their draws
+            point.update(space.settings(point["optimizer"], self.trials)[trial])
         return replace(self.base(), **point)
 
     def to_dict(self) -> dict:

@@ -1,14 +1,13 @@
 """A sweep's answer, from its run directories alone: per optimizer and batch
-size, the learning rate (and weight decay) chosen by validation accuracy, and
-the test accuracy of that choice over seeds; results.csv (a row per run),
-results.md and the two figures.
+size, the setting chosen by validation accuracy on the tuning seeds, then
+(experiments.verdicts) that setting on the confirmation seeds, which alone
+give verdicts; results.csv (a row per run), results.md and the two figures.
 
 Selection never looks at the test set: a setting's score is its mean final
-validation accuracy over seeds, a diverged seed counting 0. The test figure of
-the chosen setting is then a mean ± std over its seeds with n, and the
-samples (and seconds) it took to reach a target validation accuracy.
+validation accuracy over its tuning seeds, a diverged seed counting 0.
 """
 
+import contextlib
 import csv
 import io
 import math
@@ -20,14 +19,16 @@ from pathlib import Path
 from plots import Band, Series, batch_figure, lr_figure
 
 from . import registry
-from .aggregate import Stat, cell, paired, stat, verdict
+from .aggregate import cell
+from .stats import Stat, stat
 from .config import RunConfig
 from .errors import UserError
 from .runs import Run, load_runs, write_atomic
 
 Echo = Callable[[str], None]
 DEFAULT_TARGET = 0.98
-CSV_FIELDS = ("run", "optimizer", "batch_size", "lr", "wd", "schedule", "warmup", "seed", "epochs", "status",
+CSV_FIELDS = ("run", "phase", "optimizer", "batch_size", "lr", "wd", "beta1", "beta2", "schedule", "warmup", "seed",
+              "epochs", "status",
               "epochs_completed",
               "final_val_accuracy", "final_test_accuracy", "best_test_accuracy", "samples", "train_seconds",
               "samples_to_target", "seconds_to_target", "state_bytes_per_parameter")
@@ -115,10 +116,16 @@ def grid_lrs(runs: list[Run], optimizer: str, batch_size: int) -> list[float]:
                    and r.config["batch_size"] == batch_size})
 
 
+def searched(runs: list[Run]) -> bool:
+    """Whether the runs come from a search (--trials: their betas drawn) rather than a grid."""
+    return any(r.config.get("beta1") is not None or r.config.get("beta2") is not None for r in runs)
+
+
 def edge_point(choice: Choice, runs: list[Run]) -> float | None:
-    """Where a chosen lr lies at the edge of its grid, the lr to add beyond it
-    (one more step of the grid's own ratio there); None inside the grid. The
-    best lr may lie past an edge: such a choice is no tuned result yet."""
+    """Where a chosen lr is the lowest or highest its optimizer and batch size
+    tried, the lr to add beyond it (one more step of the grid's own ratio
+    there); None inside. The best lr may lie past an edge: such a choice is no
+    tuned result yet."""
     grid = grid_lrs(runs, choice.optimizer, choice.batch_size)
     if len(grid) == 1:
         return choice.lr * 3
@@ -129,8 +136,10 @@ def edge_point(choice: Choice, runs: list[Run]) -> float | None:
     return None
 
 
-def protocol_markdown(runs: list[Run]) -> str:
+def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | None) -> str:
     """How the choices were made: the search space, the budget, the seeds, the rule."""
+    from . import space
+
     def values(key, default=None):
         return sorted({r.config.get(key, default) for r in runs}, key=str)
 
@@ -138,21 +147,40 @@ def protocol_markdown(runs: list[Run]) -> str:
     epochs = max(c["epochs"] for c in configs)
     steps = {b: epochs * math.ceil((c.get("train_size", 60_000) - c["val_size"]) / b)
              for c in configs for b in [c["batch_size"]]}
-    seeds_per_point = statistics.median(len(members) for members in settings(runs).values())
+    optimizers = in_registry_order(values("optimizer"))
     schedules = ", ".join(f"{s}" for s in values("schedule", "constant"))
-    warmups = ", ".join(f"{w:g}" for w in values("warmup", 0.0))
+    seeds = ", ".join(map(str, sorted({c["seed"] for c in configs})))
+    batches = ", ".join(map(str, sorted(values("batch_size"))))
+    if trials:
+        spaces: dict[str, list[str]] = {}
+        for name in optimizers:
+            spaces.setdefault(space.describe(name), []).append(label(name))
+        space_lines = [f"- Search space, each optimizer its own knobs over the same ranges (experiments/registry.py), "
+                       f"batch sizes {batches}, schedule {schedules} after the warmup:"]
+        space_lines += [f"  - {', '.join(names)}: {text}." for text, names in spaces.items()]
+        budget = (f"- Budget: the same for every optimizer: {trials} settings at each batch size, drawn by Optuna's "
+                  f"quasi-random sampler (scrambled Sobol; the same draws for the same knobs), {epochs} "
+                  f"epoch{'s' if epochs > 1 else ''} each, that is ")
+    else:
+        warmups = ", ".join(f"{w:g}" for w in values("warmup", 0.0))
+        space_lines = [f"- Search space: optimizers {', '.join(optimizers)}; lr "
+                       f"{', '.join(f'{x:g}' for x in sorted(values('lr')))}; batch sizes {batches}; weight decay "
+                       f"{', '.join(f'{x:g}' for x in sorted(values('wd')))}; schedule {schedules}, warmup {warmups}."]
+        budget = f"- Budget: {epochs} epoch{'s' if epochs > 1 else ''} a point, that is "
+    confirm_seeds = sorted({r.config["seed"] for r in confirmations})
+    seeds_per_point = statistics.median(len(members) for members in settings(runs).values())
     return "\n".join([
         "### Tuning protocol",
         "",
-        f"- Search space: optimizers {', '.join(in_registry_order(values('optimizer')))}; lr "
-        f"{', '.join(f'{x:g}' for x in sorted(values('lr')))}; batch sizes "
-        f"{', '.join(map(str, sorted(values('batch_size'))))}; weight decay "
-        f"{', '.join(f'{x:g}' for x in sorted(values('wd')))}; schedule {schedules}, warmup {warmups}.",
-        f"- Budget: {epochs} epoch{'s' if epochs > 1 else ''} a point, that is "
-        + ", ".join(f"{n} steps at batch {b}" for b, n in sorted(steps.items())) + ".",
-        f"- Seeds: {seeds_per_point:g} per point; the same initial weights and data order for every optimizer.",
+        *space_lines,
+        budget + ", ".join(f"{n} steps at batch {b}" for b, n in sorted(steps.items())) + ".",
+        f"- Tuning seeds: {seeds} ({seeds_per_point:g} per setting); the same initial weights and data order for "
+        "every optimizer.",
         f"- Selection: the best mean final validation accuracy ({configs[0]['val_size']} training images held out, "
-        "never trained on), the test set used only to report the choice.",
+        "never trained on), the test set used only to report.",
+        (f"- Confirmation: each choice trained again on seeds {', '.join(map(str, confirm_seeds))}, which took no part "
+         "in choosing it; every verdict comes from them alone." if confirm_seeds else
+         "- Confirmation: none yet (`sweep ... --confirm-seeds 8` adds it); without it no difference gets a verdict."),
         *pruning_lines(runs),
         "",
     ])
@@ -163,7 +191,7 @@ def epochs_trained(run: Run) -> int:
 
 
 def pruning_lines(runs: list[Run]) -> list[str]:
-    """What pruning and divergence saved of the grid's epochs."""
+    """What pruning and divergence saved of the tuning's epochs."""
     pruned = [r for r in runs if r.status == "pruned"]
     if not pruned:
         return []
@@ -173,7 +201,7 @@ def pruning_lines(runs: list[Run]) -> list[str]:
     untrained = sum(epochs_trained(r) == 0 for r in pruned)
     across = f" ({untrained} of them never trained: their setting was pruned on the first seed)" if untrained else ""
     return [f"- Pruning: {len(pruned)} of {len(runs)} points stopped early, clearly behind their optimizer, batch "
-            f"size and seed{across}; {trained} of the grid's {grid} epochs trained ({1 - trained / grid:.0%} saved, "
+            f"size and seed{across}; {trained} of the tuning's {grid} epochs trained ({1 - trained / grid:.0%} saved, "
             f"{by_pruning / grid:.0%} by pruning, the rest by divergence)."]
 
 
@@ -181,14 +209,19 @@ def edges_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run]) -> s
     flagged = [(c, edge_point(c, runs)) for c in choices.values()]
     flagged = [(c, point) for c, point in flagged if point is not None]
     if not flagged:
-        return "Every chosen lr lies inside its grid.\n"
-    lines = ["### Chosen at the edge of the grid", "",
-             "The best lr may lie beyond the grid: these are not tuned yet. To extend the sweep, run the same sweep "
-             "command with the lr added to --lrs: its finished points are kept, only the new ones train.", ""]
+        return "Every chosen lr lies inside the lrs tried.\n"
+    if searched(runs):
+        advice = ("The best lr may lie beyond the lrs drawn: these are not tuned yet. Run the same sweep command with "
+                  "more --trials to draw more settings (its finished points are kept); the ranges are the registry's.")
+    else:
+        advice = ("The best lr may lie beyond the grid: these are not tuned yet. To extend the sweep, run the same "
+                  "sweep command with the lr added to --lrs: its finished points are kept, only the new ones train.")
+    lines = ["### Chosen at the edge", "", advice, ""]
     for c, point in sorted(flagged, key=lambda item: (item[0].optimizer, item[0].batch_size)):
         grid = grid_lrs(runs, c.optimizer, c.batch_size)
         where = "the only lr tried" if len(grid) == 1 else ("the lowest lr" if c.lr == grid[0] else "the highest lr")
-        lines.append(f"- {label(c.optimizer)}, batch {c.batch_size}: lr {c.lr:g} is {where}; add lr {point:.3g}.")
+        lines.append(f"- {label(c.optimizer)}, batch {c.batch_size}: lr {c.lr:g} is {where}"
+                     + ("." if searched(runs) else f"; add lr {point:.3g}."))
     return "\n".join(lines) + "\n"
 
 
@@ -197,15 +230,20 @@ def in_registry_order(names) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
-def csv_text(runs: list[Run], target: float) -> str:
+def csv_text(runs: list[Run], target: float, confirmations: list[Run] = ()) -> str:
+    """A row per run: the tuning runs, then the confirmation runs."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for run in sorted(runs, key=lambda r: (sortable(setting_of(r)), r.config["seed"])):
+    phases = [("tuning", r) for r in runs] + [("confirmation", r) for r in confirmations]
+    for phase, run in sorted(phases, key=lambda item: (item[0] != "tuning", sortable(setting_of(item[1])),
+                                                       item[1].config["seed"])):
         summary = run.summary or {}
         reached = to_target(run, target)
         writer.writerow(dict(
-            {k: run.config.get(k) for k in ("optimizer", "batch_size", "lr", "wd", "seed", "epochs")},
+            {k: run.config.get(k) for k in ("optimizer", "batch_size", "lr", "wd", "beta1", "beta2", "seed",
+                                            "epochs")},
+            phase=phase,
             schedule=run.config.get("schedule", "constant"), warmup=run.config.get("warmup", 0.0),
             run=run.path.name, status=run.status,
             **{k: summary.get(k) for k in ("epochs_completed", "final_val_accuracy", "final_test_accuracy",
@@ -216,89 +254,35 @@ def csv_text(runs: list[Run], target: float) -> str:
     return out.getvalue()
 
 
-def reach_cell(choice: Choice, target: float) -> str:
-    reached = [to_target(r, target) for r in choice.runs]
-    hits = [r for r in reached if r is not None]
-    if not hits:
-        return f"not reached (0/{len(reached)})"
-    samples = statistics.median(h[0] for h in hits)
-    seconds = statistics.median(h[1] for h in hits)
-    return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(reached)})"
+def tuning_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run],
+                    retrained_runs: list[Run] | None = None) -> str:
+    """The choices on the seeds that made them: their validation and test
+    accuracy there (not verdicts: their luck helped them win), and with `sweep
+    --retrain`, the setting trained again on all the training images."""
+    from .verdicts import setting_text
 
-
-def results_markdown(choices: dict[tuple[str, int], Choice], runs: list[Run], target: float, title: str,
-                     retrained_runs: list[Run] | None = None) -> str:
     lines = [
-        f"## {title}",
-        "",
-        "Per optimizer and batch size: the learning rate (and weight decay) with the best mean final validation "
-        "accuracy over seeds (a diverged seed counts 0), then the test accuracy of that choice, mean ± std over "
-        f"seeds (and, with `sweep --retrain`, of that setting trained again on all the training images), and the "
-        f"median samples and seconds to {100 * target:g}% validation accuracy (seeds that got there).",
-        "",
-        "| optimizer | batch | chosen lr | wd | warmup | validation | test | retrained on all | diverged | to target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "### The choice", "",
+        "Per optimizer and batch size: the setting with the best mean final validation accuracy over the tuning "
+        "seeds (a diverged seed counts 0), its validation and test accuracy on those seeds, mean ± std (and, with "
+        "`sweep --retrain`, its test accuracy trained again on all the training images).", "",
+        "| optimizer | batch | chosen setting | validation | test, tuning seeds | retrained on all | settings tried | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     retrained = settings(retrained_runs or [])
+    tried = settings(runs)
     for optimizer in in_registry_order({o for o, _ in choices}):
         for batch_size in sorted(b for o, b in choices if o == optimizer):
             c = choices[(optimizer, batch_size)]
             again = stat([test_accuracy(r) for r in retrained.get(setting_of(c.runs[0]), [])])
-            lr_cell = f"{c.lr:g}" + (" (grid edge)" if edge_point(c, runs) is not None else "")
-            lines.append(f"| {label(optimizer)} | {batch_size} | {lr_cell} | {c.wd:g} | {c.warmup:g} | {cell(c.val)} | {cell(c.test)} "
-                         f"| {cell(again)} | {c.diverged}/{len(c.runs)} | {reach_cell(c, target)} |")
+            edge = " (edge)" if edge_point(c, runs) is not None else ""
+            count = sum(1 for key in tried if key[:2] == (optimizer, batch_size))
+            lines.append(f"| {label(optimizer)} | {batch_size} | {setting_text(c.config)}{edge} | {cell(c.val)} | "
+                         f"{cell(c.test)} | {cell(again)} | {count} | {c.diverged}/{len(c.runs)} |")
     unfinished = sum(r.status not in ("completed", "diverged", "pruned") for r in runs)
     pruned = sum(r.status == "pruned" for r in runs)
-    lines += ["", f"{len(runs)} runs, {pruned} pruned, {unfinished} not ended.", ""]
-    return ("\n".join(lines) + "\n" + edges_markdown(choices, runs) + "\n" + protocol_markdown(runs)
-            + comparisons_markdown(choices))
-
-
-FOCUS = "lamb16"  # the optimizer the sweep's comparisons are about
-VERDICTS = {"met": "higher", "not met": "lower", "within noise": "within noise"}
-
-
-def points(diff: Stat | None) -> str:
-    """"+0.52 ± 0.20 points (n=3), 95% CI +0.02 to +1.02"."""
-    if diff is None:
-        return "-"
-    text = f"{100 * diff.mean:+.2f} ± {100 * diff.std:.2f} points (n={diff.n})"
-    interval = diff.interval()
-    return text + ("" if interval is None else f", 95% CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}")
-
-
-def higher_or_lower(diff: Stat | None) -> str:
-    """Whether a paired difference is above 0 with 95% confidence, below, or neither."""
-    base, _, note = verdict(diff, 0.0).partition(" (")
-    return VERDICTS.get(base, base) + (f" ({note}" if note else "")
-
-
-def comparisons_markdown(choices: dict[tuple[str, int], Choice], focus: str = FOCUS) -> str:
-    """How sure: per batch size, the focus optimizer's tuned test accuracy minus
-    each other's, paired by seed (the same seed gives both the same initial
-    weights and data order); and per optimizer, what going from the smallest
-    batch to the largest costs it."""
-    batch_sizes = sorted({b for _, b in choices})
-    lines = []
-    if any(o == focus for o, _ in choices) and len({o for o, _ in choices}) > 1:
-        lines += ["", f"{label(focus)} minus each other optimizer, each at its own tuned learning rate, paired by seed:",
-                  "", "| batch | against | test accuracy difference | verdict |", "|---|---|---|---|"]
-        for batch_size in batch_sizes:
-            mine = choices.get((focus, batch_size))
-            for other in in_registry_order({o for o, b in choices if b == batch_size and o != focus}):
-                if mine is None:
-                    continue
-                diff = paired(mine.runs, choices[(other, batch_size)].runs, test_accuracy)
-                lines.append(f"| {batch_size} | {label(other)} | {points(diff)} | **{higher_or_lower(diff)}** |")
-    if len(batch_sizes) > 1:
-        small, large = batch_sizes[0], batch_sizes[-1]
-        lines += ["", f"Batch {large} against batch {small}, each tuned, paired by seed:", "",
-                  "| optimizer | test accuracy difference | verdict |", "|---|---|---|"]
-        for optimizer in in_registry_order({o for o, _ in choices}):
-            if (optimizer, small) in choices and (optimizer, large) in choices:
-                diff = paired(choices[(optimizer, large)].runs, choices[(optimizer, small)].runs, test_accuracy)
-                lines.append(f"| {label(optimizer)} | {points(diff)} | **{higher_or_lower(diff)}** |")
-    return "\n".join(lines) + ("\n" if lines else "")
+    lines += ["", f"{len(runs)} tuning runs, {pruned} pruned, {unfinished} not ended.", ""]
+    return "\n".join(lines) + "\n"
 
 
 def label(optimizer: str) -> str:
@@ -311,35 +295,43 @@ def style(optimizer: str) -> dict:
     return dict(spec.style) if spec else dict(color="black", linestyle="-", marker=".")
 
 
-def band_of(points: list[tuple[float, Stat]]) -> Band:
-    points = sorted(points)
-    return Band([x for x, _ in points], [s.mean for _, s in points], [s.low for _, s in points],
-                [s.high for _, s in points])
+def band_of(points: list[tuple[float, Stat]], interval: bool = False) -> Band:
+    """Means against x, the band each one's range over seeds (or, `interval`, its 95% interval)."""
+    points = sorted(points, key=lambda p: p[0])
+    lows, highs = [], []
+    for _, s in points:
+        low, high = (s.interval() or (s.mean, s.mean)) if interval else (s.low, s.high)
+        lows.append(low)
+        highs.append(high)
+    return Band([x for x, _ in points], [s.mean for _, s in points], lows, highs)
 
 
 def lr_series(runs: list[Run]) -> dict[int, list[Series]]:
     """Per batch size, per optimizer, validation accuracy over seeds against lr
-    (at each lr, the best weight decay's)."""
+    (at each lr, the best setting's); a search's settings as unjoined points."""
     by_point: dict[tuple[str, int, float], Stat] = {}
     for (optimizer, batch_size, lr, *_), members in settings(runs).items():
         val = stat([val_score(r) for r in members])
         key = (optimizer, batch_size, lr)
         if val is not None and (key not in by_point or val.mean > by_point[key].mean):
             by_point[key] = val
+    points_only = dict(linestyle="none") if searched(runs) else {}
     panels: dict[int, list[Series]] = {}
     for batch_size in sorted({b for _, b, _ in by_point}):
         for optimizer in in_registry_order({o for o, b, _ in by_point if b == batch_size}):
             points = [(lr, s) for (o, b, lr), s in by_point.items() if o == optimizer and b == batch_size]
-            panels.setdefault(batch_size, []).append(Series(label(optimizer), style(optimizer), band_of(points)))
+            panels.setdefault(batch_size, []).append(
+                Series(label(optimizer), dict(style(optimizer), **points_only), band_of(points)))
     return panels
 
 
-def batch_series(choices: dict[tuple[str, int], Choice]) -> list[Series]:
+def batch_series(judged: dict) -> list[Series]:
+    """Each optimizer's test accuracy against batch size, with its 95% interval over the judging seeds."""
     series = []
-    for optimizer in in_registry_order({o for o, _ in choices}):
-        points = [(b, c.test) for (o, b), c in choices.items() if o == optimizer and c.test is not None]
+    for optimizer in in_registry_order({o for o, _ in judged}):
+        points = [(b, j.test) for (o, b), j in judged.items() if o == optimizer and j.test is not None]
         if points:
-            series.append(Series(label(optimizer), style(optimizer), band_of(points)))
+            series.append(Series(label(optimizer), style(optimizer), band_of(points, interval=True)))
     return series
 
 
@@ -350,12 +342,24 @@ def sweep_runs(sweeps: list[Path], folder: str = "runs") -> list[Run]:
             if "val_size" in r.config or folder != "runs"]
     where: dict[tuple, Path] = {}
     for run in runs:
-        point = (*setting_of(run), run.config["seed"], run.config.get("val_size"))
+        point = (*setting_of(run), run.config["seed"], run.config.get("val_size"), run.config.get("epochs"))
         if point in where:
             raise UserError(f"{run.path.name} is in {where[point].parent} and in {run.path.parent}; report sweeps "
                             "whose points differ (other batch sizes, optimizers or seeds)")
         where[point] = run.path
     return runs
+
+
+def trials_of(sweeps: list[Path]) -> int | None:
+    """The trials of the sweeps' searches (None for grids, or where no study says)."""
+    from .sweep import DATABASE, load_sweep
+
+    found = set()
+    for folder in sweeps:
+        if (folder / DATABASE).is_file():
+            with contextlib.suppress(UserError, KeyError):
+                found.add(load_sweep(folder, None).trials)
+    return max(found) if found and max(found) > 0 else None
 
 
 def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_TARGET) -> str:
@@ -367,27 +371,48 @@ def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_T
     return report(out, target, sweeps=sweeps) + f"\nresults.csv, results.md and figures written to {out}"
 
 
+def title_of(runs: list[Run], confirmations: list[Run], trials: int | None) -> str:
+    epochs = max(r.config["epochs"] for r in runs)
+    seeds = sorted({r.config["seed"] for r in runs})
+    tuned = (f"{trials} settings each on seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if trials
+             else f"tuned on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+    confirmed = len({r.config["seed"] for r in confirmations})
+    return (f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {tuned}"
+            + (f", confirmed on {confirmed} more" if confirmed else "")
+            + f", validation {runs[0].config['val_size']} images")
+
+
 def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps: list[Path] | None = None) -> str:
-    """results.csv, results.md, lr.png and batch.png of the runs under out/runs,
-    or of several `sweeps` together (written to out); returns the table."""
+    """results.csv, results.md, lr.png and batch.png of the runs under out/runs
+    and out/confirm, or of several `sweeps` together (written to out); returns
+    the report's text."""
+    from .sweep import CONFIRM, TUNING
+    from .verdicts import comparisons_markdown, confirmed_markdown, judge
+
     sweeps = sweeps or [out]
-    runs = sweep_runs(sweeps)
+    runs = sweep_runs(sweeps, TUNING)
     if not runs:
         raise UserError(f"{', '.join(map(str, sweeps))} hold{'s' if len(sweeps) == 1 else ''} no sweep runs (no "
                         "runs/ folder with run directories); give the --out of a sweep")
     out.mkdir(parents=True, exist_ok=True)
-    seeds = len({r.config["seed"] for r in runs})
-    epochs = max(r.config["epochs"] for r in runs)
-    title = f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {seeds} seed{'s' if seeds > 1 else ''}, validation {runs[0].config['val_size']} images"
+    confirmations = sweep_runs(sweeps, CONFIRM)
+    trials = trials_of(sweeps)
+    title = title_of(runs, confirmations, trials)
     choices = choose(runs)
-    write_atomic(out / "results.csv", csv_text(runs, target).encode())
-    retrained = sweep_runs(sweeps, "retrained")
-    text = results_markdown(choices, runs, target, title, retrained)
+    judged = judge(choices, confirmations)
+    write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
+    text = (f"## {title}\n\n" + confirmed_markdown(judged, target) + comparisons_markdown(judged) + "\n"
+            + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
+            + "\n" + protocol_markdown(runs, confirmations, trials))
     figures = []
     if choices:
-        figures.append(lr_figure(lr_series(runs), out / "lr.png", f"Validation accuracy against learning rate\n{title}"))
-        if batch_series(choices):
-            figures.append(batch_figure(batch_series(choices), out / "batch.png", f"Tuned test accuracy\n{title}"))
+        figures.append(lr_figure(lr_series(runs), out / "lr.png", f"Validation accuracy against learning rate, "
+                                 f"tuning seeds\n{title}"))
+        confirmed = all(j.confirmed for j in judged.values())
+        if batch_series(judged):
+            figures.append(batch_figure(batch_series(judged), out / "batch.png",
+                                        f"Test accuracy at the chosen setting, "
+                                        f"{'confirmation' if confirmed else 'tuning'} seeds (95% intervals)\n{title}"))
     text += "".join(f"\n![{f.stem}]({f.name})\n" for f in figures)
     write_atomic(out / "results.md", text.encode())
     return text

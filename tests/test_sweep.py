@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import scipy.stats
 import torch
 from click.testing import CliRunner
 from mnist_files import TRAIN_SIZE
@@ -17,7 +18,7 @@ from stops import StopAtCheck
 
 import cli
 from experiments import sweep as sweeps
-from experiments import tuning
+from experiments import tuning, verdicts
 from experiments.config import RunConfig
 from experiments.data import hold_out, load_train_and_test
 from experiments.errors import Interrupted
@@ -147,7 +148,7 @@ def test_report_of_several_sweeps_compares_their_batch_sizes_in_one_report(data_
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "both" / "results.md").read_text()
     assert "| LAMB16 | 32 |" in markdown and "| LAMB16 | 64 |" in markdown
-    assert "Batch 64 against batch 32, each tuned, paired by seed" in markdown
+    assert "### Batch 64 against batch 32" in markdown
     assert len(list(csv.DictReader((tmp_path / "both" / "results.csv").open()))) == 8
     assert (small / "results.md").read_text() == before  # each sweep's own report left as it was
 
@@ -186,8 +187,8 @@ def test_the_learning_rate_is_chosen_by_validation_never_by_test():
     (choice,) = tuning.choose(runs).values()
     assert choice.lr == 0.01 and choice.test.mean == pytest.approx(0.90) and choice.test.n == 2
     assert choice.val.mean == pytest.approx(0.95)
-    assert tuning.reach_cell(choice, 0.94) == "1k samples, 2 s (2/2)"
-    assert tuning.reach_cell(choice, 0.99).startswith("not reached (0/2)")
+    assert verdicts.reach(choice.runs, 0.94) == "1k samples, 2 s (2/2)"
+    assert verdicts.reach(choice.runs, 0.99).startswith("not reached (0/2)")
 
 
 def test_retrain_trains_each_chosen_setting_on_all_training_images(data_dir, tmp_path):
@@ -287,25 +288,50 @@ def test_a_sigint_to_the_sweep_alone_stops_its_workers_and_queues_their_points_a
     assert statuses == {"interrupted"}
 
 
-def test_the_report_says_how_sure_each_comparison_is():
-    """LAMB16 against each other optimizer at each batch size, and each
-    optimizer's largest batch against its smallest, paired by seed, each with
-    its 95% interval and a verdict that follows it."""
-    def runs_of(optimizer, batch_size, tests):
+def test_verdicts_come_from_the_confirmation_seeds_alone_paired_and_corrected_for_the_family():
+    """Tuning seed 1 makes AdamW look far better; the confirmation seeds 2-4
+    (paired by seed) say LAMB16 is higher: the verdict follows them, its p
+    corrected by Holm for the two peers, with the smallest detectable difference."""
+    def runs_of(optimizer, batch_size, tests, first_seed=1):
         return [replace_batch(fake_run(optimizer, 0.01, seed, 0.9, test), batch_size)
-                for seed, test in enumerate(tests, start=1)]
+                for seed, test in enumerate(tests, start=first_seed)]
 
-    runs = (runs_of("lamb16", 128, [0.990, 0.991, 0.989]) + runs_of("adamw", 128, [0.980, 0.985, 0.975])
-            + runs_of("lamb16", 8192, [0.970, 0.960, 0.980]) + runs_of("adamw", 8192, [0.975, 0.950, 0.990]))
-    text = tuning.comparisons_markdown(tuning.choose(runs))
-    # Differences +1.0, +0.6, +1.4 points: std 0.4, half-width 4.303 * 0.4 / sqrt(3) = 0.99.
-    assert "| 128 | AdamW | +1.00 ± 0.40 points (n=3), 95% CI +0.01 to +1.99 | **higher** |" in text
-    assert "| 8192 | AdamW | -0.17 ± 1.04 points (n=3), 95% CI -2.75 to +2.42 | **within noise** |" in text
-    # LAMB16 from 128 to 8192: -2.0, -3.1, -0.9 points.
-    assert "| LAMB16 | -2.00 ± 1.10 points (n=3), 95% CI -4.73 to +0.73 | **within noise** |" in text
-    lower = tuning.comparisons_markdown(tuning.choose(runs_of("lamb16", 128, [0.99, 0.99, 0.99])
-                                                      + runs_of("lamb16", 512, [0.95, 0.96, 0.94])))
-    assert "| LAMB16 | -4.00 ± 1.00 points (n=3), 95% CI -6.48 to -1.52 | **lower** |" in lower
+    tuning_runs = (runs_of("lamb16", 128, [0.90]) + runs_of("adamw", 128, [0.99]) + runs_of("sgd", 128, [0.90]))
+    lamb16, adamw = [0.990, 0.991, 0.989], [0.980, 0.982, 0.979]
+    confirmations = (runs_of("lamb16", 128, lamb16, 2) + runs_of("adamw", 128, adamw, 2)
+                     + runs_of("sgd", 128, [0.989, 0.992, 0.988], 2))
+    judged = verdicts.judge(tuning.choose(tuning_runs), confirmations)
+    assert all(j.confirmed and len(j.runs) == 3 for j in judged.values())
+    text = verdicts.comparisons_markdown(judged)
+    # Differences +1.0, +0.9, +1.0 points; the smaller of the two peers' p-values doubled by Holm.
+    p = scipy.stats.ttest_rel(lamb16, adamw).pvalue
+    row = next(line for line in text.splitlines() if line.startswith("| 128 | AdamW |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["+0.97 (n=3)", "+0.82 to +1.11"]
+    assert float(cells[4]) == pytest.approx(p, rel=5e-3) and float(cells[5]) == pytest.approx(2 * p, rel=5e-3)
+    assert cells[7] == "**higher**" and float(cells[6]) > 0.2  # 3 seeds detect no difference under 0.2 points
+    assert "| 128 | SGD (momentum 0.9) |" in text and "**no difference detected**" in text
+    # The tuning seed takes no part: a confirmation run of seed 1 would not be counted.
+    again = verdicts.judge(tuning.choose(tuning_runs), confirmations + runs_of("adamw", 128, [0.5]))
+    assert [r.config["seed"] for r in again[("adamw", 128)].runs] == [2, 3, 4]
+
+
+def test_a_difference_of_one_seed_has_no_spread_and_no_verdict():
+    one = verdicts.judge(tuning.choose([fake_run("lamb16", 0.01, 1, 0.9, 0.99), fake_run("adamw", 0.01, 1, 0.9, 0.95)]),
+                         [fake_run("lamb16", 0.01, 2, 0.9, 0.9865), fake_run("adamw", 0.01, 2, 0.9, 0.94)])
+    row = next(line for line in verdicts.comparisons_markdown(one).splitlines() if "| AdamW |" in line)
+    assert "+4.65 (n=1)" in row and "±" not in row and "one seed: no verdict" in row
+    assert "higher" not in row and "lower" not in row
+
+
+def test_without_confirmation_the_tuning_seeds_give_differences_but_no_verdicts():
+    runs = [fake_run(o, 0.01, s, 0.9, t) for o, tests in (("lamb16", (0.99, 0.991, 0.992)), ("adamw", (0.9, 0.91, 0.92)))
+            for s, t in zip((1, 2, 3), tests)]
+    judged = verdicts.judge(tuning.choose(runs), [])
+    assert not any(j.confirmed for j in judged.values())
+    text = verdicts.comparisons_markdown(judged)
+    assert "+8.10 (n=3)" in text and "winner's curse" in text and "--confirm-seeds 8" in text
+    assert "higher" not in text and "| verdict |" not in text and "**" not in text
 
 
 def replace_batch(run: Run, batch_size: int) -> Run:
@@ -326,14 +352,15 @@ def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged_with_the_point_to_add():
     assert tuning.edge_point(choices[("lamb16", 128)], runs) is None
     assert tuning.edge_point(choices[("adamw", 128)], runs) == pytest.approx(0.001 / 3)
     assert tuning.edge_point(choices[("sgd", 128)], runs) == pytest.approx(0.027)
-    text = tuning.results_markdown(choices, runs, 0.98, "title")
-    assert "| AdamW | 128 | 0.001 (grid edge) |" in text and "| LAMB16 | 128 | 0.003 |" in text
+    text = tuning.tuning_markdown(choices, runs) + tuning.edges_markdown(choices, runs) + tuning.protocol_markdown(
+        runs, [], None)
+    assert "| AdamW | 128 | lr 0.001, wd 0.01, warmup 0 (edge) |" in text and "| LAMB16 | 128 | lr 0.003, wd 0.01, warmup 0 |" in text
     assert "AdamW, batch 128: lr 0.001 is the lowest lr; add lr 0.000333." in text
     assert "SGD (momentum 0.9), batch 128: lr 0.009 is the highest lr; add lr 0.027." in text
     # The protocol: the search space, the budget in epochs and steps, the seeds, the rule.
     assert "lr 0.001, 0.003, 0.009; batch sizes 128" in text
     assert f"10 epochs a point, that is {10 * math.ceil((60_000 - VAL) / 128)} steps at batch 128" in text
-    assert "Seeds: 2 per point" in text and "validation accuracy" in text
+    assert "Tuning seeds: 1, 2 (2 per setting)" in text and "validation accuracy" in text
 
 
 def test_warmups_are_swept_under_a_shared_schedule_and_the_choice_names_its_warmup(data_dir, tmp_path):
@@ -383,9 +410,9 @@ def test_a_pruned_point_is_recorded_and_resumes_bit_for_bit_in_a_sweep_without_p
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "pruned" / "results.csv").open())}
     assert rows[slow]["status"] == "pruned"
     markdown = (tmp_path / "pruned" / "results.md").read_text()
-    assert "- Pruning: " in markdown and "| AdamW | 16 | 0.003 |" in markdown
+    assert "- Pruning: " in markdown and "| AdamW | 16 | lr 0.003, wd 0.01, warmup 0 |" in markdown
     pruned_count = sum(s["status"] == "pruned" for s in pruned.values())
-    assert f"3 runs, {pruned_count} pruned, 0 not ended." in markdown
+    assert f"3 tuning runs, {pruned_count} pruned, 0 not ended." in markdown
     rerun = pruning_sweep(data_dir, tmp_path / "pruned", "--prune")  # pruning again: nothing trains
     assert rerun.exit_code == 0 and "epoch " not in rerun.output.replace("after epoch", "")
     assert summaries(tmp_path / "pruned")[slow]["status"] == "pruned"

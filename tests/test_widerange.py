@@ -6,7 +6,6 @@ import functools
 import json
 import math
 
-import pytest
 import torch
 from click.testing import CliRunner
 

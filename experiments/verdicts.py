@@ -1,0 +1,202 @@
+"""A sweep's verdicts: each chosen setting's confirmation runs (seeds that
+took no part in choosing it), the focus optimizer against each peer at each
+batch size, and each optimizer's largest batch against its smallest, paired
+by seed, with paired t-tests corrected for the comparisons of their family
+(experiments.stats).
+
+Only confirmation runs give verdicts: the tuning seeds made a setting win its
+choice, and the luck that helped it win would stay in any figure they gave
+(a winner's curse, larger for an optimizer with more settings near the top).
+"""
+
+import statistics
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .runs import Run
+from .stats import PairedTest, Stat, judged_together, paired_test, stat
+from .tuning import Choice, in_registry_order, label, setting_of, test_accuracy
+
+FOCUS = "lamb16"  # the optimizer a sweep's comparisons are about
+
+
+@dataclass
+class Judged:
+    """One optimizer at one batch size: its choice, and the runs that judge it."""
+
+    choice: Choice
+    runs: list[Run]  # confirmation runs of the chosen setting, or (unconfirmed) the tuning runs
+    confirmed: bool
+
+    @property
+    def test(self) -> Stat | None:
+        return stat([test_accuracy(r) for r in self.runs])
+
+    @property
+    def diverged(self) -> int:
+        return sum(r.diverged for r in self.runs)
+
+
+def same_setting(run: Run, config: RunConfig) -> bool:
+    """Whether a run trained `config`'s setting with the same budget (any seed)."""
+    c = run.config
+    budget = all(c.get(k) == getattr(config, k) for k in ("epochs", "val_size", "schedule", "test_batch_size"))
+    return budget and setting_of(run)[:7] == (config.optimizer, config.batch_size, config.lr, config.wd,
+                                             config.warmup, config.beta1, config.beta2)
+
+
+def judge(choices: dict[tuple[str, int], Choice], confirmations: list[Run]) -> dict[tuple[str, int], Judged]:
+    """Each choice with its confirmation runs (those of its setting, on seeds
+    its tuning did not use); where no choice has any, the tuning runs,
+    marked unconfirmed. Confirmation runs of a setting no longer chosen (the
+    sweep was extended since) are left out."""
+    judged = {}
+    for key, choice in choices.items():
+        tuning_seeds = {r.config["seed"] for r in choice.runs}
+        mine = [r for r in confirmations if same_setting(r, choice.config) and r.config["seed"] not in tuning_seeds]
+        judged[key] = Judged(choice, sorted(mine, key=lambda r: r.config["seed"]), True)
+    if not any(j.runs for j in judged.values()):
+        return {key: Judged(c, c.runs, False) for key, c in choices.items()}
+    return judged
+
+
+def paired(a: list[Run], b: list[Run]) -> PairedTest | None:
+    """Test accuracy of `a` minus `b` over the seeds both completed (a diverged
+    run has no test accuracy: its seed drops out of the pair)."""
+    by_seed = {r.config["seed"]: test_accuracy(r) for r in b}
+    diffs = [x - by_seed[r.config["seed"]] for r in a
+             if (x := test_accuracy(r)) is not None and by_seed.get(r.config["seed"]) is not None]
+    return paired_test(diffs)
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def accuracy_cell(s: Stat | None) -> str:
+    """"99.12% (99.05-99.19), n=8": the mean and its 95% interval; one seed without one."""
+    if s is None:
+        return "-"
+    interval = s.interval()
+    if interval is None:
+        return f"{percent(s.mean)}, n=1"
+    return f"{percent(s.mean)} ({100 * interval[0]:.2f}-{100 * interval[1]:.2f}), n={s.n}"
+
+
+def signed(points: float) -> str:
+    return f"{100 * points:+.2f}"
+
+
+def difference_cells(test: PairedTest | None, with_tests: bool) -> list[str]:
+    """Difference, 95% CI, and (with_tests) p, Holm's p, the smallest detectable difference, the verdict."""
+    if test is None:
+        return ["-"] * (6 if with_tests else 2)
+    d = test.diff
+    interval = d.interval()
+    cells = [f"{signed(d.mean)} (n={d.n})",
+             "-" if interval is None else f"{signed(interval[0])} to {signed(interval[1])}"]
+    if with_tests:
+        cells += ["-" if test.p is None else f"{test.p:.3g}",
+                  "-" if test.p_corrected is None else f"{test.p_corrected:.3g}",
+                  "-" if test.detectable is None else f"{100 * test.detectable:.2f}",
+                  f"**{test.verdict}**"]
+    return cells
+
+
+def setting_text(config: RunConfig) -> str:
+    """"lr 0.03, wd 0.01, beta1 0.9, beta2 0.999, warmup 0.1" (the betas where set)."""
+    parts = [f"lr {config.lr:g}", f"wd {config.wd:g}"]
+    parts += [f"{name} {getattr(config, name):g}" for name in ("beta1", "beta2") if getattr(config, name) is not None]
+    return ", ".join(parts + [f"warmup {config.warmup:g}"])
+
+
+def reach(runs: list[Run], target: float) -> str:
+    """Median samples and seconds to `target` validation accuracy over the seeds that got there."""
+    from .tuning import to_target
+
+    hits = [h for h in (to_target(r, target) for r in runs) if h is not None]
+    if not hits:
+        return f"not reached (0/{len(runs)})"
+    samples = statistics.median(h[0] for h in hits)
+    seconds = statistics.median(h[1] for h in hits)
+    return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(runs)})"
+
+
+def confirmed_markdown(judged: dict[tuple[str, int], Judged], target: float) -> str:
+    confirmed = {k: j for k, j in judged.items() if j.confirmed}
+    if not confirmed:
+        return ""
+    seeds = sorted({r.config["seed"] for j in confirmed.values() for r in j.runs})
+    lines = ["### Confirmed on fresh seeds", "",
+             f"Each optimizer's setting chosen by validation on the tuning seeds, trained again on seeds "
+             f"{', '.join(map(str, seeds))}, which took no part in choosing it: its test accuracy (mean, 95% "
+             f"interval, seeds), and the median samples and seconds to {100 * target:g}% validation accuracy (seeds "
+             "that got there).", "",
+             "| optimizer | batch | chosen setting | test accuracy (95% CI) | to target | diverged |",
+             "|---|---|---|---|---|---|"]
+    for optimizer in in_registry_order({o for o, _ in confirmed}):
+        for batch_size in sorted(b for o, b in confirmed if o == optimizer):
+            j = confirmed[(optimizer, batch_size)]
+            lines.append(f"| {label(optimizer)} | {batch_size} | {setting_text(j.choice.config)} | "
+                         f"{accuracy_cell(j.test)} | {reach(j.runs, target) if j.runs else '-'} | "
+                         f"{j.diverged}/{len(j.runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def against_peers(judged: dict[tuple[str, int], Judged], focus: str = FOCUS) -> dict[int, dict[str, PairedTest | None]]:
+    """Per batch size, `focus` minus each peer, the peers of a batch size one family."""
+    tests: dict[int, dict[str, PairedTest | None]] = {}
+    for batch_size in sorted({b for _, b in judged}):
+        mine = judged.get((focus, batch_size))
+        peers = in_registry_order({o for o, b in judged if b == batch_size and o != focus})
+        if mine is None or not peers:
+            continue
+        family = judged_together([paired(mine.runs, judged[(o, batch_size)].runs) for o in peers])
+        tests[batch_size] = dict(zip(peers, family))
+    return tests
+
+
+def across_batches(judged: dict[tuple[str, int], Judged]) -> tuple[int, int, dict[str, PairedTest | None]] | None:
+    """Each optimizer's largest batch minus its smallest, the optimizers one family."""
+    batch_sizes = sorted({b for _, b in judged})
+    if len(batch_sizes) < 2:
+        return None
+    small, large = batch_sizes[0], batch_sizes[-1]
+    optimizers = [o for o in in_registry_order({o for o, _ in judged}) if (o, small) in judged and (o, large) in judged]
+    family = judged_together([paired(judged[(o, large)].runs, judged[(o, small)].runs) for o in optimizers])
+    return small, large, dict(zip(optimizers, family))
+
+
+def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOCUS) -> str:
+    """How sure: the focus optimizer against each peer, and what the largest batch costs each optimizer."""
+    confirmed = all(j.confirmed for j in judged.values())
+    if confirmed:
+        columns = "| difference (points) | 95% CI | p | p, Holm | detectable | verdict |"
+        rule = "|---|---|---|---|---|---|"
+        how = ("on the confirmation seeds, paired by seed (the same initial weights and data order); a paired "
+               "t-test, its p corrected by Holm's method for the comparisons of the table's family; higher or "
+               "lower only where the corrected p is below 0.05; detectable: the smallest difference these seeds "
+               "find with 80% power at the family's strictest level")
+    else:
+        columns, rule = "| difference (points) | 95% CI |", "|---|---|"
+        how = ("on the seeds that chose each setting: their luck stays in these differences (a winner's curse), "
+               "so they give no verdict; run the sweep again with --confirm-seeds 8 for verdicts")
+    lines = []
+    peers = against_peers(judged, focus)
+    if peers:
+        lines += ["", f"### {label(focus)} against each peer", "",
+                  f"{label(focus)}'s test accuracy minus each peer's, each at its own chosen setting, {how}.", "",
+                  f"| batch | against {columns}", f"|---|---{rule}"]
+        for batch_size, tests in peers.items():
+            for other, test in tests.items():
+                lines.append(f"| {batch_size} | {label(other)} | " + " | ".join(difference_cells(test, confirmed))
+                             + " |")
+    scaling = across_batches(judged)
+    if scaling:
+        small, large, tests = scaling
+        lines += ["", f"### Batch {large} against batch {small}", "",
+                  f"Each optimizer's test accuracy at batch {large} minus at batch {small}, each tuned, {how}.", "",
+                  f"| optimizer {columns}", f"|---{rule}"]
+        for optimizer, test in tests.items():
+            lines.append(f"| {label(optimizer)} | " + " | ".join(difference_cells(test, confirmed)) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
