@@ -1,7 +1,8 @@
 """What Lamb and Lamb16 share: hyperparameter checks and the walk over parameters."""
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -187,6 +188,26 @@ def is_dense(t: Tensor) -> bool:
     return False
 
 
+def lies_as_state(pieces: list[Tensor]) -> bool:
+    """Whether the weights and gradient lie in memory as their state does
+    (element i of each the same element), as every path walks them.
+
+    Where a parameter's layout changed since its state was made (a model moved
+    to channels_last, or back), the state keeps its layout: Lamb16's block
+    scales belong to runs of elements in it, and the norms add its elements in
+    its order. The
+    step then walks copies of the weights and gradient in that layout and
+    copies the weights back: the same steps, bit for bit, as if the layout had
+    never changed, for two transient copies of the moved tensors."""
+    param, grad, exp_avg, _ = pieces
+    return param.stride() == exp_avg.stride() and grad.stride() == exp_avg.stride()
+
+
+def in_layout_of(like: Tensor, t: Tensor) -> Tensor:
+    """A copy of `t` laid out in memory as `like` (a dense tensor of its shape)."""
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 # Every update's first inputs: the per-element tensors (weights, gradient, the two moments).
 ELEMENTWISE = 4
 
@@ -206,6 +227,21 @@ def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def ascending(groups: list[dict[str, Any]]) -> Iterator[None]:
+    """The gradients of `maximize` groups negated while the step runs (in place:
+    no memory; negation is exact, so they come back bit for bit), so that the
+    step climbs the objective as torch.optim.Adam(maximize=True) does."""
+    grads = [local_piece(p.grad) for g in groups if g.get("maximize") for p in g["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_neg_(grads)
+    try:
+        yield
+    finally:
+        if grads:
+            torch._foreach_neg_(grads)
+
+
 @torch.compiler.disable
 def update_eagerly(update: Callable[[], None]) -> None:
     """Run the update outside any torch.compile of the step: Dynamo cannot trace
@@ -216,7 +252,7 @@ def update_eagerly(update: Callable[[], None]) -> None:
 
 
 # Group options and state added after state_dicts were first saved: an older one may lack them.
-LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass", "trust_lr", "block_size"})
+LATER_GROUP_KEYS = frozenset({"max_weight_norm", "single_pass", "trust_lr", "block_size", "maximize"})
 LATER_STATE_KEYS = frozenset({"carry"})
 
 
@@ -254,6 +290,7 @@ class CheckedOptimizer(Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         check_flag("fused", group["fused"], allow_none=True)
+        check_flag("maximize", group["maximize"])
         check_float32_params(group, type(self).__name__)
         check_sharding(group, type(self).__name__)
 
@@ -344,6 +381,8 @@ class CheckedOptimizer(Optimizer):
         """Where state comes in by every route (load_state_dict, copy.deepcopy,
         unpickling), before any post-hook sees it."""
         super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)  # saved before the option existed
         self.state_installed()
 
     def state_installed(self) -> None:
@@ -356,8 +395,12 @@ class CheckedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update_eagerly(self.update_groups)
+        update_eagerly(self.ascend_or_descend)
         return loss
+
+    def ascend_or_descend(self) -> None:
+        with ascending(self.param_groups):
+            self.update_groups()
 
     def update_groups(self) -> None:
         raise NotImplementedError

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from . import native, sharded
 from ._common import (
+    in_layout_of,
+    lies_as_state,
     CheckedOptimizer,
     Job,
     adam_hyperparameters,
@@ -148,7 +150,8 @@ class Lamb(CheckedOptimizer):
     `trust_ratio` of that step as 0-dim tensors, for logging (updated in place, as
     the moments are: keep `.item()` for a history). `fused` as for
     `Lamb16`: None or True runs the fused step (CPU kernels, or torch.compile
-    off the CPU), False the eager reference.
+    off the CPU), False the eager reference; so are `maximize` and a parameter
+    whose memory layout changes between steps.
     """
 
     element_state = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
@@ -165,6 +168,8 @@ class Lamb(CheckedOptimizer):
         bias_correction: bool = False,
         max_weight_norm: float | None = MAX_WEIGHT_NORM,
         fused: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -175,6 +180,7 @@ class Lamb(CheckedOptimizer):
             bias_correction=bias_correction,
             max_weight_norm=max_weight_norm,
             fused=fused,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -195,8 +201,12 @@ class Lamb(CheckedOptimizer):
                          max_weight_norm=math.inf if limit is None else limit)
             jobs: list[Job] = []
             sharded_jobs: list[Job] = []
+            relaid: list[tuple[Tensor, Tensor]] = []  # (parameter, its copy in its state's layout)
             for param, state in stepped_states(self, params, init_state):
                 pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                if not is_dtensor(param) and not lies_as_state(pieces):  # the layout moved since the state was made
+                    pieces[:2] = [in_layout_of(pieces[2], t) for t in pieces[:2]]
+                    relaid.append((param, pieces[0]))
                 inputs = tuple(pieces)
                 outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
                 (sharded_jobs if is_dtensor(param) else jobs).append(
@@ -205,6 +215,8 @@ class Lamb(CheckedOptimizer):
             if sharded_jobs:
                 sharded_params = [p for p in params if is_dtensor(p)]
                 lamb_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
+            for param, copy in relaid:
+                param.copy_(copy)
 
 
 def init_state(state: dict[str, Tensor], param: Tensor) -> None:

@@ -13,7 +13,9 @@ from ._common import (
     Job,
     adam_hyperparameters,
     init_step_and_statistics,
+    in_layout_of,
     is_dtensor,
+    lies_as_state,
     local_piece,
     Shard,
     stepped_states,
@@ -208,6 +210,14 @@ class Lamb16(CheckedOptimizer):
         it cannot build or compile, True included (a device without a fast path
         still trains); False always runs the eager reference.
 
+    maximize: True climbs the objective instead, as torch.optim.Adam's does
+        (the gradients negated in place for the step, and back after it).
+
+    A parameter whose memory layout changes between steps (a model moved to
+    channels_last) is stepped as if it had not: its state keeps the layout it
+    was made in, and the step walks copies of that tensor's weights and
+    gradient in it.
+
     lr may be a float or a one-element tensor of any shape (a scheduler may
     change it in place). state["step"] is a float32 0-dim tensor, as torch's
     own optimizers keep it; a state_dict never holds a Python-number counter.
@@ -239,6 +249,8 @@ class Lamb16(CheckedOptimizer):
         trust_lr: str = "scheduled",
         block_size: int = DEFAULT_BLOCK_SIZE,
         fused: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -251,6 +263,7 @@ class Lamb16(CheckedOptimizer):
             trust_lr=trust_lr,
             block_size=block_size,
             fused=fused,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -380,22 +393,26 @@ class Lamb16(CheckedOptimizer):
         sharded_jobs: list[Job] = []
         states = []
         carrying: set[Tensor] = set()  # the parameters taking a single-pass step
+        relaid: list[tuple[Tensor, Tensor]] = []  # (parameter, its copy in its state's layout)
         for param, state in stepped_states(self, params, lambda state, param: init_state(state, param, group)):
             states.append(state)
             m_scale, v_scale = (local_piece(state[key]) for key in ("exp_avg_scale", "exp_avg_sq_scale"))
             pieces = [local_piece(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
             # The new scales replace the old in place; then the step's statistics.
             outputs = (m_scale, v_scale, state["weight_norm"], state["adam_norm"], state["trust_ratio"])
+            if not is_dtensor(param) and not lies_as_state(pieces):  # the layout moved since the state was made
+                pieces[:2] = [in_layout_of(pieces[2], t) for t in pieces[:2]]
+                relaid.append((param, pieces[0]))
             if is_dtensor(param):
                 sharded_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
             elif group["single_pass"] and param not in fresh:
                 carry = state["carry"]
-                carrying.add(param)
+                carrying.add(pieces[0])
                 single_jobs.append(((*pieces, m_scale, v_scale, carry, state["adam_norm"]), (*outputs, carry), {}))
             else:
                 exact_jobs.append(((*pieces, m_scale, v_scale), outputs, {}))
         if self.carried and len(carrying) < len(params):
-            self.forget_carries({param for param in params if param not in carrying})
+            self.forget_carries({param for param in params if param not in carrying and param not in dict(relaid)})
         prefix = "lamb16_block" if block else "lamb16"
         exact, single = f"{prefix}_steps", f"{prefix}_single_pass_steps"  # the kernels' names
         if block:
@@ -404,15 +421,19 @@ class Lamb16(CheckedOptimizer):
             references, sharded_steps = (lamb16_update, lamb16_single_pass_update), lamb16_sharded_steps
         on_native = run_updates(references[0], getattr(native, exact), exact_jobs, group["fused"], **hyper)
         if single_jobs:
-            self.prepare_carries(single_jobs, group["fused"], group)
+            self.prepare_carries(single_jobs, group["fused"], group, {id(copy): param for param, copy in relaid})
             on_native += run_updates(references[1], getattr(native, single), single_jobs, group["fused"], **hyper)
             for (inputs, _, _) in single_jobs:
                 self.carried[inputs[0]] = inputs[0]._version
         if sharded_jobs:
             sharded_params = [p for p in params if is_dtensor(p)]
             sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)
+        for param, copy in relaid:
+            param.copy_(copy)
+            if self.carried.pop(copy, None) is not None:  # a single pass carried it: its weights are the parameter's
+                self.carried[param] = param._version
         jobs = single_jobs if group["single_pass"] else exact_jobs
-        if params and on_native == len(params) == len(jobs):  # one kernel took them all
+        if params and on_native == len(params) == len(jobs) and not relaid:  # one kernel took them all
             kernel = single if group["single_pass"] else exact
             self.kernel_plans[index] = plans.make_plan(group, kernel, jobs, native.LAMB16_TABLES[kernel](jobs), states)
 
@@ -422,15 +443,18 @@ class Lamb16(CheckedOptimizer):
             del self.carried[param]
             self.state[param]["carry"][3] = 0.0
 
-    def prepare_carries(self, jobs: list[Job], fused: bool | None, group: dict[str, Any]) -> None:
+    def prepare_carries(self, jobs: list[Job], fused: bool | None, group: dict[str, Any],
+                        owners: dict[int, Tensor]) -> None:
         """Make every job's carry right for its step: after an exact step (no
         carry written), the moment statistics it stored (block scales need
         none) and the weight norm; where something else changed the weights
-        since, the weight norm."""
+        since, the weight norm. `owners`: the parameter of each copy a job
+        walks in its state's layout, by the copy's id."""
         stale = []
         block_size = group["block_size"] if group["scaling"] == "block" else 0
         for job in jobs:
-            param, _, _, _, m_scale, v_scale, carry, _ = job[0]
+            weights, _, _, _, m_scale, v_scale, carry, _ = job[0]
+            param = owners.get(id(weights), weights)
             if param not in self.carried:
                 if not block_size:
                     carry[1:3] = torch.stack(stats_after_exact_step(m_scale, v_scale, group["scaling"]))
