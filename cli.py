@@ -23,7 +23,7 @@ from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, R
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
-from experiments.runs import writable_dir
+from experiments.runs import claim_dir
 from experiments.options import (
     POSITIVE,
     base_config,
@@ -118,7 +118,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
     studies.check_options(config)
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(config, len(train_data))
-    out = writable_dir(out)
+    out = claim_dir(out, "train")
     with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
         parallel.check_batch(config.batch_size, processes)
         paths = studies.train_seeds(config, seed_list, out, train_data, test_data, data_dir,
@@ -157,7 +157,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     out = studies.comparison_dir(out, resume, base)
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(base, len(train_data))
-    writable_dir(out)
+    claim_dir(out, "compare")
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
     with stop_on_signals() as stop:
         table, _ = studies.compare(base, names, seed_list, out, train_data, test_data, data_dir, log_y=log_y,
@@ -187,7 +187,7 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
     seed_list = parse_seeds(seeds)
     studies.check_out(out, resume)
     train_data, test_data = load_data(data_dir, download, device)
-    writable_dir(out)
+    claim_dir(out, "reproduce")
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
     with stop_on_signals() as stop:
         text = studies.reproduce(names, seed_list, out, train_data, test_data, data_dir, epochs=epochs,
@@ -237,9 +237,9 @@ def sweep(ctx, preset, optimizers, lrs, batch_sizes, wds, seeds, epochs, val_siz
                                  confirm_seeds)
     sweeps.check_sweep(chosen)
     workers = sweeps.check_workers(workers, echo=lambda line: click.echo(line, err=True))
-    out = writable_dir(out)
     train_data, test_data = load_data(data_dir, download, device)
     hold_out(train_data, chosen.val_size)  # a --val-size too large fails here, before the study exists
+    out = claim_dir(out, "sweep")
     ctx.meta["resume_hint"] = "the same python cli.py sweep command again (it resumes {run_dir})"
     sweeps.run(chosen, out, storage, data_dir, train_data, test_data, workers=workers, prune=prune,
                retrain_chosen=retrain, echo=click.echo, bars=progress)

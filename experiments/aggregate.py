@@ -15,6 +15,7 @@ from collections.abc import Callable
 from plots import Band, Curves, tell_apart
 
 from . import registry
+from .config import counted
 from .runs import Run
 from .stats import Stat, stat
 
@@ -32,15 +33,38 @@ def verdict(values: Stat | None, target: float) -> str:
 # ---------------------------------------------------------------- groups
 
 
-SHARED_SETTINGS = ("batch_size", "lr", "wd", "epochs", "trust_scale", "schedule", "warmup")
+# Everything but the seed that makes runs differ: runs that differ in any of it
+# are never pooled (a sweep's run, trained without its 10,000 validation
+# images, is no seed of a comparison's).
+SHARED_SETTINGS = ("batch_size", "lr", "wd", "epochs", "trust_scale", "schedule", "warmup", "beta1", "beta2",
+                   "val_size", "train_size")
 # What a config.json written before a setting existed meant by it.
-SETTING_DEFAULTS = {"schedule": "constant", "warmup": 0.0}
+SETTING_DEFAULTS = {"schedule": "constant", "warmup": 0.0, "val_size": 0}
+# Of two runs of one setting and seed, the one counted: ended before cut short, then the longest.
+STATUS_ORDER = ("completed", "diverged", "pruned", "interrupted", "incomplete")
 
 
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by optimizer and setting (seeds of one setting together),
-    each group named by its optimizer, with the setting added where the
-    runs differ in it (so that two groups never share a label)."""
+def one_per_seed(runs: list[Run], name: str, warn: Callable[[str], None]) -> list[Run]:
+    """The runs of one setting, one per seed: of several runs of a seed (the
+    same training twice), the one that got furthest, with a warning naming them."""
+    by_seed: dict[object, list[Run]] = {}
+    for run in runs:
+        by_seed.setdefault(run.config.get("seed"), []).append(run)
+    kept = []
+    for seed, same in sorted(by_seed.items(), key=lambda item: str(item[0])):
+        same.sort(key=lambda r: (STATUS_ORDER.index(r.status) if r.status in STATUS_ORDER else len(STATUS_ORDER),
+                                 -len(r.test), str(r.path)))
+        if len(same) > 1:
+            warn(f"{len(same)} runs of {name}, seed {seed}, at one setting ({', '.join(str(r.path) for r in same)}): "
+                 f"counted once, as {same[0].path}")
+        kept.append(same[0])
+    return kept
+
+
+def group_runs(runs: list[Run], warn: Callable[[str], None] | None = None) -> dict[str, list[Run]]:
+    """Runs grouped by optimizer and setting (seeds of one setting together,
+    one run a seed), each group named by its optimizer, with the setting added
+    where the runs differ in it (so that two groups never share a label)."""
     keys = {}
     for run in runs:
         key = (run.optimizer, *(run.config.get(k, SETTING_DEFAULTS.get(k)) for k in SHARED_SETTINGS))
@@ -52,7 +76,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     for key, members in sorted(keys.items(), key=lambda item: order.index(item[0][0]) if item[0][0] in order else len(order)):
         parts = [f"{name.replace('_', ' ')} {key[1 + SHARED_SETTINGS.index(name)]}" for name in varying]
         name = key[0] + (f" ({', '.join(parts)})" if parts else "")
-        groups[name] = sorted(members, key=lambda r: r.config.get("seed", 0))
+        groups[name] = sorted(one_per_seed(members, name, warn or (lambda line: None)),
+                              key=lambda r: r.config.get("seed", 0))
     return groups
 
 
@@ -91,16 +116,21 @@ def all_curves(groups: dict[str, list[Run]]) -> list[Curves]:
 
 
 def curves(group_name: str, runs: list[Run]) -> Curves:
+    """A group's bands over its seeds; a run with nothing logged yet is left
+    out of them, and of the seeds the legend counts, and the label says so."""
     style = style_of(group_name)
-    diverged = sum(r.diverged for r in runs)
-    label = label_of(group_name) + (f", {diverged} diverged" if diverged else "")
+    drawn = [r for r in runs if r.train or r.test]
+    diverged = sum(r.diverged for r in drawn)
+    empty = len(runs) - len(drawn)
+    label = (label_of(group_name) + (f", {diverged} diverged" if diverged else "")
+             + (f", {empty} with nothing logged" if empty else ""))
     return Curves(
         label=label,
         style=style,
-        train_loss=band([[(r["samples"], r["loss"]) for r in run.train] for run in runs]),
-        test_accuracy=band([[(r["epoch"], r["test_accuracy"]) for r in run.test] for run in runs]),
-        test_loss=band([[(r["epoch"], r["test_loss"]) for r in run.test] for run in runs]),
-        seeds=len(runs),
+        train_loss=band([[(r["samples"], r["loss"]) for r in run.train] for run in drawn]),
+        test_accuracy=band([[(r["epoch"], r["test_accuracy"]) for r in run.test] for run in drawn]),
+        test_loss=band([[(r["epoch"], r["test_loss"]) for r in run.test] for run in drawn]),
+        seeds=len(drawn),
     )
 
 
@@ -182,7 +212,7 @@ def accuracy_claim(groups: dict[str, list[Run]], optimizer: str, target: float, 
         return None
     measured = stat([best_accuracy(r, within=epochs) for r in runs])
     return dict(
-        claim=f"{label_of(optimizer)} reaches {100 * target:.1f}% within {epochs} epochs",
+        claim=f"{label_of(optimizer)} reaches {100 * target:.1f}% within {counted(epochs, 'epoch')}",
         measured=("best of epochs 1-%d: " % epochs) + cell(measured)
         + ("" if measured is None or measured.n < 2 else f", seeds {100 * measured.low:.2f}-{100 * measured.high:.2f}%"),
         verdict=verdict(measured, target),

@@ -115,6 +115,11 @@ COMPARE_OPTIMIZERS = ("adam", "lamb", "lamb16")
 DIVERGENCE_FACTOR = 10.0
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 epoch", "3 epochs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 MAX_SEEDS = 1000  # a count of seeds above this is a typo, not a study
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed and torch.Generator take as given
 

@@ -36,6 +36,7 @@ from .tensorboard import teed
 from .runs import CheckpointError, RunDir, finished_epochs, finite_or_none, now
 
 Echo = Callable[[str], None]
+PROGRESS_SECONDS = 60.0  # between the lines a long epoch prints where no bar shows its progress
 
 
 def make_model(device: torch.device, parallel: Parallel = SINGLE) -> nn.Module:
@@ -209,17 +210,19 @@ class Progress:
 def train_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, data: Split, order: Tensor, config: RunConfig,
     progress: Progress, log, label: str, bars: bool | None, stop: StopRequest | None, parallel: Parallel = SINGLE,
-    scheduler: LRScheduler | None = None,
+    scheduler: LRScheduler | None = None, echo: Echo = print,
 ) -> tuple[str, float | None]:
     """One pass over `data` in `order`. Returns ("done", mean train loss),
     ("diverged", loss) or ("stopped", None), the last leaving the epoch unfinished.
     Across processes each rank trains on its share of every batch, and all
-    stop at the same batch."""
+    stop at the same batch. Without a bar (output not a terminal), a line
+    every PROGRESS_SECONDS says how far a long epoch has got."""
     n_batches = math.ceil(len(order) / config.batch_size)
     epoch = progress.epoch + 1
     running, in_interval, epoch_loss, epoch_batches = torch.zeros((), device=order.device), 0, 0.0, 0
     bar = tqdm(batch_indices(order, config.batch_size), total=n_batches, desc=f"{label} epoch {epoch}",
                leave=False, disable=None if bars is None else not bars, unit="batch")
+    said = time.perf_counter()
     with contextlib.closing(bar):
         for batch, index in enumerate(bar):
             if any_rank(stop is not None and stop.requested, order.device, parallel):
@@ -246,6 +249,9 @@ def train_epoch(
                     record["trust_ratio"] = ratios
                 log.write(**record)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if bar.disable and time.perf_counter() - said >= PROGRESS_SECONDS:
+                    echo(f"{label} epoch {epoch}: batch {batch + 1}/{n_batches}, loss {mean_loss:.4f}")
+                    said = time.perf_counter()
                 epoch_loss += mean_loss * in_interval
                 epoch_batches += in_interval
                 running.zero_()
@@ -313,7 +319,7 @@ def train_run(
                     order = torch.randperm(len(train_data), generator=order_generator).to(device)
                     outcome, train_loss = train_epoch(
                         model, optimizer, train_data, order, config, progress, log, label, bars, stop, parallel,
-                        scheduler,
+                        scheduler, echo,
                     )
                     if outcome != "done":
                         status, diverged_loss = ("interrupted", None) if outcome == "stopped" else (outcome, train_loss)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import studies, tuning
-from .config import DEFAULTS, RunConfig, parse_seeds
+from .config import DEFAULTS, MAX_SEED, RunConfig, parse_seeds
 from .data import load_train_and_test
 from .errors import UserError
 from .runs import writable_dir, write_json
@@ -130,7 +130,7 @@ hyperparameter_options = options(
     click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True, help="Passes over the training set."),
     click.option("--lr", type=POSITIVE, default=DEFAULTS.lr, show_default=True, help="Learning rate."),
     click.option("--weight-decay", "--wd", "wd", type=NON_NEGATIVE, default=DEFAULTS.wd, show_default=True, help="Weight decay."),
-    click.option("--seed", type=int, default=None, show_default=str(DEFAULTS.seed), help="Seed of the initial weights and data order."),
+    click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help=f"Seed of the initial weights and data order [default: {DEFAULTS.seed}]."),
     click.option("--log-interval", type=click.IntRange(min=1), default=DEFAULTS.log_interval, show_default=True, help="Batches between train-loss records."),
     click.option("--trust-scale", type=NON_NEGATIVE, default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
     click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True, help="The lr after warmup, stepped per batch: constant, cosine or linear decay to 0."),

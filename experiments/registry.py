@@ -11,6 +11,8 @@ one is a one-line error naming the extra to install.
 
 import importlib
 import importlib.util
+import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -82,12 +84,25 @@ def adam_betas(beta1: float | None = None, beta2: float | None = None, defaults=
     return dict(betas=(defaults[0] if beta1 is None else beta1, defaults[1] if beta2 is None else beta2))
 
 
+def quiet_import(module: str):
+    """Import a peer's module without the warnings its import logs or raises
+    about its own dependencies (torchao: torch's pytree registration notice),
+    which would otherwise fill every sweep worker's output."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def from_package(module: str, attribute: str) -> Callable[..., Optimizer]:
     """A peer's optimizer class, imported when the first one is built."""
 
     def build(params: Iterable, lr: float, weight_decay: float, beta1: float | None = None,
               beta2: float | None = None, **options: Any) -> Optimizer:
-        cls = getattr(importlib.import_module(module), attribute)
+        cls = getattr(quiet_import(module), attribute)
         return cls(params, lr=lr, weight_decay=weight_decay, **adam_betas(beta1, beta2), **options)
 
     return build

@@ -90,6 +90,54 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+# Which command a folder belongs to, written when a command first writes there:
+# no command writes into a folder that another one made.
+FOLDER_RECORD = "lamb16-folder.json"
+FOLDER_KINDS = {"train": "train's runs", "compare": "a comparison", "reproduce": "a reproduction",
+                "sweep": "a sweep", "report": "a report of several sweeps", "runs": "run directories"}
+
+
+def owner_of(path: Path) -> str | None:
+    """The command whose folder `path` is: as its record says or, for a folder
+    written before records, as its contents say (a sweep's database, a run's
+    config.json: "run"); None for a new or unknown folder."""
+    record = path / FOLDER_RECORD
+    if record.is_file():
+        try:
+            command = json.loads(record.read_text()).get("command")
+        except (OSError, json.JSONDecodeError, AttributeError) as error:
+            raise UserError(f"{record} is unreadable ({type(error).__name__}); delete it if {path} is yours to write "
+                            "into, or choose another folder") from error
+        if command in FOLDER_KINDS:
+            return command
+    if (path / "config.json").is_file():
+        return "run"
+    if (path / "sweep.db").is_file():
+        return "sweep"
+    if any((child / "config.json").is_file() for child in path.iterdir()):
+        return "runs"  # run directories: train's or a comparison's
+    return None
+
+
+def claim_dir(path: Path, command: str, option: str = "--out") -> Path:
+    """`path` as `command`'s folder: created and proven writable, and refused
+    with one line if another command made it (or it is a run directory)."""
+    owner = owner_of(path) if path.is_dir() else None
+    if owner == "run":
+        raise UserError(f"{option} {path} is a run directory (it holds config.json), not a folder for {command}; give "
+                        f"another {option} (a run directory resumes with: python cli.py train --resume {path})")
+    if owner == "runs" and command in ("train", "compare"):
+        owner = None  # written before records: the command's own kind of folder, as far as can be told
+    if owner is not None and owner != command:
+        made = f" (made by {owner})" if owner != "runs" else ""
+        raise UserError(f"{option} {path} holds {FOLDER_KINDS[owner]}{made}; give {command} a folder of its own with "
+                        f"another {option}")
+    writable_dir(path, option)
+    if owner is None:
+        write_json(path / FOLDER_RECORD, dict(command=command, created=now(), by=command_line()))
+    return path
+
+
 def fresh_dir(parent: Path, name: str) -> Path:
     """parent/name, or parent/name-2, -3, ... if taken: never overwrite an earlier run."""
     candidate, suffix = parent / name, 2

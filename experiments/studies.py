@@ -13,13 +13,13 @@ import torch
 from plots import check_figure_path, comparison_figure, figure_title
 
 from . import aggregate, registry
-from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfig
+from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfig, counted
 from .data import Split
 from .errors import UserError
 from .loop import StopRequest, train_run
 from .parallel import SINGLE, Parallel, from_main
-from .runs import (FINISHED, RunDir, check_resumable, free_path, fresh_dir, load_runs, run_metadata, writable_dir,
-                   write_atomic)
+from .runs import (FINISHED, FOLDER_RECORD, RunDir, check_resumable, claim_dir, free_path, fresh_dir, load_runs, run_metadata,
+                   writable_dir, write_atomic)
 
 Echo = Callable[[str], None]
 
@@ -52,7 +52,7 @@ def plan(base: RunConfig, optimizers: list[str], seeds: list[int]) -> list[RunCo
 def check_out(out: Path, resume: bool) -> None:
     """A study's folder is new, or existing only when resuming: a new study is
     never mixed into an old one's runs."""
-    if out.is_dir() and any(out.iterdir()) and not resume:
+    if out.is_dir() and any(p.name != FOLDER_RECORD for p in out.iterdir()) and not resume:
         raise UserError(f"--out {out} already holds runs; pass --resume to finish them, or choose another --out")
 
 
@@ -86,7 +86,7 @@ def run_all(
     for k, config in enumerate(configs, 1):
         path = out / name_of(config)
         setting = (f"{config.optimizer}, seed {config.seed}: batch {config.batch_size}, lr {config.lr:g}, "
-                   f"wd {config.wd:g}, {config.epochs} epochs")
+                   f"wd {config.wd:g}, {counted(config.epochs, 'epoch')}")
         if path.exists():
             run = RunDir(path)
             check_same_settings(run, config)
@@ -101,10 +101,11 @@ def run_all(
                   events=tensorboard / path.name if tensorboard else None)
 
 
-def draw(runs: list[RunDir], figure: Path, title: str | None = None, log_y: bool = False) -> tuple[str, str, Path]:
-    """One mean curve with a seed band per optimizer and setting of `runs`;
-    returns the results table, the title and the figure's path."""
-    groups = aggregate.group_runs(runs)
+def draw(runs: list[RunDir], figure: Path, title: str | None = None, log_y: bool = False,
+         warn: Echo = print) -> tuple[str, str, Path]:
+    """One mean curve with a seed band per optimizer and setting of `runs`
+    (one run a seed); returns the results table, the title and the figure's path."""
+    groups = aggregate.group_runs(runs, warn)
     seeds = max((len(g) for g in groups.values()), default=1)
     title = title or figure_title([run.config for run in runs], seeds)
     figure = comparison_figure(aggregate.all_curves(groups), figure, title, log_y)
@@ -115,7 +116,8 @@ def report(out: Path, title: str | None = None, log_y: bool = False, echo: Echo 
            figure: Path | None = None) -> tuple[str, Path]:
     """Figure and results.md of the runs under `out`; returns the table and the figure's path."""
     runs = load_runs([out], warn=lambda line: echo(f"warning: {line}"))
-    table, title, figure = draw(runs, figure or out / "figure.png", title, log_y)
+    table, title, figure = draw(runs, figure or out / "figure.png", title, log_y,
+                                warn=lambda line: echo(f"warning: {line}"))
     write_atomic(out / "results.md", f"## {title}\n\n{table}\n".encode())
     return table, figure
 
@@ -138,7 +140,7 @@ def plot(run_dirs: list[Path], output: Path | None, title: str | None, log_y: bo
     first = run_dirs[0]
     output = output or free_path((first.parent if (first / "config.json").is_file() else first) / "figure.png")
     writable_dir(output.parent, "--output")
-    table, _, figure = draw(runs, output, title, log_y)
+    table, _, figure = draw(runs, output, title, log_y, warn=lambda line: warn(f"warning: {line}"))
     return runs, table, figure
 
 
@@ -166,6 +168,7 @@ def reproduce(
     for figure in REPRODUCED_FIGURES:
         base = RunConfig(batch_size=figure["batch_size"], lr=figure["lr"], wd=REPRODUCE_WD, epochs=epochs)
         echo(f"== {figure['name']}: batch {figure['batch_size']}, lr {figure['lr']:g}")
+        claim_dir(out / figure["name"], "reproduce")
         table, png = compare(base, optimizers, seeds, out / figure["name"], train_data, test_data, data_dir,
                              bars=bars, echo=echo, stop=stop)
         shutil.copyfile(png, out / f"{figure['name']}.png")

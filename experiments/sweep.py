@@ -45,7 +45,7 @@ except ImportError:
     fcntl = None  # type: ignore[assignment]
 
 from . import registry, space
-from .config import DEFAULTS, RunConfig, parse_numbers, parse_seeds
+from .config import DEFAULTS, RunConfig, counted, parse_numbers, parse_seeds
 from .data import Split, load_train_and_test
 from .errors import Interrupted, UserError
 from .loop import StopRequest, stop_on_signals, train_run
@@ -455,7 +455,7 @@ def describe(sweep: Sweep) -> str:
              f"lrs {numbers(sweep.lrs)}, wds {numbers(sweep.wds)}, warmups {numbers(sweep.warmups)}")
     confirmed = f", confirmation seeds {numbers(sweep.confirm_seeds)}" if sweep.confirm_seeds else ""
     return (f"optimizers {','.join(sweep.optimizers)}, {tuned}, batch sizes {numbers(sweep.batch_sizes)}, seeds "
-            f"{numbers(sweep.seeds)}{confirmed}, {sweep.epochs} epochs, val size {sweep.val_size}, schedule "
+            f"{numbers(sweep.seeds)}{confirmed}, {counted(sweep.epochs, 'epoch')}, val size {sweep.val_size}, schedule "
             f"{sweep.schedule}")
 
 

@@ -21,9 +21,9 @@ from plots import Band, Series, batch_figure, lr_figure
 from . import registry
 from .aggregate import cell
 from .stats import Stat, stat
-from .config import RunConfig
+from .config import RunConfig, counted
 from .errors import UserError
-from .runs import Run, load_runs, write_atomic
+from .runs import Run, claim_dir, load_runs, write_atomic
 
 Echo = Callable[[str], None]
 DEFAULT_TARGET = 0.98
@@ -159,14 +159,14 @@ def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | N
                        f"batch sizes {batches}, schedule {schedules} after the warmup:"]
         space_lines += [f"  - {', '.join(names)}: {text}." for text, names in spaces.items()]
         budget = (f"- Budget: the same for every optimizer: {trials} settings at each batch size, drawn by Optuna's "
-                  f"quasi-random sampler (scrambled Sobol; the same draws for the same knobs), {epochs} "
-                  f"epoch{'s' if epochs > 1 else ''} each, that is ")
+                  f"quasi-random sampler (scrambled Sobol; the same draws for the same knobs), "
+                  f"{counted(epochs, 'epoch')} each, that is ")
     else:
         warmups = ", ".join(f"{w:g}" for w in values("warmup", 0.0))
         space_lines = [f"- Search space: optimizers {', '.join(optimizers)}; lr "
                        f"{', '.join(f'{x:g}' for x in sorted(values('lr')))}; batch sizes {batches}; weight decay "
                        f"{', '.join(f'{x:g}' for x in sorted(values('wd')))}; schedule {schedules}, warmup {warmups}."]
-        budget = f"- Budget: {epochs} epoch{'s' if epochs > 1 else ''} a point, that is "
+        budget = f"- Budget: {counted(epochs, 'epoch')} a point, that is "
     confirm_seeds = sorted({r.config["seed"] for r in confirmations})
     seeds_per_point = statistics.median(len(members) for members in settings(runs).values())
     return "\n".join([
@@ -367,6 +367,8 @@ def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_T
     (into `out`); returns its table and where it went, to print."""
     if out is None and len(sweeps) > 1:
         raise UserError(f"{len(sweeps)} sweeps: give --out, the folder their one report goes in (e.g. --out runs/claims)")
+    if out is not None and not (len(sweeps) == 1 and out.resolve() == sweeps[0].resolve()):
+        claim_dir(out, "report")
     out = out or sweeps[0]
     return report(out, target, sweeps=sweeps) + f"\nresults.csv, results.md and figures written to {out}"
 
@@ -375,9 +377,9 @@ def title_of(runs: list[Run], confirmations: list[Run], trials: int | None) -> s
     epochs = max(r.config["epochs"] for r in runs)
     seeds = sorted({r.config["seed"] for r in runs})
     tuned = (f"{trials} settings each on seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if trials
-             else f"tuned on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+             else f"tuned on {counted(len(seeds), 'seed')}")
     confirmed = len({r.config["seed"] for r in confirmations})
-    return (f"MNIST CNN, {epochs} epoch{'s' if epochs > 1 else ''}, {tuned}"
+    return (f"MNIST CNN, {counted(epochs, 'epoch')}, {tuned}"
             + (f", confirmed on {confirmed} more" if confirmed else "")
             + f", validation {runs[0].config['val_size']} images")
 

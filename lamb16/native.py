@@ -199,11 +199,21 @@ def library() -> ctypes.CDLL | None:
         _unavailable = f"{type(error).__name__}: {error}"
         warnings.warn(
             f"lamb16: building the CPU kernels failed ({_unavailable}); using the reference "
-            "implementation (install a C++ compiler, or pass fused=False to silence this)",
+            f"implementation ({remedy(error, compiler)}, or pass fused=False to silence this)",
             RuntimeWarning,
             stacklevel=4,
         )
     return _library
+
+
+def remedy(error: Exception, compiler: str) -> str:
+    """What to do about a failed build: the cache folder, the compiler, or the build itself."""
+    if isinstance(error, FileNotFoundError) and error.filename == compiler:
+        return f"install a C++ compiler, or name one in CXX (tried {compiler})"
+    if isinstance(error, OSError):
+        return (f"make {cache_dir()} writable, or point LAMB16_CACHE_DIR at a writable folder: the kernels are built "
+                "and kept there")
+    return f"check that {compiler} builds C++17 with OpenMP, or name another compiler in CXX"
 
 
 def loops() -> str:

@@ -83,15 +83,50 @@ def mark_outside(ax, x: list[float], y: list[float], color: str) -> bool:
     return bool(above or below)
 
 
+FEW = 5  # a curve of fewer records is drawn as its points alone: a line between two records is no measurement
+
+
 def draw_band(ax, band: Band, style: dict, per_epoch: bool, fill_alpha: float = 0.18) -> None:
     """The mean, and the seeds' range shaded (and, per epoch, as a bar at each
-    point, which also shows where there is a single epoch)."""
-    ax.plot(band.x, band.mean, marker=style.get("marker") if per_epoch else None, color=style["color"],
-            linestyle=style["linestyle"], label=style["label"])
+    point, which also shows where there is a single epoch). Where the records
+    are few, only the points and their bars, unjoined (the legend keeps the
+    line style)."""
+    few = len(band.x) < FEW
+    line, = ax.plot(band.x, band.mean, marker=style.get("marker") if per_epoch or few else None,
+                    color=style["color"], linestyle="none" if few else style["linestyle"], label=style["label"])
+    if few and style["linestyle"] != "none":
+        ax.plot([], [], color=style["color"], linestyle=style["linestyle"], marker=style.get("marker"),
+                label=style["label"])
+        line.set_label("_" + style["label"])  # the legend shows the series' own line style
     if any(lo != hi for lo, hi in zip(band.low, band.high)):
-        ax.fill_between(band.x, band.low, band.high, color=style["color"], alpha=fill_alpha, linewidth=0)
-        if per_epoch:
+        if not few:
+            ax.fill_between(band.x, band.low, band.high, color=style["color"], alpha=fill_alpha, linewidth=0)
+        if per_epoch or few:
             ax.vlines(band.x, band.low, band.high, color=style["color"], alpha=0.6, linewidth=1.5)
+
+
+def figure_legend(fig, ax, note: str | None = None) -> None:
+    """The legend of `ax`'s lines under the figure, in as many columns as fit
+    its width (every entry shown, none cut), with `note` as its title, so that
+    nothing at the figure's foot overlaps it."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    renderer = fig.canvas.get_renderer()
+    for columns in range(min(len(labels), 6), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=columns, frameon=False,
+                            title=note, title_fontsize="small")
+        if legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width or columns == 1:
+            return
+        legend.remove()
+
+
+def nothing_to_draw(axes, why: str) -> None:
+    for ax in axes:
+        ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="0.35", wrap=True)
+
+
+SPARSE = 30  # a curve of fewer points shows each one: a line between two records is no measurement
 
 
 def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool = False) -> Path:
@@ -104,9 +139,10 @@ def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool 
         band = c.train_loss
         window = max(1, len(band.x) // 25)
         # Raw mean faint behind, the smoothed mean and band in front.
-        loss_ax.plot(band.x, band.mean, color=style["color"], alpha=0.25, linewidth=0.6)
+        if len(band.x) >= FEW:
+            loss_ax.plot(band.x, band.mean, color=style["color"], alpha=0.25, linewidth=0.6)
         smoothed = Band(band.x, smooth(band.mean, window), smooth(band.low, window), smooth(band.high, window))
-        draw_band(loss_ax, smoothed, style, per_epoch=False)
+        draw_band(loss_ax, smoothed, style, per_epoch=len(band.x) < SPARSE)
         draw_band(acc_ax, c.test_accuracy, style, per_epoch=True)
         draw_band(test_loss_ax, c.test_loss, style, per_epoch=True)
         all_loss += band.mean[len(band.mean) // 10 :]  # every curve starts high: skip the first tenth
@@ -136,11 +172,10 @@ def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool 
                                       smooth(c.train_loss.mean, max(1, len(c.train_loss.x) // 25)), c.style["color"])
     for ax in (loss_ax, acc_ax, test_loss_ax):
         ax.grid(True, alpha=0.4)
-    handles, labels = acc_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
+    if not finite(all_loss + all_acc + all_test_loss):
+        nothing_to_draw((loss_ax, acc_ax, test_loss_ax), "no finite value to draw:\nevery run diverged or logged nothing")
     fig.suptitle(title)
-    if off_scale:
-        fig.supxlabel(OFF_SCALE_NOTE, fontsize="small", color="0.3")
+    figure_legend(fig, acc_ax, OFF_SCALE_NOTE if off_scale else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

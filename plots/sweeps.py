@@ -1,15 +1,18 @@
 """Sweep figures: validation accuracy against learning rate (one panel per
-batch size), and tuned test accuracy against batch size. Each series is a
-mean over seeds with a band from the lowest to the highest seed. This module
-only draws: the experiments compute the series."""
+batch size), and test accuracy at the chosen setting against batch size. Each
+series is a mean over seeds with a band (its seeds' range, or its 95%
+interval). Each panel is zoomed to the accuracies that decide between the
+optimizers (each one's best), a point below drawn as a triangle on the lower
+edge. This module only draws: the experiments compute the series."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import PercentFormatter
 
-from .figures import Band, draw_band
+from .figures import OFF_SCALE_NOTE, Band, draw_band, figure_legend, mark_outside
 
 
 @dataclass
@@ -21,22 +24,48 @@ class Series:
     band: Band
 
 
-def log_x_panel(ax, series: list[Series], title: str, xlabel: str) -> None:
+FAR_BELOW = 0.10  # a mean this far under the panel's best (ten points) is off its scale
+
+
+def deciding_range(series: list[Series], every_point: bool) -> tuple[float, float]:
+    """Accuracy limits that show what decides: each optimizer's best point and
+    what lies near it (every_point False: a learning rate's failures below
+    are off the scale), or every point within FAR_BELOW of the best (a batch
+    size's), with a margin; at most 100%."""
+    means = [[v for v in s.band.mean if math.isfinite(v)] for s in series]
+    tops = [v for s in series for v in s.band.high if math.isfinite(v)]
+    if not any(means):
+        return 0.0, 1.0
+    best = max(max(m) for m in means if m)
+    shown = [min(m) if every_point else max(m) for m in means if m]
+    low = max(min(shown), best - FAR_BELOW)
+    high = max(tops + [best])
+    spread = max(high - low, 0.005)  # half a point at least: a flat panel is no zoom into noise
+    return max(0.0, low - (0.15 if every_point else 0.6) * spread), min(1.0, high + 0.15 * spread)
+
+
+def log_x_panel(ax, series: list[Series], title: str, xlabel: str, every_point: bool = True) -> bool:
+    """One panel; returns whether any point lies below its zoomed range."""
     for s in series:
         draw_band(ax, s.band, dict(s.style, label=s.label), per_epoch=True)
     ax.set_xscale("log")
     xs = sorted({x for s in series for x in s.band.x})
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the grid's own values
-    ax.minorticks_off()
-    ax.set(title=title, xlabel=xlabel, ylabel="accuracy")
+    if len(xs) <= 12:  # a grid's values (a search draws too many to name)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    ax.margins(x=0.08)
+    ax.set(title=title, xlabel=xlabel, ylabel="accuracy", ylim=deciding_range(series, every_point))
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # as many decimals as the range needs
     ax.grid(True, alpha=0.4)
+    below = False
+    for s in series:
+        below |= mark_outside(ax, s.band.x, s.band.mean, s.style["color"])
+    return below
 
 
-def finish(fig, ax, path: Path, title: str) -> Path:
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), frameon=False)
+def finish(fig, ax, path: Path, title: str, off_scale: bool) -> Path:
     fig.suptitle(title, fontsize="medium")
+    figure_legend(fig, ax, OFF_SCALE_NOTE if off_scale else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -44,16 +73,19 @@ def finish(fig, ax, path: Path, title: str) -> Path:
 
 
 def lr_figure(panels: dict[int, list[Series]], path: Path, title: str) -> Path:
-    """Validation accuracy against learning rate, one panel per batch size."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.6), layout="constrained",
-                             squeeze=False, sharey=True)
+    """Validation accuracy against learning rate, one panel per batch size, each zoomed to its own best points."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1, 5.0), layout="constrained",
+                             squeeze=False)
+    off_scale = False
     for ax, (batch_size, series) in zip(axes[0], sorted(panels.items())):
-        log_x_panel(ax, series, f"batch {batch_size}", "learning rate")
-    return finish(fig, axes[0][0], path, title)
+        off_scale |= log_x_panel(ax, series, f"batch {batch_size}", "learning rate", every_point=False)
+    # The legend of the panel with the most optimizers: every one named once.
+    fullest = max(zip(axes[0], sorted(panels.items())), key=lambda item: len(item[1][1]))[0]
+    return finish(fig, fullest, path, title, off_scale)
 
 
 def batch_figure(series: list[Series], path: Path, title: str) -> Path:
-    """Test accuracy at each optimizer's tuned learning rate against batch size."""
-    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
-    log_x_panel(ax, series, "test accuracy at the learning rate chosen by validation", "batch size")
-    return finish(fig, ax, path, title)
+    """Test accuracy at each optimizer's chosen setting against batch size."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.4), layout="constrained")
+    off_scale = log_x_panel(ax, series, "test accuracy at the setting chosen by validation", "batch size")
+    return finish(fig, ax, path, title, off_scale)
