@@ -86,8 +86,8 @@ def cli(ctx) -> None:
 @click.option("--fsdp", is_flag=True, help="Under torchrun, shard the model and optimizer state with FSDP2 (default: DDP).")
 @tensorboard_option
 @click.pass_context
-def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule, warmup,
-          seeds, data_dir, download, device, progress, out, resume_dir, fsdp, tensorboard):
+def train(ctx, optimizer, seed, seeds, data_dir, download, device, progress, out, resume_dir, fsdp, tensorboard,
+          **hyperparameters):
     """Train the CNN with one optimizer (one run directory per seed under --out).
     Started by torchrun, it trains on all its processes, each batch split across them.
 
@@ -111,8 +111,7 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
             click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
                        f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
         return
-    config = replace(base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule,
-                                 warmup), optimizer=optimizer)
+    config = replace(base_config(**hyperparameters), optimizer=optimizer)
     seed_list = seeds_of(seeds, seed)
     studies.check_optimizers([optimizer])
     studies.check_options(config)
@@ -139,8 +138,8 @@ def train(ctx, optimizer, batch_size, test_batch_size, epochs, lr, wd, seed, log
 @click.option("--log-y", is_flag=True, help="Loss panels on a log scale.")
 @tensorboard_option
 @click.pass_context
-def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, log_interval, trust_scale, schedule,
-            warmup, seeds, data_dir, download, device, progress, out, resume, log_y, tensorboard):
+def compare(ctx, optimizers, seed, seeds, data_dir, download, device, progress, out, resume, log_y, tensorboard,
+            **hyperparameters):
     """Train several optimizers with the same settings, seeds, initial weights
     and data order; draw mean curves with seed bands and a table of mean ± std.
 
@@ -150,7 +149,7 @@ def compare(ctx, optimizers, batch_size, test_batch_size, epochs, lr, wd, seed, 
     """
     check_tensorboard(tensorboard)
     names = studies.check_optimizers([o.strip() for o in optimizers.split(",") if o.strip()])
-    base = base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup)
+    base = base_config(**hyperparameters)
     for name in names:
         studies.check_options(replace(base, optimizer=name))
     seed_list = seeds_of(seeds, seed)

@@ -135,12 +135,14 @@ hyperparameter_options = options(
     click.option("--trust-scale", type=NON_NEGATIVE, default=None, help="LAMB16 trust-ratio exponent [default: 0.382]."),
     click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True, help="The lr after warmup, stepped per batch: constant, cosine or linear decay to 0."),
     click.option("--warmup", type=FiniteFloat(0.0, maximum=0.99), default=DEFAULTS.warmup, show_default=True, help="Fraction of the run's steps over which the lr rises linearly from 0."),
+    click.option("--beta1", type=FiniteFloat(0.0, maximum=0.999999), default=None, help="First-moment decay (SGD's and Muon's momentum) [default: the optimizer's]."),
+    click.option("--beta2", type=FiniteFloat(0.0, maximum=0.999999), default=None, help="Second-moment decay [default: the optimizer's]."),
 )
 
 
-def base_config(batch_size, test_batch_size, epochs, lr, wd, log_interval, trust_scale, schedule, warmup) -> RunConfig:
-    return RunConfig(batch_size=batch_size, test_batch_size=test_batch_size, epochs=epochs, lr=lr, wd=wd,
-                     log_interval=log_interval, trust_scale=trust_scale, schedule=schedule, warmup=warmup)
+def base_config(**hyperparameters) -> RunConfig:
+    """The settings of --batch-size, --lr, ... (hyperparameter_options, but the seed) as a run's."""
+    return RunConfig(**hyperparameters)
 
 
 def load_data(data_dir: Path, download: bool | None, device: str):

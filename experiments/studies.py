@@ -40,8 +40,11 @@ def check_optimizers(names: list[str]) -> list[str]:
 
 def check_options(config: RunConfig) -> None:
     """Options an optimizer does not take (LAMB16's --trust-scale for Adam) fail before training."""
-    if config.trust_scale is not None and "trust_scale" not in registry.spec(config.optimizer).options:
-        raise UserError(f"--trust-scale applies to LAMB16 only, not {config.optimizer}; drop it")
+    takes = registry.spec(config.optimizer).options
+    for name in ("trust_scale", "beta1", "beta2"):
+        if getattr(config, name) is not None and name not in takes:
+            which = "LAMB16 only" if name == "trust_scale" else "optimizers that have it"
+            raise UserError(f"--{name.replace('_', '-')} applies to {which}, not {config.optimizer}; drop it")
 
 
 def plan(base: RunConfig, optimizers: list[str], seeds: list[int]) -> list[RunConfig]:
@@ -233,7 +236,7 @@ def resume_run(path: Path, train_data: Split, test_data: Split, data_dir: Path, 
 RESUME_OPTIONS = {"optimizer": "--optimizer", "batch_size": "--batch-size", "test_batch_size": "--test-batch-size",
                   "epochs": "--epochs", "lr": "--lr", "wd": "--weight-decay", "seed": "--seed",
                   "log_interval": "--log-interval", "trust_scale": "--trust-scale", "schedule": "--schedule",
-                  "warmup": "--warmup"}
+                  "warmup": "--warmup", "beta1": "--beta1", "beta2": "--beta2"}
 
 
 def check_resume_options(path: Path, given: dict) -> None:

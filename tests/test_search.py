@@ -212,3 +212,23 @@ def test_confirmation_seeds_are_a_count_after_the_tuning_seeds_or_a_list_outside
     else:
         with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
             sweeps.parse_confirm_seeds(text, (1, 2))
+
+
+def test_train_takes_a_searched_settings_betas_and_refuses_those_an_optimizer_lacks(data_dir, tmp_path):
+    from experiments.config import RunConfig
+    from experiments.loop import build_optimizer, make_model
+
+    result = invoke("train", "--optimizer", "lamb16", "--beta1", "0.8", "--beta2", "0.99", "--epochs", "1",
+                    "--data-dir", str(data_dir), "--no-download", "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    (config,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/config.json")]
+    assert (config["beta1"], config["beta2"]) == (0.8, 0.99)
+    import torch
+
+    optimizer = build_optimizer(RunConfig.from_dict(config), make_model(torch.device("cpu")))
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+    sgd = build_optimizer(RunConfig(optimizer="sgd", beta1=0.5), make_model(torch.device("cpu")))
+    assert sgd.param_groups[0]["momentum"] == 0.5
+    refused = invoke("train", "--optimizer", "sgd", "--beta2", "0.9", "--data-dir", str(data_dir), "--no-download",
+                     "--out", str(tmp_path / "runs"))
+    assert refused.exit_code == 1 and "--beta2 applies to optimizers that have it, not sgd" in refused.output
