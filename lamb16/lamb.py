@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native, sharded
+from . import sharded
 from ._common import (
     in_layout_of,
     lies_as_state,
@@ -124,14 +124,14 @@ def lamb_sharded_steps(
     pass 1, the square sums added over the shards (one collective per process
     group), the norms and trust ratio finished, then pass 2 (lamb16.sharded)."""
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
-    native_rows = sharded.on_native(jobs, fused)
-    partials = sharded.first_pass(lamb_partials, native.lamb_partials, jobs, fused, native_rows, len(PARTIALS),
+    taken = sharded.on_kernels(jobs, fused, "lamb_partials")
+    partials = sharded.first_pass(lamb_partials, "lamb_partials", jobs, fused, taken, len(PARTIALS),
                                   **moments)
     partials = sharded.combine_over_shards(partials, params, COMBINE)
     results = lamb_finish(partials, adam=adam, max_weight_norm=max_weight_norm)
     # The outputs' values (norms, trust ratio), then the step size that pass 2 takes.
     finished = torch.stack([*results, results[2] * lr], dim=1)
-    sharded.second_pass(lamb_apply, native.lamb_applies, jobs, fused, native_rows, finished, [3], **moments)
+    sharded.second_pass(lamb_apply, "lamb_applies", jobs, fused, taken, finished, [3], **moments)
 
 
 class Lamb(CheckedOptimizer):
@@ -211,7 +211,7 @@ class Lamb(CheckedOptimizer):
                 outputs = (state["weight_norm"], state["adam_norm"], state["trust_ratio"])
                 (sharded_jobs if is_dtensor(param) else jobs).append(
                     (inputs, outputs, {"step": float(state["step"])}))
-            run_updates(lamb_update, native.lamb_steps, jobs, group["fused"], **hyper)
+            run_updates(lamb_update, "lamb_steps", jobs, group["fused"], **hyper)
             if sharded_jobs:
                 sharded_params = [p for p in params if is_dtensor(p)]
                 lamb_sharded_steps(sharded_jobs, sharded_params, group["fused"], **hyper)

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native, plans, sharded
+from . import native, plans, sharded, triton_kernels
 from ._common import (
     CheckedOptimizer,
     check_flag,
@@ -21,7 +21,7 @@ from ._common import (
     stepped_states,
     with_gradients,
 )
-from .dispatch import run_reference, run_updates
+from .dispatch import by_kernels, run_reference, run_updates
 from .quantize import (
     E4M3,
     E5M2,
@@ -58,16 +58,14 @@ def lamb16_sharded_steps(
     pass 1, the partials combined over the shards (one collective per process
     group), finished as for a whole tensor, then pass 2 (lamb16.sharded)."""
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
-    native_rows = sharded.on_native(jobs, fused)
-    partials = sharded.first_pass(lamb16_partials, native.lamb16_partials, jobs, fused, native_rows,
-                                  len(PARTIALS), **moments)
+    taken = sharded.on_kernels(jobs, fused, "lamb16_partials")
+    partials = sharded.first_pass(lamb16_partials, "lamb16_partials", jobs, fused, taken, len(PARTIALS), **moments)
     partials = sharded.combine_over_shards(partials, params, COMBINE[scaling])
     numel = torch.tensor([float(p.numel()) for p in params], device=partials.device)
     results = lamb16_finish(partials, numel, trust_lr=trust_lr, eps=eps, trust_scale=trust_scale, scaling=scaling)
     # The outputs' values (new scales, norms, trust ratio), then the step size; pass 2 takes columns 0, 1, 5.
     finished = torch.stack([*results, results[4] * lr], dim=1)
-    sharded.second_pass(lamb16_apply, native.lamb16_applies, jobs, fused, native_rows, finished, [0, 1, 5],
-                        **moments)
+    sharded.second_pass(lamb16_apply, "lamb16_applies", jobs, fused, taken, finished, [0, 1, 5], **moments)
 
 
 
@@ -102,18 +100,21 @@ def lamb16_block_sharded_steps(
     process keeps that tensor's whole grid of scales."""
     moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
     cuts = [sharded.split_piece(param, block_size) for param in params]
-    native_rows = [i for i, job in enumerate(jobs)
-                   if cuts[i] is None and job[0][0].numel() and native.usable(job, fused)]
+    taken = sharded.on_kernels(jobs, fused, "lamb16_block_partials", [i for i in range(len(jobs)) if cuts[i] is None])
     device = jobs[0][0][0].device
     sums = torch.zeros(len(jobs), 2, device=device)
-    if native_rows:
-        sums[native_rows] = native.lamb16_block_partials([jobs[i] for i in native_rows], **moments).to(device)
+    for kernels, rows in list(taken.items()):
+        try:
+            sums[rows] = kernels.lamb16_block_partials([jobs[i] for i in rows], **moments).to(device)
+        except triton_kernels.Unavailable:
+            del taken[kernels]
+    on_kernels = {i for rows in taken.values() for i in rows}
     local_maxima: dict[int, tuple[Tensor, Tensor]] = {}  # pieces of whole rows, on the reference
     vectors, maxima = [], []
     for i, (inputs, outputs, _) in enumerate(jobs):
         grid = outputs[0].shape
         whole = torch.zeros(2, *grid, device=device) if cuts[i] is not None else None
-        if i not in native_rows and inputs[0].numel():
+        if i not in on_kernels and inputs[0].numel():
             if cuts[i] is None:
                 sums[i], m_max, v_max = run_reference(lamb16_block_partials, inputs, fused, **moments)
                 local_maxima[i] = (m_max, v_max)
@@ -133,10 +134,15 @@ def lamb16_block_sharded_steps(
         finished.append(torch.stack([*norms_and_trust(vector[0], vector[1], param.numel(), trust_lr, trust_scale)]))
     finished = torch.stack(finished)
     finished = torch.cat([finished, finished[:, 2:3] * lr], dim=1)  # weight_norm, adam_norm, trust, step size
-    if native_rows:
-        native.lamb16_block_applies([jobs[i] for i in native_rows], finished[native_rows].cpu(), **moments)
+    for kernels, rows in taken.items():
+        try:
+            kernels.lamb16_block_applies([jobs[i] for i in rows], finished[rows], **moments)
+        except triton_kernels.Unavailable:  # their maxima, for the reference's writes
+            for i in rows:
+                local_maxima[i] = run_reference(lamb16_block_partials, jobs[i][0], fused, **moments)[1:]
+            on_kernels -= set(rows)
     for i, (inputs, outputs, _) in enumerate(jobs):
-        if i in native_rows:
+        if i in on_kernels:
             continue
         step_size = finished[i, 3]
         if cuts[i] is None:
@@ -419,10 +425,10 @@ class Lamb16(CheckedOptimizer):
             references, sharded_steps = (lamb16_block_update, lamb16_block_single_pass_update), lamb16_block_sharded_steps
         else:
             references, sharded_steps = (lamb16_update, lamb16_single_pass_update), lamb16_sharded_steps
-        on_native = run_updates(references[0], getattr(native, exact), exact_jobs, group["fused"], **hyper)
+        on_native = run_updates(references[0], exact, exact_jobs, group["fused"], **hyper)
         if single_jobs:
             self.prepare_carries(single_jobs, group["fused"], group, {id(copy): param for param, copy in relaid})
-            on_native += run_updates(references[1], getattr(native, single), single_jobs, group["fused"], **hyper)
+            on_native += run_updates(references[1], single, single_jobs, group["fused"], **hyper)
             for (inputs, _, _) in single_jobs:
                 self.carried[inputs[0]] = inputs[0]._version
         if sharded_jobs:
@@ -470,12 +476,16 @@ def refresh_weight_norms(jobs: list[Job], fused: bool | None, eps: float, block_
     by the same arithmetic as the step that writes it (so that a resumed run
     recomputes the very bits an uninterrupted one carried); block_size 0 for
     scales per tensor."""
-    on_native = [job for job in jobs if native.usable(job, fused)]
-    if on_native:
-        native.lamb16_weight_norms(on_native, eps=eps, block_size=block_size)
-    native_ids = {id(job) for job in on_native}
-    for inputs, _, _ in (job for job in jobs if id(job) not in native_ids):
-        inputs[6][0] = weight_norm_of(inputs[0], eps)
+    done: set[int] = set()
+    for kernels, rows in by_kernels(jobs, fused, "lamb16_weight_norms").items():
+        try:
+            kernels.lamb16_weight_norms([jobs[i] for i in rows], eps=eps, block_size=block_size)
+        except triton_kernels.Unavailable:
+            continue
+        done.update(rows)
+    for i, (inputs, _, _) in enumerate(jobs):
+        if i not in done:
+            inputs[6][0] = weight_norm_of(inputs[0], eps)
 
 
 def lamb16_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:

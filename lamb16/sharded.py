@@ -8,7 +8,7 @@ piece gives its partial sums and maxima; one all-gather per process group
 to every process, which combine them in the same order and so agree exactly;
 the whole tensor's statistics are finished from them; pass 2 writes each local
 piece. The passes run on the same fast paths as unsharded tensors (the CPU
-kernels, or the compiled reference off the CPU).
+kernels, the Triton kernels on GPUs, or the compiled reference).
 """
 
 from collections.abc import Callable
@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import native
+from types import ModuleType
+
+from . import triton_kernels
 from ._common import Job, Shard
-from .dispatch import run_reference
+from .dispatch import by_kernels, run_reference
 
 def all_gather(output: Tensor, input: Tensor, group: Any) -> None:
     """Every process's `input`, one after another along dim 0 of `output`
@@ -78,41 +80,52 @@ def split_piece(param: Tensor, block_size: int) -> tuple[int, int] | None:
     return offset[0] // block_size, offset[0] % block_size
 
 
-def on_native(jobs: list[Job], fused: bool | None) -> list[int]:
-    """The jobs the CPU kernels take (an empty piece needs no kernel)."""
-    return [i for i, job in enumerate(jobs) if job[0][0].numel() and native.usable(job, fused)]
+def on_kernels(jobs: list[Job], fused: bool | None, entry: str, rows: list[int] | None = None
+               ) -> dict[ModuleType, list[int]]:
+    """The jobs (of `rows`, or all) that kernels take through `entry`, by
+    kernels; an empty piece needs none."""
+    rows = range(len(jobs)) if rows is None else rows
+    return by_kernels(jobs, fused, entry, [i for i in rows if jobs[i][0][0].numel()])
 
 
 def first_pass(
-    reference: Callable[..., Tensor], native_partials: Callable[..., Tensor], jobs: list[Job], fused: bool | None,
-    native_rows: list[int], width: int, **kwargs: Any,
+    reference: Callable[..., Tensor], entry: str, jobs: list[Job], fused: bool | None,
+    taken: dict[ModuleType, list[int]], width: int, **kwargs: Any,
 ) -> Tensor:
     """Pass 1 on every job's local tensors: a (jobs, width) tensor of partials,
-    those of `native_rows` from the CPU kernels. An empty piece (uneven
-    sharding leaves some) adds nothing: zeros."""
+    those of the jobs `taken` from their kernels' `entry` (kernels that cannot
+    run here leave theirs to the reference, and are dropped from `taken`). An
+    empty piece (uneven sharding leaves some) adds nothing: zeros."""
     partials = torch.zeros(len(jobs), width, device=jobs[0][0][0].device)
-    if native_rows:
-        partials[native_rows] = native_partials([jobs[i] for i in native_rows], **kwargs).to(partials.device)
-    native = set(native_rows)
+    for kernels, rows in list(taken.items()):
+        try:
+            partials[rows] = getattr(kernels, entry)([jobs[i] for i in rows], **kwargs).to(partials.device)
+        except triton_kernels.Unavailable:
+            del taken[kernels]
+    done = {i for rows in taken.values() for i in rows}
     for i, (inputs, _, extra) in enumerate(jobs):
-        if i not in native and inputs[0].numel():
+        if i not in done and inputs[0].numel():
             partials[i] = run_reference(reference, inputs, fused, **kwargs, **extra)
     return partials
 
 
 def second_pass(
-    reference: Callable[..., None], native_applies: Callable[..., None], jobs: list[Job], fused: bool | None,
-    native_rows: list[int], finished: Tensor, apply_columns: list[int], **kwargs: Any,
+    reference: Callable[..., None], entry: str, jobs: list[Job], fused: bool | None,
+    taken: dict[ModuleType, list[int]], finished: Tensor, apply_columns: list[int], **kwargs: Any,
 ) -> None:
     """Pass 2 on every job's local tensors. Row i of `finished` holds job i's
     results (its outputs', in order), then what its writes take: the columns
-    `apply_columns` are the reference's extra arguments. The CPU kernels write
+    `apply_columns` are the reference's extra arguments. The kernels write
     their jobs' results themselves; the others are copied here."""
-    if native_rows:
-        native_applies([jobs[i] for i in native_rows], finished[native_rows].cpu(), **kwargs)
-    native = set(native_rows)
+    done: set[int] = set()
+    for kernels, rows in taken.items():
+        try:
+            getattr(kernels, entry)([jobs[i] for i in rows], finished[rows], **kwargs)
+        except triton_kernels.Unavailable:
+            continue
+        done.update(rows)
     for i, (inputs, outputs, extra) in enumerate(jobs):
-        if i in native:
+        if i in done:
             continue
         if inputs[0].numel():
             run_reference(reference, inputs + tuple(finished[i, apply_columns].unbind()), fused, **kwargs, **extra)

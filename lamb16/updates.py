@@ -201,7 +201,13 @@ def single_pass_scales(
     the scales the last step computed from its moments."""
     if scaling == "seed":
         return m_stat, v_stat
-    grad_absmax = gradient_absmax(grad)
+    return bounded_scales(m_stat, v_stat, gradient_absmax(grad), beta1, beta2)
+
+
+def bounded_scales(m_stat: Tensor, v_stat: Tensor, grad_absmax: Tensor, beta1: Number,
+                   beta2: Number) -> tuple[Tensor, Tensor]:
+    """single_pass_scales() with absmax scales, from the gradient's largest |g|
+    (any tensors of the same shape: many tensors side by side)."""
     m_bound = m_stat * beta1 + grad_absmax * (1 - beta1)
     v_bound = v_stat * beta2 + grad_absmax * grad_absmax * (1 - beta2)
     return absmax_scales_from_maxima(m_bound, v_bound)
@@ -212,9 +218,18 @@ def next_stats(m: Tensor, v: Tensor, m_scale: Tensor, v_scale: Tensor, eps: Numb
     |m| and v as write_absmax() stores them (fp8 rounding is monotonic, so the
     largest code is the largest value's); seed: this step's moments' seed scales."""
     if scaling == "seed":
-        return seed_scales_from_sums(*seed_sums(m, v), m.numel(), eps)
-    m_top = dequantize((m.abs().amax() * (1 / m_scale)).to(E4M3), m_scale)
-    v_top = dequantize((v.amax() * (1 / v_scale)).clamp(min=E5M2_SMALLEST).to(E5M2), v_scale)
+        return next_stats_from(*seed_sums(m, v), m_scale, v_scale, m.numel(), eps, scaling)
+    return next_stats_from(m.abs().amax(), v.amax(), m_scale, v_scale, m.numel(), eps, scaling)
+
+
+def next_stats_from(m_stat: Tensor, v_stat: Tensor, m_scale: Tensor, v_scale: Tensor, numel: int | Tensor,
+                    eps: Number, scaling: str) -> tuple[Tensor, Tensor]:
+    """next_stats() from the moments' reductions (absmax: the largest |m| and v;
+    seed: their sums of clamp(x*x, 0, 10)), of one tensor or many side by side."""
+    if scaling == "seed":
+        return seed_scales_from_sums(m_stat, v_stat, numel, eps)
+    m_top = dequantize((m_stat * (1 / m_scale)).to(E4M3), m_scale)
+    v_top = dequantize((v_stat * (1 / v_scale)).clamp(min=E5M2_SMALLEST).to(E5M2), v_scale)
     return m_top, v_top
 
 

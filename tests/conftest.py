@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Lamb16's Triton kernels run under Triton's interpreter, on CPU
+# tensors (tests/test_triton.py). It is chosen when a kernel is defined, so
+# before lamb16.triton_kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Test helpers (reference.py, mnist_files.py, ...) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))

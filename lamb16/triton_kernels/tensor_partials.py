@@ -1,0 +1,34 @@
+"""Pass 1 of the exact step with one scale per tensor (absmax or seed): each
+program's share of the tensor's reductions, the largest |m| and v (absmax)
+or the sums of clamp(x*x, 0, 10) of m and v (seed), and the clamped square
+sums of the weights and the update. Reads the weights, gradient and codes;
+writes four floats a program."""
+
+import triton
+import triton.language as tl
+
+from .arithmetic import (
+    M_SCALE, V_SCALE, adam_direction, address, clamped_square, element_tile, load_elements, masked_max, masked_sum,
+    new_moments, seed_square,
+)
+
+
+@triton.jit
+def tensor_partials_kernel(table, programs, partials, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                           weight_decay, SEED: tl.constexpr, TILE: tl.constexpr):
+    program = tl.program_id(0)
+    tensor = tl.load(programs + 2 * program)
+    offsets, inside = element_tile(table, tensor, tl.load(programs + 2 * program + 1), TILE)
+    param, grad, m_code, v_code = load_elements(table, tensor, offsets, inside)
+    m, v = new_moments(grad, m_code, v_code, tl.load(address(table, tensor, M_SCALE, tl.float32)),
+                       tl.load(address(table, tensor, V_SCALE, tl.float32)), beta1, one_minus_beta1, beta2,
+                       one_minus_beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    if SEED:
+        tl.store(partials + 4 * program, masked_sum(seed_square(m), inside))
+        tl.store(partials + 4 * program + 1, masked_sum(seed_square(v), inside))
+    else:
+        tl.store(partials + 4 * program, masked_max(tl.abs(m), inside))
+        tl.store(partials + 4 * program + 1, masked_max(v, inside))
+    tl.store(partials + 4 * program + 2, masked_sum(clamped_square(param, eps), inside))
+    tl.store(partials + 4 * program + 3, masked_sum(clamped_square(update, eps), inside))
