@@ -5,6 +5,8 @@ one process, so that a slow moment of a shared machine hits all alike; every
 figure is a median."""
 
 import contextlib
+import ctypes
+import functools
 import math
 import statistics
 import time
@@ -46,8 +48,10 @@ COMPILED_ON_CPU: dict[str, tuple[str, bool]] = {
     "lamb16 compiled per tensor": ("lamb16", True),
     "lamb16 1pass compiled": ("lamb16-1pass", False),
     "lamb16 1pass compiled per tensor": ("lamb16-1pass", True),
+    "lamb16 absmax compiled": ("lamb16-absmax", False),
+    "lamb16 absmax 1pass compiled": ("lamb16-absmax-1pass", False),
 }
-SIZES = ("cnn", "10m", "100m", "gpt150")
+SIZES = ("cnn", "10m", "100m", "gpt150", "64m", "1b")
 # Bytes per element a step must move at least: parameter read and write, gradient
 # read, state read and write (Adam, LAMB: two float32 moments; LAMB16: two fp8).
 MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16": 4 + 4 + 4 + 4,
@@ -156,6 +160,8 @@ def parameter_sets(names: list[str]) -> dict[str, list[tuple[int, ...]]]:
         "10m": transformer_shapes(width=512, layers=3, vocab=800),  # 9.9 M
         "100m": transformer_shapes(width=1024, layers=8, vocab=1536),  # 102 M
         "gpt150": transformer_shapes(width=32, layers=12, vocab=64),  # 147 small tensors: host time
+        "64m": [(8192, 8192)],  # one large tensor: its step-time memory a parameter is the peak's
+        "1b": [(32768, 32768)],  # a GPU's: 4 GB of weights
     }
     return {name: sets[name] for name in names}
 
@@ -163,6 +169,58 @@ def parameter_sets(names: list[str]) -> dict[str, list[tuple[int, ...]]]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# glibc's malloc serves a large block from memory mapped for it alone, given
+# back when freed, only below a threshold it raises after each such free: set
+# it, and it stays, so every large block a step frees leaves the resident set.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 * 1024
+
+
+@functools.cache
+def fixed_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold (see above); False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def resident_bytes(field: str) -> int | None:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, from /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def transient_bytes(step: Callable[[], object], device: torch.device) -> int | None:
+    """Memory a step takes beyond what was there before it, at its peak: on
+    CUDA from the allocator; on the CPU from the process's resident set
+    (Linux: the peak reset, then read after the step); None where it cannot
+    be measured."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu" or not fixed_mmap_threshold():
+        return None
+    before = resident_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from now
+    except OSError:
+        return None
+    step()
+    peak = resident_bytes("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
 
 
 def traffic_run(pattern: str, grads: list[Tensor]) -> Callable[[], None]:
@@ -237,13 +295,8 @@ def step_times(
             host_ms=1e3 * host[name] if name in host else None,
         )
         row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            optimizer.step()
-            synchronize(device)
-            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            row["largest_tensor_mb"] = max(p.numel() for p in params) * 4 / 2**20
+        transient = transient_bytes(runs[name], device)
+        row["transient_bytes_per_parameter"] = None if transient is None else transient / (n / parallel.world)
         rows.append(row)
     adam = next((r["median_ms"] for r in rows if r["optimizer"] == "adam fused"), None)
     for row in rows:
@@ -341,10 +394,8 @@ def run(
     echo(f"optimizer step, median of {steps} after {warmup} warm-up steps, on {where}")
     header = (
         "| parameters | optimizer | step ms | x Adam fused | traffic ms | x traffic | state bytes/param "
-        "| GB/s (minimum traffic) | first step s | host ms |"
+        "| GB/s (minimum traffic) | first step s | host ms | step-time B/param |"
     )
-    if device.type == "cuda":
-        header += " peak extra MB | largest tensor MB |"
     echo(header)
     echo("|" + "---|" * (header.count("|") - 1))
     for set_name, shapes in parameter_sets(sizes).items():
@@ -358,13 +409,12 @@ def run(
             ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}"
             rate = "-" if r["min_gb_per_s"] is None else f"{r['min_gb_per_s']:.1f}"
             host = "-" if r["host_ms"] is None else f"{r['host_ms']:.3f}"
-            line = (
+            transient = r["transient_bytes_per_parameter"]
+            echo(
                 f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | {r['median_ms']:.2f} | {ratio} | {traffic} | "
-                f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} | {host} |"
+                f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} | {host} | "
+                f"{'-' if transient is None else f'{transient:.2f}'} |"
             )
-            if "peak_extra_mb" in r:
-                line += f" {r['peak_extra_mb']:.1f} | {r['largest_tensor_mb']:.1f} |"
-            echo(line)
     if parallel.distributed:
         return report
 

@@ -167,11 +167,10 @@ def plan(update: Callable, statics: tuple, jobs: list[Job]) -> list[tuple[int, i
     return found
 
 
-def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
-    """A group's `jobs` through `update` in a few compiled calls (one per chunk),
-    and their results into the jobs' output tensors in one more; `hyper` as for
-    run_compiled, and each job's extra keyword arguments (Lamb's step count)
-    inputs as well."""
+def run_chunks(update: Callable, jobs: list[Job], hyper: dict[str, Any]) -> list:
+    """Each job's results of `update`, in a few compiled calls (one per chunk);
+    what does not run compiled (all, or the chunks after a failed compilation)
+    runs eagerly."""
     results: list = []
     if _unavailable is None:
         statics = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, (str, bool, int))))
@@ -189,8 +188,26 @@ def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
             except Exception as error:  # a compiler or device that torch.compile cannot use
                 fall_back(error)
                 break
-    # What did not run compiled (all, or the chunks after a failed compilation) runs eagerly.
-    results += [update(*inputs, **hyper, **extra) for inputs, _, extra in jobs[len(results):]]
+    return results + [update(*inputs, **hyper, **extra) for inputs, _, extra in jobs[len(results):]]
+
+
+def run_group(update: Callable, jobs: list[Job], **hyper: Any) -> None:
+    """A group's `jobs` through `update` in a few compiled calls (one per chunk),
+    and their results into the jobs' output tensors in one more; `hyper` as for
+    run_compiled, and each job's extra keyword arguments (Lamb's step count)
+    inputs as well. An update written in phases (`update.phases`: its
+    reductions, each taking the earlier ones' results after the inputs, their
+    results together the update's; then its writes, taking them all) runs as a
+    graph for each."""
+    phases = getattr(update, "phases", None)
+    if phases is None:
+        results = run_chunks(update, jobs, hyper)
+    else:
+        results = [()] * len(jobs)
+        for phase in phases:
+            found = run_chunks(phase, [(inputs + tuple(got), outputs, extra)
+                                       for (inputs, outputs, extra), got in zip(jobs, results)], hyper)
+            results = [(*got, *more) for got, more in zip(results, found)]
     outputs = [output for _, job_outputs, _ in jobs for output in job_outputs]
     torch._foreach_copy_(outputs, [result for job_results in results for result in job_results])
 

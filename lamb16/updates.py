@@ -5,6 +5,7 @@ block scales), in the exact step's two passes and in the single pass. Lamb16
 (lamb16.py) runs them, or the kernels and the compiled path that match them."""
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -237,6 +238,44 @@ def weight_norm_of(param: Tensor, eps: Number) -> Tensor:
     return clamped_square_sum(param, eps).sqrt() / param.numel()
 
 
+def lamb16_single_pass_reductions(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    carry: Tensor, adam_norm: Tensor,
+    *, lr: Number, trust_lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number,
+    trust_scale: Number, scaling: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The single pass's reductions, reading the tensors and writing nothing:
+    this step's scales (from the carry, and for absmax the gradient's largest),
+    the trust ratio, the new update's norm, the norm of the weights as this step
+    will leave them, and the moments' statistics the next step starts from.
+    Returns what lamb16_single_pass_update() returns."""
+    m_scale, v_scale = single_pass_scales(carry[1], carry[2], grad, beta1=beta1, beta2=beta2, scaling=scaling)
+    weight_norm = carry[0]
+    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
+    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
+    new_carry = torch.stack([weight_norm_of(param - update * (trust * lr), eps),
+                             *next_stats(m, v, m_scale, v_scale, eps, scaling), torch.ones_like(weight_norm)])
+    return m_scale, v_scale, weight_norm, new_adam_norm, trust, new_carry
+
+
+def lamb16_single_pass_writes(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
+    carry: Tensor, adam_norm: Tensor, m_scale: Tensor, v_scale: Tensor, weight_norm: Tensor, new_adam_norm: Tensor,
+    trust: Tensor, new_carry: Tensor,
+    *, lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, scaling: str, **_: Any,
+) -> tuple[()]:
+    """The single pass's writes, given its reductions' results: the moments
+    stored over this step's scales, the weights moved."""
+    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    write = write_seed if scaling == "seed" else write_absmax
+    write(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
+    param.sub_(update * (trust * lr))
+    return ()
+
+
 def lamb16_single_pass_update(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scale: Tensor, exp_avg_sq_scale: Tensor,
     carry: Tensor, adam_norm: Tensor,
@@ -245,26 +284,27 @@ def lamb16_single_pass_update(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One single-pass LAMB16 step on one tensor, the reference: everything it
     needs before writing comes from the carry, the last step's update norm
-    (`adam_norm`) and the gradient's absmax, so the weights, gradient and codes
-    are read once. Its trust ratio takes the last step's update norm in place of
-    this one's; the weight norm is exact (that of the weights the last step
-    wrote, which the caller recomputes where anything else changed them).
+    (`adam_norm`) and the gradient's absmax, so the fused kernels read the
+    weights, gradient and codes once. Its trust ratio takes the last step's
+    update norm in place of this one's; the weight norm is exact (that of the
+    weights the last step wrote, which the caller recomputes where anything
+    else changed them).
+
+    Written as its reductions, then its writes (`phases`): the compiled path
+    runs each as a graph of its own, as in one Inductor keeps the update
+    between them in a float32 buffer the size of the tensor.
 
     Returns (exp_avg_scale, exp_avg_sq_scale, weight_norm, adam_norm, trust_ratio,
     carry) as they are after the step.
     """
-    m_scale, v_scale = single_pass_scales(carry[1], carry[2], grad, beta1=beta1, beta2=beta2, scaling=scaling)
-    weight_norm = carry[0]
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
-    m, v = new_moments(grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, beta1, beta2)
-    update = adam_direction(m, v, param, eps, weight_decay)
-    write = write_seed if scaling == "seed" else write_absmax
-    write(m, v, m_scale, v_scale, exp_avg, exp_avg_sq)
-    param.sub_(update * (trust * lr))
-    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
-    new_carry = torch.stack([weight_norm_of(param, eps), *next_stats(m, v, m_scale, v_scale, eps, scaling),
-                             torch.ones_like(weight_norm)])
-    return m_scale, v_scale, weight_norm, new_adam_norm, trust, new_carry
+    state = (param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, carry, adam_norm)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scaling=scaling)
+    results = lamb16_single_pass_reductions(*state, trust_lr=trust_lr, trust_scale=trust_scale, **hyper)
+    lamb16_single_pass_writes(*state, *results, **hyper)
+    return results
+
+
+lamb16_single_pass_update.phases = (lamb16_single_pass_reductions, lamb16_single_pass_writes)
 
 
 # ------------------------------------------------------------ block scales
@@ -344,6 +384,62 @@ def lamb16_block_update(
     return m_scales, v_scales, weight_norm, adam_norm, trust
 
 
+def lamb16_block_single_pass_scales(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, *, beta1: Number, beta2: Number, block_size: int,
+    **_: Any,
+) -> tuple[Tensor, Tensor]:
+    """The single pass's block scales, each block's from its own moments (read, not kept)."""
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
+    return absmax_scales_from_maxima(*block_maxima(m, v, block_size))
+
+
+def lamb16_block_single_pass_update_norm(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, m_scales: Tensor, v_scales: Tensor, *,
+    trust_lr: Number, beta1: Number, beta2: Number, eps: Number, weight_decay: Number, trust_scale: Number,
+    block_size: int, **_: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Its trust ratio and the new update's norm, reading and writing nothing:
+    (weight_norm, the new update's norm, trust_ratio)."""
+    weight_norm = carry[0]
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
+    update = block_update(m, v, param, eps, weight_decay)
+    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
+    return weight_norm, new_adam_norm, lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
+
+
+def lamb16_block_single_pass_carry(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, m_scales: Tensor, v_scales: Tensor,
+    weight_norm: Tensor, new_adam_norm: Tensor, trust: Tensor, *, lr: Number, beta1: Number, beta2: Number,
+    eps: Number, weight_decay: Number, block_size: int, **_: Any,
+) -> tuple[Tensor]:
+    """The carry, whose weight norm is that of the weights as this step will leave them."""
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
+    update = block_update(m, v, param, eps, weight_decay)
+    zero = torch.zeros_like(weight_norm)
+    return (torch.stack([weight_norm_of(param - update * (trust * lr), eps), zero, zero,
+                         torch.ones_like(weight_norm)]),)
+
+
+def lamb16_block_single_pass_writes(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
+    exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, m_scales: Tensor, v_scales: Tensor,
+    weight_norm: Tensor, new_adam_norm: Tensor, trust: Tensor, new_carry: Tensor, *, lr: Number, beta1: Number,
+    beta2: Number, eps: Number, weight_decay: Number, block_size: int, **_: Any,
+) -> tuple[()]:
+    """Its writes, given the reductions' results: the moments stored over the
+    blocks' new scales, the weights moved."""
+    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
+    update = block_update(m, v, param, eps, weight_decay)
+    m_codes, v_codes = block_codes(m, v, m_scales, v_scales, block_size)
+    exp_avg.copy_(from_rows(m_codes, exp_avg))
+    exp_avg_sq.copy_(from_rows(v_codes, exp_avg_sq))
+    param.sub_(update * (trust * lr))
+    return ()
+
+
 def lamb16_block_single_pass_update(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_scales: Tensor,
     exp_avg_sq_scales: Tensor, carry: Tensor, adam_norm: Tensor, *, lr: Number, trust_lr: Number, beta1: Number,
@@ -353,17 +449,20 @@ def lamb16_block_single_pass_update(
     block's scales come from its own moments as in the exact step (a block is
     in cache when they are known), so the one difference from the exact step is
     the trust ratio's update norm, the last step's. Returns as
-    lamb16_single_pass_update() (the carry's moment statistics unused: 0)."""
-    weight_norm = carry[0]
-    trust = lamb16_trust_ratio(weight_norm, adam_norm, trust_lr, trust_scale)
-    m, v = block_moments(grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, beta1, beta2, block_size, 0)
-    update = block_update(m, v, param, eps, weight_decay)
-    m_scales, v_scales = absmax_scales_from_maxima(*block_maxima(m, v, block_size))
-    m_codes, v_codes = block_codes(m, v, m_scales, v_scales, block_size)
-    exp_avg.copy_(from_rows(m_codes, exp_avg))
-    exp_avg_sq.copy_(from_rows(v_codes, exp_avg_sq))
-    param.sub_(update * (trust * lr))
-    new_adam_norm = clamped_square_sum(update, eps).sqrt() / param.numel()
-    zero = torch.zeros_like(weight_norm)
-    new_carry = torch.stack([weight_norm_of(param, eps), zero, zero, torch.ones_like(weight_norm)])
-    return m_scales, v_scales, weight_norm, new_adam_norm, trust, new_carry
+    lamb16_single_pass_update() (the carry's moment statistics unused: 0), and
+    is written in phases as that one is: its scales, the update's norm, the new
+    weights' norm, its writes (in one graph, Inductor keeps the moments or the
+    update in float32 buffers the size of the tensor)."""
+    state = (param, grad, exp_avg, exp_avg_sq, exp_avg_scales, exp_avg_sq_scales, carry, adam_norm)
+    hyper = dict(lr=lr, trust_lr=trust_lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 trust_scale=trust_scale, block_size=block_size)
+    results = lamb16_block_single_pass_scales(*state, **hyper)
+    results += lamb16_block_single_pass_update_norm(*state, *results, **hyper)
+    results += lamb16_block_single_pass_carry(*state, *results, **hyper)
+    lamb16_block_single_pass_writes(*state, *results, **hyper)
+    return results
+
+
+lamb16_block_single_pass_update.phases = (
+    lamb16_block_single_pass_scales, lamb16_block_single_pass_update_norm, lamb16_block_single_pass_carry,
+    lamb16_block_single_pass_writes)
