@@ -23,7 +23,7 @@ from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, R
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
 from experiments.loop import stop_on_signals
-from experiments.runs import claim_dir
+from experiments.runs import claim_dir, write_json
 from experiments.options import (
     POSITIVE,
     base_config,
@@ -373,8 +373,9 @@ def deviation(optimizers, steps, batch_size, lr, seeds, data_dir, download, devi
 @data_dir_option
 @device_option
 @click.option("--loops", type=click.Choice(lamb16.native.LOOPS), default=None, help="The CPU kernels' loops to time [default: the widest this processor has].")
-@json_option("figures")
-def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, json_path):
+@click.option("--steps-only", is_flag=True, help="Time the optimizer steps alone (no training step, no MNIST needed).")
+@json_option("figures (written again as each parameter set is timed)")
+def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, steps_only, json_path):
     """Time optimizer steps (medians, optimizers interleaved in one process) and
     state bytes per parameter on the MNIST CNN and on ~10 M / ~100 M parameter
     transformer shapes, with ratios to Adam fused, and the host's part of the
@@ -395,10 +396,11 @@ def bench(sizes, optimizers, steps, warmup, batches, data_dir, device, loops, js
     names = benchmarks.check_available(parse_list(optimizers, benchmarks.choices(), "--optimizers"))
     set_names = parse_list(sizes, benchmarks.SIZES, "--sizes")
     torch_device = studies.device_of(device)
-    train_data = load_mnist(data_dir, True, torch_device, download=None)
+    train_data = None if steps_only else load_mnist(data_dir, True, torch_device, download=None)
     with benchmarks.kernel_loops(loops), parallel.process_group(False, torch_device) as processes:
+        save = (lambda report: write_json(json_path, report)) if json_path and processes.is_main else (lambda r: None)
         report = benchmarks.run(set_names, names, steps, warmup, batches, train_data, data_dir, torch_device,
-                                click.echo, processes)
+                                click.echo, processes, save)
     if processes.is_main:
         write_json_output(json_path, report)
 

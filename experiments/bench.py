@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import lamb16
 import lamb16.compiled
 import lamb16.dispatch
+import lamb16.triton_kernels
 from lamb16 import state_nbytes
 from models import MnistCNN
 
@@ -40,10 +41,11 @@ IMPLEMENTATIONS: dict[str, tuple[str, dict]] = {
     "lamb16 eager": ("lamb16", dict(fused=False)),
 }
 DEFAULT_BENCH = tuple(IMPLEMENTATIONS)
-# The compiled path that GPUs take, timed on the CPU (where the kernels would
-# otherwise serve): one call per parameter group, or one per tensor as before.
-# On 150 small tensors the step's time is almost all host time.
-COMPILED_ON_CPU: dict[str, tuple[str, bool]] = {
+# The compiled path (torch.compile of the reference: the fallback where no
+# kernels serve), timed with the CPU and Triton kernels set aside: one call per
+# parameter group, or one per tensor as before. On 150 small tensors the
+# step's time is almost all host time.
+COMPILED: dict[str, tuple[str, bool]] = {
     "lamb16 compiled": ("lamb16", False),
     "lamb16 compiled per tensor": ("lamb16", True),
     "lamb16 1pass compiled": ("lamb16-1pass", False),
@@ -60,7 +62,7 @@ MIN_BYTES_PER_ELEMENT = {"adam": 4 + 4 + 4 + 16, "lamb": 4 + 4 + 4 + 16, "lamb16
 
 
 def choices() -> list[str]:
-    return (list(IMPLEMENTATIONS) + list(COMPILED_ON_CPU)
+    return (list(IMPLEMENTATIONS) + list(COMPILED)
             + [name for name in registry.OPTIMIZERS if name not in IMPLEMENTATIONS])
 
 
@@ -72,8 +74,8 @@ def check_available(names: list[str]) -> list[str]:
 
 
 def registry_name(name: str) -> str:
-    if name in COMPILED_ON_CPU:
-        return COMPILED_ON_CPU[name][0]
+    if name in COMPILED:
+        return COMPILED[name][0]
     return IMPLEMENTATIONS.get(name, (name, {}))[0]
 
 
@@ -89,17 +91,42 @@ def design_of(name: str) -> str:
 
 
 @contextlib.contextmanager
-def compiled_on_cpu(per_tensor: bool) -> Iterator[None]:
-    """Send CPU tensors down the compiled path (per group, or per tensor as
-    before) instead of the CPU kernels, for the length of one step."""
-    saved = lamb16.native.usable, lamb16.compiled.compiles_on, lamb16.dispatch.compile_per_tensor
-    lamb16.native.usable = lambda job, fused: False
+def compiled_path(per_tensor: bool) -> Iterator[None]:
+    """Send the step down the compiled path (per group, or per tensor as
+    before) instead of the kernels, for the length of one step."""
+    saved = (lamb16.native.usable, lamb16.triton_kernels.usable, lamb16.compiled.compiles_on,
+             lamb16.dispatch.compile_per_tensor)
+    lamb16.native.usable = lamb16.triton_kernels.usable = lambda job, fused: False
     lamb16.compiled.compiles_on = lambda device: True
     lamb16.dispatch.compile_per_tensor = per_tensor
     try:
         yield
     finally:
-        lamb16.native.usable, lamb16.compiled.compiles_on, lamb16.dispatch.compile_per_tensor = saved
+        (lamb16.native.usable, lamb16.triton_kernels.usable, lamb16.compiled.compiles_on,
+         lamb16.dispatch.compile_per_tensor) = saved
+
+
+def expected_path(name: str, device: torch.device) -> str | None:
+    """The path a benchmarked optimizer's label names (None: not one of ours)."""
+    registered = registry_name(name)
+    if not registered.startswith("lamb"):
+        return None
+    if name in COMPILED:
+        return "compiled"
+    if IMPLEMENTATIONS.get(name, (name, {}))[1].get("fused") is False:
+        return "reference"
+    if device.type == "cpu":
+        return "cpu kernels"
+    return "triton kernels" if registered.startswith("lamb16") and device.type == "cuda" else "compiled"
+
+
+def path_taken(step: Callable[[], object]) -> str:
+    """The path that most of a step's updates ran."""
+    before = dict(lamb16.dispatch.paths)
+    step()
+    ran = {path: count - before.get(path, 0) for path, count in lamb16.dispatch.paths.items()}
+    ran = {path: count for path, count in ran.items() if count}
+    return max(ran, key=ran.get) if ran else "none"
 
 
 @contextlib.contextmanager
@@ -118,7 +145,7 @@ def kernel_loops(name: str | None) -> Iterator[None]:
 
 def on_kernels(name: str, optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer's steps run on the CPU kernels (on CPU parameters)."""
-    return (name not in COMPILED_ON_CPU and isinstance(optimizer, (lamb16.Lamb, lamb16.Lamb16))
+    return (name not in COMPILED and isinstance(optimizer, (lamb16.Lamb, lamb16.Lamb16))
             and optimizer.defaults.get("fused") is not False)
 
 
@@ -135,11 +162,11 @@ def host_time(step: Callable[[], object], steps: int) -> float:
 
 
 def stepper(name: str, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
-    if name not in COMPILED_ON_CPU:
+    if name not in COMPILED:
         return optimizer.step
 
     def step() -> None:
-        with compiled_on_cpu(per_tensor=COMPILED_ON_CPU[name][1]):
+        with compiled_path(per_tensor=COMPILED[name][1]):
             optimizer.step()
 
     return step
@@ -244,12 +271,12 @@ def step_times(
     per round. Across processes the parameters and gradients are sharded as
     FSDP2 shards them (rows split over the ranks), the ranks start each step
     together, and the figures are rank 0's."""
-    gen = torch.Generator().manual_seed(0)
-    grads = [shard_rows(torch.randn(shape, generator=gen).to(device) * 1e-2, parallel) for shape in shapes]
+    gen = torch.Generator(device=device).manual_seed(0)  # on the device: a 1 B tensor made on the host takes seconds
+    grads = [shard_rows(torch.randn(shape, generator=gen, device=device) * 1e-2, parallel) for shape in shapes]
     runs: dict[str, Callable[[], object]] = {}
     optimizer_runs: dict[str, tuple[list[nn.Parameter], torch.optim.Optimizer]] = {}
     for name in optimizers:
-        params = [nn.Parameter(shard_rows(torch.randn(shape, generator=gen).to(device) * 0.05, parallel))
+        params = [nn.Parameter(shard_rows(torch.randn(shape, generator=gen, device=device) * 0.05, parallel))
                   for shape in shapes]
         for p, g in zip(params, grads):
             p.grad = g
@@ -282,25 +309,29 @@ def step_times(
     for name in optimizers:
         params, optimizer = optimizer_runs.pop(name)
         median = statistics.median(times[name])
+        path, expected = path_taken(runs[name]), expected_path(name, device)
         traffic = times.get(f"{design_of(name)} traffic")
         min_bytes = MIN_BYTES_PER_ELEMENT.get(design_of(name))
+        named = expected is None or path == expected  # a time is never labelled with a path that did not run
         row = dict(
             optimizer=name,
+            path=path if expected is not None else None,
+            expected_path=expected,
             parameters=n,
-            median_ms=1e3 * median,
+            median_ms=1e3 * median if named else None,
             first_step_s=first_step[name],
             state_bytes_per_parameter=state_nbytes(optimizer) / n,
-            min_gb_per_s=min_bytes * n / parallel.world / median / 1e9 if min_bytes else None,  # this rank's part
+            min_gb_per_s=min_bytes * n / parallel.world / median / 1e9 if min_bytes and named else None,
             traffic_ms=1e3 * statistics.median(traffic) if traffic else None,
             host_ms=1e3 * host[name] if name in host else None,
         )
-        row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic else None
+        row["ratio_to_traffic"] = row["median_ms"] / row["traffic_ms"] if traffic and named else None
         transient = transient_bytes(runs[name], device)
         row["transient_bytes_per_parameter"] = None if transient is None else transient / (n / parallel.world)
         rows.append(row)
     adam = next((r["median_ms"] for r in rows if r["optimizer"] == "adam fused"), None)
     for row in rows:
-        row["ratio_to_adam_fused"] = row["median_ms"] / adam if adam else None
+        row["ratio_to_adam_fused"] = row["median_ms"] / adam if adam and row["median_ms"] else None
     return rows
 
 
@@ -376,11 +407,14 @@ def throughput_dataloader(data_dir: Path, batch_size: int, batches: int, workers
 
 
 def run(
-    sizes: list[str], optimizers: list[str], steps: int, warmup: int, batches: int, train_data: Split,
+    sizes: list[str], optimizers: list[str], steps: int, warmup: int, batches: int, train_data: Split | None,
     data_dir: Path, device: torch.device, echo: Callable[[str], None], parallel: Parallel = SINGLE,
+    save: Callable[[dict], None] = lambda report: None,
 ) -> dict:
-    """The whole benchmark, printed as markdown tables through `echo`; returns its
-    figures. Across processes, the optimizer steps alone, on sharded parameters."""
+    """The whole benchmark, printed as markdown tables through `echo`, its
+    figures given to `save` as each set is measured; returns them. Across
+    processes, or without `train_data`, the optimizer steps alone (across
+    processes on sharded parameters)."""
     if not parallel.is_main:
         echo = lambda line: None  # noqa: E731
     report: dict = dict(device=str(device), threads=torch.get_num_threads(), torch_version=torch.__version__, steps={},
@@ -405,7 +439,11 @@ def run(
         rows = step_times(shapes, chosen, device, warmup, steps, parallel)
         report["steps"][set_name] = rows
         for r in rows:
-            traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["traffic_ms"] else "- | -"
+            if r["median_ms"] is None:
+                echo(f"| {set_name} ({n / 1e6:.2f} M) | {r['optimizer']} | not timed: its steps ran the "
+                     f"{r['path']} path, not the {r['expected_path']} its name says |")
+                continue
+            traffic = f"{r['traffic_ms']:.2f} | {r['ratio_to_traffic']:.2f}" if r["ratio_to_traffic"] else "- | -"
             ratio = "-" if r["ratio_to_adam_fused"] is None else f"{r['ratio_to_adam_fused']:.2f}"
             rate = "-" if r["min_gb_per_s"] is None else f"{r['min_gb_per_s']:.1f}"
             host = "-" if r["host_ms"] is None else f"{r['host_ms']:.3f}"
@@ -415,7 +453,8 @@ def run(
                 f"{r['state_bytes_per_parameter']:.3f} | {rate} | {r['first_step_s']:.1f} | {host} | "
                 f"{'-' if transient is None else f'{transient:.2f}'} |"
             )
-    if parallel.distributed:
+        save(report)
+    if parallel.distributed or train_data is None:
         return report
 
     with cpu_flush_denormal(device):

@@ -17,6 +17,13 @@ from ._common import Job
 compile_per_tensor = False
 
 KERNELS: tuple[ModuleType, ...] = (native, triton_kernels)
+PATH_NAMES = {native: "cpu kernels", triton_kernels: "triton kernels"}
+# How many updates each path has run (a benchmark checks that the one it names ran).
+paths: dict[str, int] = {}
+
+
+def counted(path: str, count: int = 1) -> None:
+    paths[path] = paths.get(path, 0) + count
 
 
 def kernels_for(job: Job, fused: bool | None, entry: str) -> ModuleType | None:
@@ -41,7 +48,10 @@ def by_kernels(jobs: list[Job], fused: bool | None, entry: str, rows: list[int] 
 def run_reference(update: Callable, inputs: tuple, fused: bool | None, **kwargs: Any) -> Any:
     """One tensor's `update` (a reference function): compiled off the CPU, else eager."""
     if compiled.usable(inputs, fused):
-        return compiled.run_compiled(update, inputs, **kwargs)
+        result = compiled.run_compiled(update, inputs, **kwargs)
+        counted("compiled" if compiled._unavailable is None else "reference")
+        return result
+    counted("reference")
     return update(*inputs, **kwargs)
 
 
@@ -59,6 +69,7 @@ def run_updates(update: Callable, entry: str, jobs: list[Job], fused: bool | Non
         taken = set(rows)
         rest = [i for i in rest if i not in taken]
         on_native += len(rows) if kernels is native else 0
+        counted(PATH_NAMES[kernels], len(rows))
     on_compiled = []
     for i in rest:
         inputs, outputs, extra = jobs[i]
@@ -69,4 +80,5 @@ def run_updates(update: Callable, entry: str, jobs: list[Job], fused: bool | Non
                 output.copy_(result)
     if on_compiled:
         compiled.run_group(update, on_compiled, **hyper)
+        counted("compiled" if compiled._unavailable is None else "reference", len(on_compiled))
     return on_native

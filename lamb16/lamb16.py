@@ -21,7 +21,7 @@ from ._common import (
     stepped_states,
     with_gradients,
 )
-from .dispatch import by_kernels, run_reference, run_updates
+from .dispatch import by_kernels, counted, run_reference, run_updates
 from .quantize import (
     E4M3,
     E5M2,
@@ -375,6 +375,7 @@ class Lamb16(CheckedOptimizer):
             if plan is not None:
                 torch._foreach_add_(plan.steps, 1.0)
                 native.run_lamb16(plan.kernel, plan.table, len(plan.params), **hyper)
+                counted("cpu kernels", len(plan.params))
                 if group["single_pass"]:
                     for param in params:
                         self.carried[param] = param._version

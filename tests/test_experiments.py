@@ -288,5 +288,24 @@ def test_bench_times_the_compiled_path_per_group_or_per_tensor_on_the_cpu(monkey
     rows = bench.step_times([(20, 10), (30,)], ["lamb16 compiled", "lamb16 1pass compiled per tensor"],
                             torch.device("cpu"), warmup=1, steps=2)
     assert [r["optimizer"] for r in rows] == ["lamb16 compiled", "lamb16 1pass compiled per tensor"]
-    assert calls.count(("group", 2)) == 3 and calls.count(("tensor", 1)) == 6  # 3 steps of 2 tensors each
+    # 3 timed steps, then one whose path is checked and one whose memory is measured: 2 tensors each.
+    assert calls.count(("group", 2)) == 5 and calls.count(("tensor", 1)) == 10
     assert lamb16.native.usable is usable and not lamb16.dispatch.compile_per_tensor
+
+
+def test_bench_never_labels_a_time_with_a_path_that_did_not_run(monkeypatch):
+    """lamb16 names the CPU kernels here: with them unusable its steps run the
+    reference, and its row says so instead of giving a time; each row records
+    the path it ran, and what every step took beyond the state."""
+    import lamb16.native
+    from experiments import bench
+
+    rows = {r["optimizer"]: r for r in bench.step_times([(20, 10)], ["lamb16", "lamb16 eager", "adam fused"],
+                                                         torch.device("cpu"), warmup=1, steps=2)}
+    assert rows["lamb16"]["path"] == "cpu kernels" and rows["lamb16"]["median_ms"] > 0
+    assert rows["lamb16 eager"]["path"] == "reference" and rows["adam fused"]["path"] is None
+    assert all(r["transient_bytes_per_parameter"] is not None for r in rows.values())
+    monkeypatch.setattr(lamb16.native, "usable", lambda job, fused: False)
+    (row,) = bench.step_times([(20, 10)], ["lamb16"], torch.device("cpu"), warmup=1, steps=2)
+    assert row["path"] == "reference" and row["expected_path"] == "cpu kernels"
+    assert row["median_ms"] is None and row["ratio_to_adam_fused"] is None and row["min_gb_per_s"] is None

@@ -39,7 +39,7 @@ from .tensor_single_pass import tensor_single_pass_kernel
 from .tile_reduce import tile_reduce_kernel
 
 TILE = 4096  # elements a program walks (or whole blocks of about as many)
-SEGMENT_CHUNK = 64  # partials a segments program adds at a time
+SEGMENT_CHUNK = 1024  # partials a segments program adds at a time (a 1 B tensor has 262,144)
 MAX_LAYOUTS = 64  # layouts kept (a layout per group of shapes)
 launches: dict[str, int] = {}  # kernel launches by name: what bench checks ran
 
