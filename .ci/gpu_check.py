@@ -116,7 +116,7 @@ def main(out: Path, wheels: Path) -> int:
     status, env = preflight(out, wheels)
     if status:
         return status
-    tests = bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
+    tests = bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "tests/test_triton.py",
                      "tests/test_contract.py", "-k", "triton or cuda"], out / "tests.log", TESTS_SECONDS, env)
     peers = [name for name in PEERS_TIMED if not missing([TIMED_PEERS["torchao" if name.startswith("ao") else
                                                                       "bitsandbytes"]])]

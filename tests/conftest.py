@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist runs the suite in a process a core: each takes one thread, not every core's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Test helpers (reference.py, mnist_files.py, ...) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -362,8 +362,8 @@ def test_bench_times_interleaved_optimizers_and_writes_json(data_dir, tmp_path):
 
 
 def test_bench_rejects_unknown_sizes(data_dir):
-    result = invoke("bench", "--sizes", "1b", "--data-dir", str(data_dir))
-    assert result.exit_code == 2 and "unknown 1b" in error_line(result)
+    result = invoke("bench", "--sizes", "cnn,2b", "--data-dir", str(data_dir))
+    assert result.exit_code == 2 and "unknown 2b" in error_line(result)
 
 
 def test_bench_refuses_a_json_file_it_could_not_write_before_timing(data_dir, tmp_path):

@@ -147,19 +147,6 @@ def test_the_report_advises_the_command_that_extends_a_sweep_and_it_works(data_d
     assert result.exit_code == 0 and "1 new point queued" in result.output
 
 
-def test_a_points_result_does_not_depend_on_the_number_of_workers(data_dir, tmp_path):
-    grid = ["--optimizers", "lamb16", "--lrs", "0.003,0.01", "--batch-sizes", "32", "--seeds", "1", "--epochs", "1",
-            "--val-size", str(VAL)]
-    for workers in ("1", "2"):
-        assert sweep(data_dir, tmp_path / workers, *grid, "--workers", workers).exit_code == 0
-    for name in os.listdir(tmp_path / "1" / "runs"):
-        one, two = (json.loads((tmp_path / w / "runs" / name / "summary.json").read_text()) for w in ("1", "2"))
-        assert one["val_accuracy_by_epoch"] == two["val_accuracy_by_epoch"]
-        assert one["final_test_accuracy"] == two["final_test_accuracy"]
-        trained = [json.loads((tmp_path / w / "runs" / name / "config.json").read_text())["threads"] for w in "12"]
-        assert trained == [1, 1]
-
-
 def test_more_workers_than_cores_is_said(data_dir, tmp_path):
     cores = len(os.sched_getaffinity(0))
     lines = []

@@ -112,6 +112,16 @@ def test_two_workers_split_the_grid_and_never_run_a_point_twice(data_dir, tmp_pa
     assert len(trials) == 6 and len({t.user_attrs["run"] for t in trials}) == 6
     runs_by_worker = [line for line in printed.splitlines() if line.startswith("[worker")]
     assert len(runs_by_worker) == 6  # each point announced once, by the worker that ran it
+    # One thread a point, however many workers: the same grid on one gives every point the same results.
+    args[-1] = "1"  # --workers 2, given last
+    args[args.index("--out") + 1] = str(tmp_path / "one")
+    assert invoke(*args).exit_code == 0
+    for path in (out / "runs").iterdir():
+        two, one = (json.loads((folder / "runs" / path.name / "summary.json").read_text())
+                    for folder in (out, tmp_path / "one"))
+        assert two["val_accuracy_by_epoch"] == one["val_accuracy_by_epoch"]
+        assert two["final_test_accuracy"] == one["final_test_accuracy"]
+        assert json.loads((path / "config.json").read_text())["threads"] == 1
 
 
 def test_a_second_sweep_with_another_grid_on_the_same_folder_is_refused(data_dir, tmp_path):
