@@ -211,10 +211,13 @@ class Lamb16(CheckedOptimizer):
     fused: None (default) or True runs the update fused: on the CPU, C++
         kernels built once per machine (lamb16.native), whose exact step with
         block scales keeps the update between its two passes (up to 16 MB,
-        reused from step to step); elsewhere, the reference compiled by
-        torch.compile, a few calls per parameter group (lamb16.compiled). It falls back to the reference with one warning where
-        it cannot build or compile, True included (a device without a fast path
-        still trains); False always runs the eager reference.
+        reused from step to step); on CUDA, Triton kernels (lamb16.triton_kernels:
+        a group's tensors in three launches, nothing allocated beyond a few
+        partial sums); elsewhere, the reference compiled by torch.compile, a few
+        calls per parameter group (lamb16.compiled). Each falls back to the next
+        with one warning where it cannot build or compile, True included (a
+        device without a fast path still trains); False always runs the eager
+        reference.
 
     maximize: True climbs the objective instead, as torch.optim.Adam's does
         (the gradients negated in place for the step, and back after it).

@@ -207,7 +207,8 @@ def test_sigint_during_epoch_2_then_resume_matches_an_uninterrupted_train(tmp_pa
             "--log-interval", "1", "--data-dir", str(data_dir), "--no-download", "--no-progress"]
     process = subprocess.Popen([sys.executable, "cli.py", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                               # As many threads as this process, which trains the runs it is compared with.
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads())))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         logs = list((tmp_path / "cut").glob("*/metrics.jsonl"))

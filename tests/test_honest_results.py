@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
 from experiments import aggregate, loop  # noqa: E402
-from experiments.runs import FOLDER_RECORD, Run, load_runs  # noqa: E402
+from experiments.runs import FOLDER_RECORD, Run  # noqa: E402
 from plots import Band, Curves, Series, lr_figure  # noqa: E402
 from plots import figures  # noqa: E402
 from plots.sweeps import deciding_range  # noqa: E402

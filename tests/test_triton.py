@@ -30,7 +30,7 @@ SHAPES = [(3,), (50, 20), (20, 1, 5, 5), (130, 70), (2, 3, 300), (1,)]
 OPTION_SETS = {case.name: case for case in CASES if case.optimizer is Lamb16 and case.options.get("fused") is not False}
 # Whole steps over several: one set of each kind of step (the passes above take every set).
 STEP_SETS = ["lamb16", "lamb16-1pass", "lamb16-absmax", "lamb16-absmax-1pass", "lamb16-seed", "lamb16-small-blocks",
-             "lamb16-tensor-lr"]
+             "lamb16-1pass-tensor-lr"]
 
 
 def exact_adam_direction(m, v, param, eps, weight_decay):
