@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from experiments import loop
-from lamb16 import Lamb, Lamb16, state_nbytes
+import lamb16.dispatch
+import lamb16.native
+from lamb16 import Lamb, Lamb16, state_nbytes, triton_kernels
 from models import MnistCNN
 from stops import StopAtCheck
 
@@ -38,8 +40,12 @@ SETUPS = {
     # Blocks of 4: several a row, 1-D tensors cut inside a block.
     "lamb16-small-blocks": (Lamb16, {"block_size": 4}),
     "lamb16-small-blocks-reference": (Lamb16, {"block_size": 4, "fused": False}),
+    # The Triton kernels (under their interpreter, on these CPU tensors) take the pieces as the CPU kernels do.
+    "lamb16-triton": (Lamb16, {}),
+    "lamb16-absmax-triton": (Lamb16, {"scaling": "absmax"}),
 }
 STEPS = 4
+RUNS_ON, NATIVE_USABLE = triton_kernels.runs_on, lamb16.native.usable
 WORLD = 2
 
 
@@ -154,11 +160,15 @@ def placements_worker(rank: int, port: int, out: str) -> None:
         kinds = {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}
         results = {}
         for setup, (make, options) in SETUPS.items():
+            if setup.endswith("triton") and not triton_kernels.importable():
+                continue
+            triton_only(setup.endswith("triton"))
             placements = [[kinds[kind]] for _, kind in placed(setup)]
             params = [nn.Parameter(distribute_tensor(t, mesh, p))
                       for t, p in zip(placed_tensors(setup, 0), placements)]
             optimizer = make(params, lr=1e-2, weight_decay=0.01, **options)
             gathers = count_gathers_during(optimizer)
+            on_triton = lamb16.dispatch.paths.get("triton kernels", 0)
             for step in range(STEPS):
                 for param, grad, placement in zip(params, placed_tensors(setup, step + 1), placements):
                     param.grad = distribute_tensor(grad, mesh, placement)
@@ -166,6 +176,7 @@ def placements_worker(rank: int, port: int, out: str) -> None:
             states = [{k: (v.dtype, whole(v)) for k, v in optimizer.state[p].items()}
                       for p in params]
             results[setup] = ([p.full_tensor() for p in params], states, gathers[0], state_nbytes(optimizer))
+            results[f"{setup} on triton"] = lamb16.dispatch.paths.get("triton kernels", 0) - on_triton
         cut_rows = nn.Parameter(distribute_tensor(torch.randn(5, 7), mesh, [Shard(1)]))
         try:
             Lamb16([cut_rows], scaling="block")
@@ -174,6 +185,12 @@ def placements_worker(rank: int, port: int, out: str) -> None:
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def triton_only(on: bool) -> None:
+    """The steps that follow take the Triton kernels (on CPU tensors: interpreted), or the paths they would."""
+    triton_kernels.runs_on = (lambda device: True) if on else RUNS_ON
+    lamb16.native.usable = (lambda job, fused: False) if on else NATIVE_USABLE
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +235,10 @@ def test_sharded_and_replicated_dtensors_step_as_whole_tensors(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert "must be cut between rows" in ranks[0]["refused"] and "scaling='absmax'" in ranks[0]["refused"]
     for setup in SETUPS:
+        if setup not in ranks[0]:  # no Triton here
+            continue
         weights, states, gathers, _ = ranks[0][setup]
+        assert (ranks[0][f"{setup} on triton"] > 0) == setup.endswith("triton"), setup
         assert gathers == STEPS  # one collective a step, not one per tensor
         for other_weights, _ in [ranks[1][setup][:2]]:  # every rank ends with the same whole tensors
             assert all(torch.equal(a, b) for a, b in zip(weights, other_weights))
