@@ -21,7 +21,7 @@ from ._common import (
     stepped_states,
     with_gradients,
 )
-from .dispatch import by_kernels, counted, run_reference, run_updates
+from .dispatch import PATH_NAMES, by_kernels, counted, run_reference, run_updates
 from .quantize import (
     E4M3,
     E5M2,
@@ -108,6 +108,8 @@ def lamb16_block_sharded_steps(
             sums[rows] = kernels.lamb16_block_partials([jobs[i] for i in rows], **moments).to(device)
         except triton_kernels.Unavailable:
             del taken[kernels]
+            continue
+        counted(PATH_NAMES[kernels], len(rows))
     on_kernels = {i for rows in taken.values() for i in rows}
     local_maxima: dict[int, tuple[Tensor, Tensor]] = {}  # pieces of whole rows, on the reference
     vectors, maxima = [], []

@@ -22,7 +22,7 @@ from types import ModuleType
 
 from . import triton_kernels
 from ._common import Job, Shard
-from .dispatch import by_kernels, run_reference
+from .dispatch import PATH_NAMES, by_kernels, counted, run_reference
 
 def all_gather(output: Tensor, input: Tensor, group: Any) -> None:
     """Every process's `input`, one after another along dim 0 of `output`
@@ -102,6 +102,8 @@ def first_pass(
             partials[rows] = getattr(kernels, entry)([jobs[i] for i in rows], **kwargs).to(partials.device)
         except triton_kernels.Unavailable:
             del taken[kernels]
+            continue
+        counted(PATH_NAMES[kernels], len(rows))
     done = {i for rows in taken.values() for i in rows}
     for i, (inputs, _, extra) in enumerate(jobs):
         if i not in done and inputs[0].numel():
