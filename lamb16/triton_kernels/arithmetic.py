@@ -149,3 +149,43 @@ def block_scales_and_codes(m, v, inside):
     v_scale = absmax_scale(tl.max(tl.where(inside, tl.abs(v), 0.0), axis=1), E5M2_MAX)
     m_code, v_code = absmax_codes(m, v, m_scale[:, None], v_scale[:, None])
     return m_scale, v_scale, m_code, v_code
+
+
+@triton.jit
+def block_step_tile(table, programs, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                    BLOCKS: tl.constexpr, LANES: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """What every block-scale kernel starts with: this program's tile of its
+    tensor (whole blocks), the weights, and this step's moments and update
+    from the old codes and block scales. Returns the tensor, the blocks (and
+    which hold elements), the tile's offsets (and which are elements), the
+    pointers to the block scales, the weights, m, v and the update."""
+    program = tl.program_id(0)
+    tensor = tl.load(programs + 2 * program)
+    blocks, offsets, inside = block_tile(table, tensor, tl.load(programs + 2 * program + 1), BLOCKS, LANES,
+                                         BLOCK_SIZE)
+    param, grad, m_code, v_code = load_elements(table, tensor, offsets, inside)
+    held = tl.max(inside.to(tl.int32), axis=1) > 0
+    m_scales = address(table, tensor, M_SCALE, tl.float32) + blocks
+    v_scales = address(table, tensor, V_SCALE, tl.float32) + blocks
+    m, v = new_moments(grad, m_code, v_code, tl.load(m_scales, mask=held, other=1.0)[:, None],
+                       tl.load(v_scales, mask=held, other=1.0)[:, None], beta1, one_minus_beta1, beta2,
+                       one_minus_beta2)
+    update = adam_direction(m, v, param, eps, weight_decay)
+    return tensor, held, offsets, inside, m_scales, v_scales, param, m, v, update
+
+
+@triton.jit
+def tensor_step_tile(table, programs, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                     TILE: tl.constexpr):
+    """What every kernel with one scale a tensor starts with: this program's
+    TILE elements of its tensor, the weights, and this step's moments and
+    update. Returns the tensor, the offsets (and which are elements), the
+    weights, m, v and the update."""
+    program = tl.program_id(0)
+    tensor = tl.load(programs + 2 * program)
+    offsets, inside = element_tile(table, tensor, tl.load(programs + 2 * program + 1), TILE)
+    param, grad, m_code, v_code = load_elements(table, tensor, offsets, inside)
+    m, v = new_moments(grad, m_code, v_code, tl.load(address(table, tensor, M_SCALE, tl.float32)),
+                       tl.load(address(table, tensor, V_SCALE, tl.float32)), beta1, one_minus_beta1, beta2,
+                       one_minus_beta2)
+    return tensor, offsets, inside, param, m, v, adam_direction(m, v, param, eps, weight_decay)

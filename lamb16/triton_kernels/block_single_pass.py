@@ -7,31 +7,19 @@ the new update's and the new weights' clamped square sums for the next step."""
 import triton
 import triton.language as tl
 
-from .arithmetic import (
-    M_SCALE, V_SCALE, adam_direction, address, block_scales_and_codes, block_tile, clamped_square, load_elements,
-    masked_sum, new_moments, store_elements,
-)
+from .arithmetic import block_scales_and_codes, block_step_tile, clamped_square, masked_sum, store_elements
 
 
 @triton.jit
 def block_single_pass_kernel(table, programs, step_sizes, partials, beta1, one_minus_beta1, beta2, one_minus_beta2,
                              eps, weight_decay, BLOCKS: tl.constexpr, LANES: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    program = tl.program_id(0)
-    tensor = tl.load(programs + 2 * program)
-    blocks, offsets, inside = block_tile(table, tensor, tl.load(programs + 2 * program + 1), BLOCKS, LANES,
-                                         BLOCK_SIZE)
-    param, grad, m_code, v_code = load_elements(table, tensor, offsets, inside)
-    scales_inside = tl.max(inside.to(tl.int32), axis=1) > 0
-    m_scales = address(table, tensor, M_SCALE, tl.float32) + blocks
-    v_scales = address(table, tensor, V_SCALE, tl.float32) + blocks
-    m, v = new_moments(grad, m_code, v_code, tl.load(m_scales, mask=scales_inside, other=1.0)[:, None],
-                       tl.load(v_scales, mask=scales_inside, other=1.0)[:, None], beta1, one_minus_beta1, beta2,
-                       one_minus_beta2)
-    update = adam_direction(m, v, param, eps, weight_decay)
+    tensor, held, offsets, inside, m_scales, v_scales, param, m, v, update = block_step_tile(
+        table, programs, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, BLOCKS, LANES, BLOCK_SIZE)
     new_m_scale, new_v_scale, m_code, v_code = block_scales_and_codes(m, v, inside)
     param = param - update * tl.load(step_sizes + tensor)
-    tl.store(m_scales, new_m_scale, mask=scales_inside)
-    tl.store(v_scales, new_v_scale, mask=scales_inside)
+    tl.store(m_scales, new_m_scale, mask=held)
+    tl.store(v_scales, new_v_scale, mask=held)
     store_elements(table, tensor, offsets, inside, param, m_code, v_code)
+    program = tl.program_id(0)
     tl.store(partials + 2 * program, masked_sum(clamped_square(update, eps), inside))
     tl.store(partials + 2 * program + 1, masked_sum(clamped_square(param, eps), inside))

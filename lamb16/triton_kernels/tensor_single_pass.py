@@ -9,22 +9,16 @@ import triton
 import triton.language as tl
 
 from .arithmetic import (
-    M_SCALE, V_SCALE, absmax_codes, adam_direction, address, clamped_square, element_tile, load_elements, masked_max,
-    masked_sum, new_moments, seed_codes, seed_square, store_elements,
+    absmax_codes, clamped_square, masked_max, masked_sum, seed_codes, seed_square, store_elements, tensor_step_tile,
 )
 
 
 @triton.jit
 def tensor_single_pass_kernel(table, programs, new_scales, step_sizes, partials, beta1, one_minus_beta1, beta2,
                               one_minus_beta2, eps, weight_decay, SEED: tl.constexpr, TILE: tl.constexpr):
+    tensor, offsets, inside, param, m, v, update = tensor_step_tile(
+        table, programs, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, TILE)
     program = tl.program_id(0)
-    tensor = tl.load(programs + 2 * program)
-    offsets, inside = element_tile(table, tensor, tl.load(programs + 2 * program + 1), TILE)
-    param, grad, m_code, v_code = load_elements(table, tensor, offsets, inside)
-    m, v = new_moments(grad, m_code, v_code, tl.load(address(table, tensor, M_SCALE, tl.float32)),
-                       tl.load(address(table, tensor, V_SCALE, tl.float32)), beta1, one_minus_beta1, beta2,
-                       one_minus_beta2)
-    update = adam_direction(m, v, param, eps, weight_decay)
     m_scale, v_scale = tl.load(new_scales + 2 * tensor), tl.load(new_scales + 2 * tensor + 1)
     if SEED:
         m_code, v_code = seed_codes(m, v, m_scale, v_scale)
