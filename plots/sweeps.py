@@ -6,6 +6,7 @@ optimizers (each one's best), a point below drawn as a triangle on the lower
 edge. This module only draws: the experiments compute the series."""
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +29,17 @@ FAR_BELOW = 0.10  # a mean this far under the panel's best (ten points) is off i
 
 
 def deciding_range(series: list[Series], every_point: bool) -> tuple[float, float]:
-    """Accuracy limits that show what decides: each optimizer's best point and
-    what lies near it (every_point False: a learning rate's failures below
-    are off the scale), or every point within FAR_BELOW of the best (a batch
-    size's), with a margin; at most 100%."""
+    """Accuracy limits that show what decides: every optimizer's best point and
+    what lies near it (every_point False: a learning rate's failures further
+    below are off the scale), or every point within FAR_BELOW of the best (a
+    batch size's), with a margin; at most 100%."""
     means = [[v for v in s.band.mean if math.isfinite(v)] for s in series]
     tops = [v for s in series for v in s.band.high if math.isfinite(v)]
     if not any(means):
         return 0.0, 1.0
     best = max(max(m) for m in means if m)
     shown = [min(m) if every_point else max(m) for m in means if m]
-    low = max(min(shown), best - FAR_BELOW)
+    low = max(min(shown), best - FAR_BELOW) if every_point else min(shown)
     high = max(tops + [best])
     spread = max(high - low, 0.005)  # half a point at least: a flat panel is no zoom into noise
     return max(0.0, low - (0.15 if every_point else 0.6) * spread), min(1.0, high + 0.15 * spread)
@@ -63,8 +64,14 @@ def log_x_panel(ax, series: list[Series], title: str, xlabel: str, every_point: 
     return below
 
 
+def wrapped(title: str, fig) -> str:
+    """The title's lines wrapped to the figure's width (about 13 characters an inch at the title's size)."""
+    width = int(13 * fig.get_size_inches()[0])
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
+
+
 def finish(fig, ax, path: Path, title: str, off_scale: bool) -> Path:
-    fig.suptitle(title, fontsize="medium")
+    fig.suptitle(wrapped(title, fig), fontsize="medium")
     figure_legend(fig, ax, OFF_SCALE_NOTE if off_scale else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
