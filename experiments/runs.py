@@ -126,7 +126,7 @@ def claim_dir(path: Path, command: str, option: str = "--out") -> Path:
     if owner == "run":
         raise UserError(f"{option} {path} is a run directory (it holds config.json), not a folder for {command}; give "
                         f"another {option} (a run directory resumes with: python cli.py train --resume {path})")
-    if owner == "runs" and command in ("train", "compare"):
+    if owner == "runs" and command in ("train", "compare", "reproduce"):
         owner = None  # written before records: the command's own kind of folder, as far as can be told
     if owner is not None and owner != command:
         made = f" (made by {owner})" if owner != "runs" else ""

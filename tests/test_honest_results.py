@@ -18,7 +18,8 @@ from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
 from experiments import aggregate, loop  # noqa: E402
-from experiments.runs import FOLDER_RECORD, Run  # noqa: E402
+from experiments.errors import UserError  # noqa: E402
+from experiments.runs import FOLDER_RECORD, Run, claim_dir  # noqa: E402
 from plots import Band, Curves, Series, lr_figure  # noqa: E402
 from plots import figures  # noqa: E402
 from plots.sweeps import deciding_range  # noqa: E402
@@ -118,6 +119,16 @@ def test_a_report_of_several_sweeps_never_goes_into_one_of_them(data_dir, tmp_pa
     assert (tmp_path / "a" / "results.md").read_bytes() == before
     assert invoke("report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")).exit_code == 0
     assert json.loads((tmp_path / "both" / FOLDER_RECORD).read_text())["command"] == "report"
+
+
+def test_a_reproduction_written_before_folder_records_resumes(tmp_path):
+    figure = tmp_path / "reproduce" / "B128L001"  # a figure's folder of runs, as reproduce wrote it before records
+    (figure / "lamb16_seed1").mkdir(parents=True)
+    (figure / "lamb16_seed1" / "config.json").write_text("{}")
+    assert claim_dir(figure, "reproduce") == figure
+    assert json.loads((figure / FOLDER_RECORD).read_text())["command"] == "reproduce"
+    with pytest.raises(UserError, match="holds a reproduction"):
+        claim_dir(figure, "sweep")
 
 
 # ------------------------------------------------------------- figures
