@@ -209,10 +209,10 @@ def test_a_long_epoch_says_how_far_it_got_where_no_bar_shows_it(data_dir, tmp_pa
     assert progress[0].startswith("lamb16_b50_lr") and "/6, loss" in progress[0]  # its run and lr named
 
 
-def test_the_peers_import_noise_stays_out_of_the_output():
+def test_the_peers_import_and_compile_noise_stays_out_of_the_output():
     pytest.importorskip("torchao")
-    code = ("import torch; from experiments import registry; "
-            "registry.build('ao-adamw4bit', [torch.nn.Parameter(torch.zeros(8))], 0.01, 0.0); print('built')")
+    code = ("import torch; from experiments import registry; p = torch.nn.Parameter(torch.zeros(8192)); "
+            "o = registry.build('ao-adamw4bit', [p], 0.01, 0.0); p.grad = torch.ones(8192); o.step(); print('built')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(cli.__file__).parent, timeout=300)
     assert result.stdout.strip() == "built" and result.stderr.strip() == "", result.stderr
