@@ -408,13 +408,16 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
             + "\n" + protocol_markdown(runs, confirmations, trials))
     figures = []
     if choices:
+        drawn = ", each point a drawn setting (its other knobs vary)" if searched(runs) else ""
         figures.append(lr_figure(lr_series(runs), out / "lr.png", f"Validation accuracy against learning rate, "
-                                 f"tuning seeds\n{title}"))
+                                 f"tuning seeds{drawn}\n{title}"))
         confirmed = all(j.confirmed for j in judged.values())
+        spread = (" (95% intervals)" if any(j.test is not None and j.test.n > 1 for j in judged.values())
+                  else ", one seed each (no interval)")
         if batch_series(judged):
             figures.append(batch_figure(batch_series(judged), out / "batch.png",
                                         f"Test accuracy at the chosen setting, "
-                                        f"{'confirmation' if confirmed else 'tuning'} seeds (95% intervals)\n{title}"))
+                                        f"{'confirmation' if confirmed else 'tuning'} seeds{spread}\n{title}"))
     text += "".join(f"\n![{f.stem}]({f.name})\n" for f in figures)
     write_atomic(out / "results.md", text.encode())
     return text

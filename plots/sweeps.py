@@ -25,6 +25,7 @@ class Series:
     band: Band
 
 
+NAMED_TICK_RATIO = 1.8  # closer values (a search's draws) get the log axis's own ticks: their names would overlap
 FAR_BELOW = 0.10  # a mean this far under the panel's best (ten points) is off its scale
 
 
@@ -51,7 +52,7 @@ def log_x_panel(ax, series: list[Series], title: str, xlabel: str, every_point: 
         draw_band(ax, s.band, dict(s.style, label=s.label), per_epoch=True)
     ax.set_xscale("log")
     xs = sorted({x for s in series for x in s.band.x})
-    if len(xs) <= 12:  # a grid's values (a search draws too many to name)
+    if all(b / a >= NAMED_TICK_RATIO for a, b in zip(xs, xs[1:])):  # a grid's values, far enough apart to name
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.minorticks_off()
     ax.margins(x=0.08)

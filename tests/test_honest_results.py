@@ -22,7 +22,7 @@ from experiments.errors import UserError  # noqa: E402
 from experiments.runs import FOLDER_RECORD, Run, claim_dir  # noqa: E402
 from plots import Band, Curves, Series, lr_figure  # noqa: E402
 from plots import figures  # noqa: E402
-from plots.sweeps import deciding_range  # noqa: E402
+from plots.sweeps import deciding_range, log_x_panel  # noqa: E402
 
 ONE_EPOCH = ["--epochs", "1", "--batch-size", "100", "--lr", "0.01"]
 
@@ -182,6 +182,19 @@ def test_an_lr_figure_of_panels_with_other_optimizers_names_every_one(tmp_path):
               8192: [Series(n, dict(color="blue", linestyle="-", marker="s"), band) for n in "ab"]}
     path = lr_figure(panels, tmp_path / "lr.png", "title")
     assert path.stat().st_size > 0
+
+
+def test_a_searchs_crowded_learning_rates_get_tick_labels_that_do_not_overlap(tmp_path):
+    drawn = [0.00126, 0.00327, 0.00742, 0.0171, 0.0443, 0.0664, 0.144, 0.356]  # a search's lrs at one batch size
+    band = Band(drawn, [0.97 + 0.002 * k for k in range(8)], [0.97] * 8, [0.99] * 8)
+    fig, ax = plt.subplots(figsize=(4.4, 5.0))
+    log_x_panel(ax, [Series("a", dict(color="red", linestyle="none", marker="o"), band)], "batch 8192", "lr")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()
+                    and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]), key=lambda b: b.x0)
+    plt.close(fig)
+    assert len(boxes) >= 2 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
 
 
 # ------------------------------------------------------ smaller answers
