@@ -96,6 +96,7 @@ def compiled_path(per_tensor: bool) -> Iterator[None]:
     before) instead of the kernels, for the length of one step."""
     saved = (lamb16.native.usable, lamb16.triton_kernels.usable, lamb16.compiled.compiles_on,
              lamb16.dispatch.compile_per_tensor)
+    registry.quiet_compile_notices()
     lamb16.native.usable = lamb16.triton_kernels.usable = lambda job, fused: False
     lamb16.compiled.compiles_on = lambda device: True
     lamb16.dispatch.compile_per_tensor = per_tensor

@@ -97,11 +97,11 @@ def quiet_import(module: str):
         logging.disable(logging.NOTSET)
 
 
-def quiet_peer_compiles() -> None:
-    """Keep the notices that a peer's compiled step prints on its first call
-    out of the output: torchao's state subclasses warn that they cannot be
-    cached, and Inductor's C++ toolchain says there is no CUDA runtime on a CPU
-    machine. Neither is about the run, and each sweep worker printed both."""
+def quiet_compile_notices() -> None:
+    """Keep the notices that a compiled step prints on its first call out of
+    the output: torchao's state subclasses warn that they cannot be cached, and
+    Inductor's C++ toolchain says there is no CUDA runtime on a CPU machine.
+    Neither is about the run, and each sweep worker (and bench) printed both."""
     warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
@@ -112,7 +112,7 @@ def from_package(module: str, attribute: str) -> Callable[..., Optimizer]:
     def build(params: Iterable, lr: float, weight_decay: float, beta1: float | None = None,
               beta2: float | None = None, **options: Any) -> Optimizer:
         cls = getattr(quiet_import(module), attribute)
-        quiet_peer_compiles()
+        quiet_compile_notices()
         return cls(params, lr=lr, weight_decay=weight_decay, **adam_betas(beta1, beta2), **options)
 
     return build
