@@ -136,7 +136,23 @@ def edge_point(choice: Choice, runs: list[Run]) -> float | None:
     return None
 
 
-def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | None) -> str:
+def confirmation_line(confirmations: list[Run], planned: list[int], choices: int) -> str:
+    """The confirmation seeds (planned, or else those run) and, while some of
+    the `choices` x seeds runs are still to end, how many have."""
+    seeds = sorted(set(planned) | {r.config["seed"] for r in confirmations})
+    if not seeds:
+        return "- Confirmation: none yet (`sweep ... --confirm-seeds 8` adds it); without it no difference gets a verdict."
+    line = (f"- Confirmation: each choice trained again on seeds {', '.join(map(str, seeds))}, which took no part in "
+            "choosing it; every verdict comes from them alone.")
+    ended = sum(r.status != "incomplete" for r in confirmations)
+    if ended < len(seeds) * choices:
+        line += (f" Under way: {ended} of its {len(seeds) * choices} runs ended; until they all have, a comparison "
+                 "without both sides' runs gives no verdict.")
+    return line
+
+
+def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | None,
+                      planned: list[int] | None = None) -> str:
     """How the choices were made: the search space, the budget, the seeds, the rule."""
     from . import space
 
@@ -167,7 +183,6 @@ def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | N
                        f"{', '.join(f'{x:g}' for x in sorted(values('lr')))}; batch sizes {batches}; weight decay "
                        f"{', '.join(f'{x:g}' for x in sorted(values('wd')))}; schedule {schedules}, warmup {warmups}."]
         budget = f"- Budget: {counted(epochs, 'epoch')} a point, that is "
-    confirm_seeds = sorted({r.config["seed"] for r in confirmations})
     seeds_per_point = statistics.median(len(members) for members in settings(runs).values())
     return "\n".join([
         "### Tuning protocol",
@@ -178,9 +193,7 @@ def protocol_markdown(runs: list[Run], confirmations: list[Run], trials: int | N
         "every optimizer.",
         f"- Selection: the best mean final validation accuracy ({configs[0]['val_size']} training images held out, "
         "never trained on), the test set used only to report.",
-        (f"- Confirmation: each choice trained again on seeds {', '.join(map(str, confirm_seeds))}, which took no part "
-         "in choosing it; every verdict comes from them alone." if confirm_seeds else
-         "- Confirmation: none yet (`sweep ... --confirm-seeds 8` adds it); without it no difference gets a verdict."),
+        confirmation_line(confirmations, planned or [], len({(c["optimizer"], c["batch_size"]) for c in configs})),
         *pruning_lines(runs),
         "",
     ])
@@ -350,6 +363,18 @@ def sweep_runs(sweeps: list[Path], folder: str = "runs") -> list[Run]:
     return runs
 
 
+def planned_confirm_seeds(sweeps: list[Path]) -> list[int]:
+    """The confirmation seeds the sweeps' studies plan (empty where none says)."""
+    from .sweep import DATABASE, load_sweep
+
+    found: set[int] = set()
+    for folder in sweeps:
+        if (folder / DATABASE).is_file():
+            with contextlib.suppress(UserError, KeyError):
+                found.update(load_sweep(folder, None).confirm_seeds)
+    return sorted(found)
+
+
 def trials_of(sweeps: list[Path]) -> int | None:
     """The trials of the sweeps' searches (None for grids, or where no study says)."""
     from .sweep import DATABASE, load_sweep
@@ -405,7 +430,7 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
     text = (f"## {title}\n\n" + confirmed_markdown(judged, target) + comparisons_markdown(judged) + "\n"
             + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
-            + "\n" + protocol_markdown(runs, confirmations, trials))
+            + "\n" + protocol_markdown(runs, confirmations, trials, planned_confirm_seeds(sweeps)))
     figures = []
     if choices:
         drawn = ", each point a drawn setting (its other knobs vary)" if searched(runs) else ""

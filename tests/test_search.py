@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from click.testing import CliRunner
 
 import cli
-from experiments import registry, space
+from experiments import registry, space, tuning
 from experiments import sweep as sweeps
 from experiments.runs import read_records
 
@@ -219,3 +220,15 @@ def test_train_takes_a_searched_settings_betas_and_refuses_those_an_optimizer_la
     refused = invoke("train", "--optimizer", "sgd", "--beta2", "0.9", "--data-dir", str(data_dir), "--no-download",
                      "--out", str(tmp_path / "runs"))
     assert refused.exit_code == 1 and "--beta2 applies to optimizers that have it, not sgd" in refused.output
+
+
+def test_a_report_during_confirmation_names_every_planned_seed_and_how_many_runs_ended():
+    def run(seed, status):
+        return SimpleNamespace(config=dict(seed=seed), status=status)
+
+    planned = [2, 3]
+    line = tuning.confirmation_line([run(2, "completed"), run(3, "incomplete")], planned, choices=2)
+    assert "seeds 2, 3," in line and "Under way: 1 of its 4 runs ended" in line
+    done = tuning.confirmation_line([run(s, "completed") for s in planned for _ in range(2)], planned, choices=2)
+    assert "seeds 2, 3," in done and "Under way" not in done
+    assert "none yet" in tuning.confirmation_line([], [], choices=2)
