@@ -23,7 +23,7 @@ from .aggregate import cell
 from .stats import Stat, stat
 from .config import RunConfig, counted
 from .errors import UserError
-from .runs import Run, claim_dir, load_runs, write_atomic
+from .runs import FINISHED, Run, claim_dir, load_runs, write_atomic
 
 Echo = Callable[[str], None]
 DEFAULT_TARGET = 0.98
@@ -144,7 +144,7 @@ def confirmation_line(confirmations: list[Run], planned: list[int], choices: int
         return "- Confirmation: none yet (`sweep ... --confirm-seeds 8` adds it); without it no difference gets a verdict."
     line = (f"- Confirmation: each choice trained again on seeds {', '.join(map(str, seeds))}, which took no part in "
             "choosing it; every verdict comes from them alone.")
-    ended = sum(r.status != "incomplete" for r in confirmations)
+    ended = sum(r.status in FINISHED for r in confirmations)
     if ended < len(seeds) * choices:
         line += (f" Under way: {ended} of its {len(seeds) * choices} runs ended; until they all have, a comparison "
                  "without both sides' runs gives no verdict.")
@@ -403,7 +403,7 @@ def title_of(runs: list[Run], confirmations: list[Run], trials: int | None) -> s
     seeds = sorted({r.config["seed"] for r in runs})
     tuned = (f"{trials} settings each on seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if trials
              else f"tuned on {counted(len(seeds), 'seed')}")
-    confirmed = len({r.config["seed"] for r in confirmations})
+    confirmed = len({r.config["seed"] for r in confirmations if r.status in FINISHED})  # seeds that ended a run
     return (f"MNIST CNN, {counted(epochs, 'epoch')}, {tuned}"
             + (f", confirmed on {confirmed} more" if confirmed else "")
             + f", validation {runs[0].config['val_size']} images")

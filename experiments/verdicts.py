@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 
 from .config import RunConfig
-from .runs import Run
+from .runs import FINISHED, Run
 from .stats import PairedTest, Stat, judged_together, paired_test, stat
 from .tuning import Choice, in_registry_order, label, setting_of, test_accuracy
 
@@ -46,14 +46,15 @@ def same_setting(run: Run, config: RunConfig) -> bool:
 
 
 def judge(choices: dict[tuple[str, int], Choice], confirmations: list[Run]) -> dict[tuple[str, int], Judged]:
-    """Each choice with its confirmation runs (those of its setting, on seeds
-    its tuning did not use); where no choice has any, the tuning runs,
-    marked unconfirmed. Confirmation runs of a setting no longer chosen (the
-    sweep was extended since) are left out."""
+    """Each choice with its finished confirmation runs (those of its setting,
+    on seeds its tuning did not use); where no choice has any yet, the tuning
+    runs, marked unconfirmed. Confirmation runs of a setting no longer chosen
+    (the sweep was extended since) are left out, as are those still training."""
     judged = {}
     for key, choice in choices.items():
         tuning_seeds = {r.config["seed"] for r in choice.runs}
-        mine = [r for r in confirmations if same_setting(r, choice.config) and r.config["seed"] not in tuning_seeds]
+        mine = [r for r in confirmations if same_setting(r, choice.config) and r.config["seed"] not in tuning_seeds
+                and r.status in FINISHED]
         judged[key] = Judged(choice, sorted(mine, key=lambda r: r.config["seed"]), True)
     if not any(j.runs for j in judged.values()):
         return {key: Judged(c, c.runs, False) for key, c in choices.items()}

@@ -326,6 +326,17 @@ def test_verdicts_come_from_the_confirmation_seeds_alone_paired_and_corrected_fo
     assert [r.config["seed"] for r in again[("adamw", 128)].runs] == [2, 3, 4]
 
 
+def test_confirmation_runs_still_training_judge_nothing_until_they_end():
+    tuning_runs = [fake_run("lamb16", 0.01, 1, 0.9, 0.99), fake_run("adamw", 0.01, 1, 0.9, 0.95)]
+    training = [fake_run(o, 0.01, 2, 0.9, 0.5, "interrupted") for o in ("lamb16", "adamw")]
+    judged = verdicts.judge(tuning.choose(tuning_runs), training)
+    assert not any(j.confirmed for j in judged.values())  # the tuning seed, without a verdict, as before any started
+    assert judged[("lamb16", 128)].test.mean == pytest.approx(0.99)
+    ended = [fake_run("lamb16", 0.01, 3, 0.9, 0.98), fake_run("adamw", 0.01, 3, 0.9, 0.97)]
+    judged = verdicts.judge(tuning.choose(tuning_runs), training + ended)
+    assert all(j.confirmed and [r.config["seed"] for r in j.runs] == [3] for j in judged.values())
+
+
 def test_a_difference_of_one_seed_has_no_spread_and_no_verdict():
     one = verdicts.judge(tuning.choose([fake_run("lamb16", 0.01, 1, 0.9, 0.99), fake_run("adamw", 0.01, 1, 0.9, 0.95)]),
                          [fake_run("lamb16", 0.01, 2, 0.9, 0.9865), fake_run("adamw", 0.01, 2, 0.9, 0.94)])
