@@ -666,15 +666,20 @@ def run_workers(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, de
                  for i in range(workers)]
     for process in processes:
         process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:  # Ctrl-C reaches every process; a SIGINT sent to this one alone is passed on
+
+    def relay(signum, frame) -> None:  # Ctrl-C reaches every process; a SIGINT sent to this one alone is passed on
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)
+
+    # Installed explicitly: a sweep started in the background by a script inherits SIGINT ignored, and
+    # Python's own Ctrl-C handler is then never set, so this process would go on waiting.
+    previous = signal.signal(signal.SIGINT, relay)
+    try:
         for process in processes:
             process.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     codes = [p.exitcode for p in processes]
     if any(code == 130 for code in codes):
         raise Interrupted(out)

@@ -281,8 +281,10 @@ def test_a_sigint_to_the_sweep_alone_stops_its_workers_and_queues_their_points_a
     args = sweep_args(data_dir, out, "--workers", "2")
     args[args.index("--epochs") + 1] = "200"  # far longer than the test waits
     command = [sys.executable, str(Path(cli.__file__)), *args]
+    # Not this test's process group, so only its pid gets the signal; SIGINT ignored from the start, as a
+    # script's background job (`cli.py sweep ... &`) inherits it.
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # not this test's process group: only its pid gets the signal
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(out.glob("runs/*/checkpoint.pt"))) < 2:
         time.sleep(0.05)
