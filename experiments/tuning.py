@@ -363,28 +363,27 @@ def sweep_runs(sweeps: list[Path], folder: str = "runs") -> list[Run]:
     return runs
 
 
-def planned_confirm_seeds(sweeps: list[Path]) -> list[int]:
+def stored_sweeps(sweeps: list[Path]) -> list:
+    """The Sweep each folder's study stores (those without a readable one left out)."""
+    from .sweep import DATABASE, load_sweep
+
+    found = []
+    for folder in sweeps:
+        if (folder / DATABASE).is_file():
+            with contextlib.suppress(UserError, KeyError):
+                found.append(load_sweep(folder, None))
+    return found
+
+
+def planned_confirm_seeds(stored: list) -> list[int]:
     """The confirmation seeds the sweeps' studies plan (empty where none says)."""
-    from .sweep import DATABASE, load_sweep
-
-    found: set[int] = set()
-    for folder in sweeps:
-        if (folder / DATABASE).is_file():
-            with contextlib.suppress(UserError, KeyError):
-                found.update(load_sweep(folder, None).confirm_seeds)
-    return sorted(found)
+    return sorted({seed for sweep in stored for seed in sweep.confirm_seeds})
 
 
-def trials_of(sweeps: list[Path]) -> int | None:
+def trials_of(stored: list) -> int | None:
     """The trials of the sweeps' searches (None for grids, or where no study says)."""
-    from .sweep import DATABASE, load_sweep
-
-    found = set()
-    for folder in sweeps:
-        if (folder / DATABASE).is_file():
-            with contextlib.suppress(UserError, KeyError):
-                found.add(load_sweep(folder, None).trials)
-    return max(found) if found and max(found) > 0 else None
+    trials = max((sweep.trials for sweep in stored), default=0)
+    return trials if trials > 0 else None
 
 
 def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_TARGET) -> str:
@@ -423,14 +422,15 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
                         "runs/ folder with run directories); give the --out of a sweep")
     out.mkdir(parents=True, exist_ok=True)
     confirmations = sweep_runs(sweeps, CONFIRM)
-    trials = trials_of(sweeps)
+    stored = stored_sweeps(sweeps)
+    trials = trials_of(stored)
     title = title_of(runs, confirmations, trials)
     choices = choose(runs)
     judged = judge(choices, confirmations)
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
     text = (f"## {title}\n\n" + confirmed_markdown(judged, target) + comparisons_markdown(judged) + "\n"
             + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
-            + "\n" + protocol_markdown(runs, confirmations, trials, planned_confirm_seeds(sweeps)))
+            + "\n" + protocol_markdown(runs, confirmations, trials, planned_confirm_seeds(stored)))
     figures = []
     if choices:
         drawn = ", each point a drawn setting (its other knobs vary)" if searched(runs) else ""
@@ -439,8 +439,8 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
         confirmed = all(j.confirmed for j in judged.values())
         spread = (" (95% intervals)" if any(j.test is not None and j.test.n > 1 for j in judged.values())
                   else ", one seed each (no interval)")
-        if batch_series(judged):
-            figures.append(batch_figure(batch_series(judged), out / "batch.png",
+        if series := batch_series(judged):
+            figures.append(batch_figure(series, out / "batch.png",
                                         f"Test accuracy at the chosen setting, "
                                         f"{'confirmation' if confirmed else 'tuning'} seeds{spread}\n{title}"))
     text += "".join(f"\n![{f.stem}]({f.name})\n" for f in figures)
