@@ -745,6 +745,16 @@ def chosen_settings(out: Path) -> list[RunConfig]:
     return [c.config for c in choose(load_runs([out / TUNING], warn=lambda line: None)).values()]
 
 
+def confirmation_points(chosen: list[RunConfig], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Each chosen setting on each confirmation seed, seed by seed: a
+    confirmation stopped partway (days of it on a small machine) has compared
+    every optimizer and batch size on the same seeds, where setting by setting
+    it would hold all seeds of the first optimizers and none of the last."""
+    return [dict(optimizer=c.optimizer, batch_size=c.batch_size, lr=c.lr, wd=c.wd, warmup=c.warmup, beta1=c.beta1,
+                 beta2=c.beta2, seed=seed)
+            for seed in seeds for c in chosen]
+
+
 def queue_confirmation(sweep: Sweep, out: Path, storage: str | None, echo: Echo = print) -> int:
     """Once every tuning point has ended: each chosen setting on every
     confirmation seed, queued (those not queued before); returns how many."""
@@ -754,10 +764,7 @@ def queue_confirmation(sweep: Sweep, out: Path, storage: str | None, echo: Echo 
         echo(f"confirmation waits until every tuning point has ended ({queued} queued, {running} running "
              "elsewhere); run this sweep again then")
         return 0
-    points = [dict(optimizer=c.optimizer, batch_size=c.batch_size, lr=c.lr, wd=c.wd, warmup=c.warmup, beta1=c.beta1,
-                   beta2=c.beta2, seed=seed)
-              for c in chosen_settings(out) for seed in sweep.confirm_seeds]
-    count = queue_new(study, sweep, points, CONFIRM)
+    count = queue_new(study, sweep, confirmation_points(chosen_settings(out), sweep.confirm_seeds), CONFIRM)
     if count:
         echo(f"{count} confirmation point{'s' if count > 1 else ''} queued: each chosen setting on seeds "
              f"{numbers(sweep.confirm_seeds)}, which took no part in choosing it")

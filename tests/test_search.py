@@ -87,9 +87,12 @@ def test_a_search_sweep_tunes_every_optimizer_with_the_same_budget_and_confirms_
         chosen = choices[(c["optimizer"], 64)].config
         assert all(c[k] == getattr(chosen, k) for k in ("lr", "wd", "warmup", "beta1", "beta2", "epochs", "val_size"))
     assert "2 confirmation points" not in result.output and "4 confirmation points queued" in result.output
-    states = [t.state for t in optuna.load_study(study_name=sweeps.STUDY_NAME,
-                                                 storage=sweeps.storage_url(out, None)).get_trials()]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 10
+    trials = optuna.load_study(study_name=sweeps.STUDY_NAME, storage=sweeps.storage_url(out, None)).get_trials()
+    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 10
+    # Queued seed by seed, so that a confirmation stopped partway compares every optimizer on the same seeds.
+    queued = [sweeps.point_of(t) for t in trials if sweeps.folder_of(t) == sweeps.CONFIRM]
+    assert [p["seed"] for p in queued] == [2, 2, 3, 3]
+    assert {p["optimizer"] for p in queued[:2]} == {"sgd", "lamb16"}
 
     again = sweep(data_dir, out, *SEARCH, "--confirm-seeds", "2")  # resumed: nothing left to train
     assert again.exit_code == 0 and "epoch  1/1" not in again.output
