@@ -12,6 +12,7 @@ A `Parallel` with one process makes every function here a no-op.
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import UserError
-
-if dist.is_available():
-    from torch.distributed.tensor import DTensor, distribute_tensor
-else:
-    DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
 
 MODES = ("single", "ddp", "fsdp")
 
@@ -166,7 +162,7 @@ def shard_rows(tensor: Tensor, parallel: Parallel) -> Tensor:
     if not parallel.distributed:
         return tensor
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh(tensor.device.type, (parallel.world,))
     return distribute_tensor(tensor, mesh, [Shard(0)], src_data_rank=None)
@@ -176,7 +172,10 @@ def shard_rows(tensor: Tensor, parallel: Parallel) -> Tensor:
 
 
 def is_dtensor(value: Any) -> bool:
-    return DTensor is not None and isinstance(value, DTensor)
+    # A DTensor exists only once its module is imported; importing it for every
+    # command would cost each process a second or more (it brings torch._dynamo).
+    dtensors = sys.modules.get("torch.distributed.tensor")
+    return dtensors is not None and isinstance(value, dtensors.DTensor)
 
 
 def whole(value: Any) -> Any:
@@ -184,6 +183,8 @@ def whole(value: Any) -> Any:
     fp8 travels as bytes: gloo gathers no float8."""
     if not is_dtensor(value):
         return value
+    from torch.distributed.tensor import DTensor
+
     if value.dtype.itemsize == 1 and value.is_floating_point():
         as_bytes = DTensor.from_local(value.to_local().view(torch.uint8), value.device_mesh, value.placements,
                                       shape=value.shape, stride=value.stride())
@@ -197,6 +198,8 @@ def like(value: Any, param: Tensor) -> Any:
     communication: every rank holds the whole tensor."""
     if not (is_dtensor(param) and isinstance(value, Tensor) and value.shape == param.shape):
         return value
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,14 +11,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-else:  # a torch built without distributed support has no DTensors either
-    DTensor = Partial = Replicate = Shard = None  # type: ignore[assignment,misc]
-
 
 def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor is imported (by whoever
+    # made it). Importing it here would add seconds to every `import lamb16`
+    # (it brings torch._dynamo), and a torch built without distributed has none.
+    dtensors = sys.modules.get("torch.distributed.tensor")
+    return dtensors is not None and isinstance(t, dtensors.DTensor)
 
 
 def local_piece(t: Tensor) -> Tensor:
@@ -28,6 +28,8 @@ def local_piece(t: Tensor) -> Tensor:
 def check_placements(param: Tensor, optimizer: str) -> None:
     """What a sharded step can take: each mesh dimension shards the parameter
     (Shard) or copies it (Replicate); a Partial parameter is no tensor yet."""
+    from torch.distributed.tensor import Replicate, Shard
+
     for placement in param.placements:
         if not isinstance(placement, (Shard, Replicate)):
             raise ValueError(
@@ -242,7 +244,9 @@ def ascending(groups: list[dict[str, Any]]) -> Iterator[None]:
             torch._foreach_neg_(grads)
 
 
-@torch.compiler.disable
+# torch.compiler.disable in the lazy form that torch.optim's own steps use:
+# torch._dynamo (seconds to import) is imported at the first call, not by `import lamb16`.
+@torch._disable_dynamo
 def update_eagerly(update: Callable[[], None]) -> None:
     """Run the update outside any torch.compile of the step: Dynamo cannot trace
     the CPU kernels' ctypes call, and would guard on every parameter and state

@@ -17,7 +17,6 @@ from ._common import (
     is_dtensor,
     lies_as_state,
     local_piece,
-    Shard,
     stepped_states,
     with_gradients,
 )
@@ -74,6 +73,7 @@ def check_block_placements(param: Tensor) -> None:
     be cut between rows (Shard(0), as FSDP2's fully_shard cuts), and a 1-D one
     into one range per process (which may cut a block: its pieces combine
     their blocks' maxima)."""
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
     cuts = [p for p in param.placements if isinstance(p, Shard)]

@@ -21,7 +21,7 @@ from torch import Tensor
 from types import ModuleType
 
 from . import triton_kernels
-from ._common import Job, Shard
+from ._common import Job
 from .dispatch import PATH_NAMES, by_kernels, counted, run_reference
 
 def all_gather(output: Tensor, input: Tensor, group: Any) -> None:
@@ -34,6 +34,8 @@ def all_gather(output: Tensor, input: Tensor, group: Any) -> None:
 def sharding_groups(param: Tensor) -> list[Any]:
     """The process groups over which a parameter's pieces differ: one per mesh
     dimension that shards it (on a Replicate dimension every process holds the same)."""
+    from torch.distributed.tensor import Shard
+
     mesh = param.device_mesh
     return [mesh.get_group(dim) for dim, placement in enumerate(param.placements) if isinstance(placement, Shard)]
 
@@ -72,9 +74,11 @@ def split_piece(param: Tensor, block_size: int) -> tuple[int, int] | None:
     """Where this process's piece of a sharded 1-D tensor begins, as (its first
     block, the elements of that block before it), for block scales (whose
     blocks such a cut may split); None for any other tensor."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     if param.dim() != 1 or not any(isinstance(p, Shard) for p in param.placements):
         return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return offset[0] // block_size, offset[0] % block_size

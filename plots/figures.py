@@ -6,11 +6,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MultipleLocator, PercentFormatter  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported
+    by the first figure: commands that draw none (a sweep's workers, train)
+    skip its second of import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @dataclass
@@ -132,6 +139,9 @@ SPARSE = 30  # a curve of fewer points shows each one: a line between two record
 def comparison_figure(curves: list[Curves], path: Path, title: str, log_y: bool = False) -> Path:
     """Draw the three panels for `curves` into `path` (PNG) and return it.
     `log_y` puts both loss panels on a log scale (no zoom then)."""
+    from matplotlib.ticker import MultipleLocator, PercentFormatter
+
+    plt = pyplot()
     fig, (loss_ax, acc_ax, test_loss_ax) = plt.subplots(1, 3, figsize=(16, 5.2), layout="constrained")
     all_loss, all_acc, all_test_loss = [], [], []
     for c in curves:
@@ -232,6 +242,7 @@ def tell_apart(curves: list[Curves], optimizers: list[str]) -> list[Curves]:
 
 def check_figure_path(path: Path) -> None:
     """ValueError unless matplotlib can write a figure of `path`'s file type."""
+    plt = pyplot()
     supported = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
     kind = path.suffix.lstrip(".").lower()

@@ -10,10 +10,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-from matplotlib.ticker import PercentFormatter
-
-from .figures import OFF_SCALE_NOTE, Band, draw_band, figure_legend, mark_outside
+from .figures import OFF_SCALE_NOTE, Band, draw_band, figure_legend, mark_outside, pyplot
 
 
 @dataclass
@@ -57,6 +54,8 @@ def log_x_panel(ax, series: list[Series], title: str, xlabel: str, every_point: 
         ax.minorticks_off()
     ax.margins(x=0.08)
     ax.set(title=title, xlabel=xlabel, ylabel="accuracy", ylim=deciding_range(series, every_point))
+    from matplotlib.ticker import PercentFormatter
+
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # as many decimals as the range needs
     ax.grid(True, alpha=0.4)
     below = False
@@ -76,13 +75,13 @@ def finish(fig, ax, path: Path, title: str, off_scale: bool) -> Path:
     figure_legend(fig, ax, OFF_SCALE_NOTE if off_scale else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def lr_figure(panels: dict[int, list[Series]], path: Path, title: str) -> Path:
     """Validation accuracy against learning rate, one panel per batch size, each zoomed to its own best points."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1, 5.0), layout="constrained",
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4.4 * len(panels) + 1, 5.0), layout="constrained",
                              squeeze=False)
     off_scale = False
     for ax, (batch_size, series) in zip(axes[0], sorted(panels.items())):
@@ -94,6 +93,6 @@ def lr_figure(panels: dict[int, list[Series]], path: Path, title: str) -> Path:
 
 def batch_figure(series: list[Series], path: Path, title: str) -> Path:
     """Test accuracy at each optimizer's chosen setting against batch size."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.4), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(7.5, 5.4), layout="constrained")
     off_scale = log_x_panel(ax, series, "test accuracy at the setting chosen by validation", "batch size")
     return finish(fig, ax, path, title, off_scale)

@@ -394,3 +394,19 @@ def test_bench_times_the_loops_it_is_asked_for_then_leaves_the_kernels_as_they_w
     assert result.exit_code == 0, result.output
     assert "on the portable kernel loops" in result.output
     assert lamb16.native.loops() == widest
+
+
+def test_importing_the_library_or_the_cli_loads_no_compiler_dtensors_or_plotting():
+    """Each of these costs a second or more to import: `import lamb16` (and a
+    sweep's worker, a torchrun rank, `cli.py --help`) must not pay for them
+    before a step, a DTensor or a figure needs them."""
+    import subprocess
+    import sys
+
+    heavy = ("torch._dynamo", "torch.distributed.tensor", "matplotlib", "triton")
+    code = ("import sys; import {}; print(','.join(m for m in {!r} if m in sys.modules))")
+    root = Path(cli.__file__).parent
+    for module in ("lamb16", "cli"):
+        loaded = subprocess.run([sys.executable, "-c", code.format(module, heavy)], capture_output=True, text=True,
+                                cwd=root, check=True).stdout.strip()
+        assert loaded == "", f"import {module} loads {loaded}"
