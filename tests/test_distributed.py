@@ -90,31 +90,33 @@ def local_batch(rank: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
 # ---------------------------------------------------------------- DDP ----
 
 
-def ddp_worker(rank: int, port: int, name: str, out: str) -> None:
+def ddp_worker(rank: int, port: int, out: str) -> None:
+    """Every optimizer of DDP_OPTIMIZERS in turn, in one process group (a spawn
+    each would cost seconds of start-up apiece)."""
     start(rank, port)
     try:
-        model, x, y = model_and_data()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = DDP_OPTIMIZERS[name](ddp.parameters(), lr=1e-2, weight_decay=0.01)
-        train(ddp, optimizer, *local_batch(rank, x, y), STEPS)
-        torch.save([p.detach() for p in model.parameters()], Path(out) / f"rank{rank}.pt")
+        for name, make in DDP_OPTIMIZERS.items():
+            model, x, y = model_and_data()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            train(ddp, make(ddp.parameters(), lr=1e-2, weight_decay=0.01), *local_batch(rank, x, y), STEPS)
+            torch.save([p.detach() for p in model.parameters()], Path(out) / f"{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", list(DDP_OPTIMIZERS))
-def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(name, tmp_path):
-    spawn(ddp_worker, name, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    assert all(torch.equal(a, b) for a, b in zip(*ranks))  # every rank took the same step
-    model, x, y = model_and_data()
-    initial = [p.detach().clone() for p in model.parameters()]
-    train(model, DDP_OPTIMIZERS[name](model.parameters(), lr=1e-2, weight_decay=0.01), x, y, STEPS)
-    for single, distributed, start in zip(model.parameters(), ranks[0], initial):
-        if name == "lamb":
-            torch.testing.assert_close(distributed, single.detach(), rtol=1e-4, atol=1e-5)
-        else:  # the all-reduced gradient's last bits can move an fp8 code a step: see FP8_BOUND
-            assert (distributed - single).norm() <= FP8_BOUND * (single.detach() - start).norm(), name
+def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(tmp_path):
+    spawn(ddp_worker, str(tmp_path))
+    for name, make in DDP_OPTIMIZERS.items():
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)]
+        assert all(torch.equal(a, b) for a, b in zip(*ranks)), name  # every rank took the same step
+        model, x, y = model_and_data()
+        initial = [p.detach().clone() for p in model.parameters()]
+        train(model, make(model.parameters(), lr=1e-2, weight_decay=0.01), x, y, STEPS)
+        for single, distributed, start in zip(model.parameters(), ranks[0], initial):
+            if name == "lamb":
+                torch.testing.assert_close(distributed, single.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            else:  # the all-reduced gradient's last bits can move an fp8 code a step: see FP8_BOUND
+                assert (distributed - single).norm() <= FP8_BOUND * (single.detach() - start).norm(), name
 
 
 # -------------------------------------------------- DTensor placements ----
