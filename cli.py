@@ -103,13 +103,8 @@ def train(ctx, optimizer, seed, seeds, data_dir, download, device, progress, out
         if seeds is not None:
             given["seeds"] = parse_seeds(seeds)
         studies.check_resume_options(resume_dir, given)
-        train_data, test_data = load_data(data_dir, download, device)
-        with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
-            summary = studies.resume_run(resume_dir, train_data, test_data, data_dir, bars=progress, echo=click.echo,
-                                         stop=stop, parallel=processes, tensorboard=tensorboard)
-        if processes.is_main:
-            click.echo(f"{resume_dir}: {summary['status']}, final accuracy "
-                       f"{100 * (summary['final_test_accuracy'] or 0):.2f}%")
+        studies.resume(resume_dir, *load_data(data_dir, download, device), data_dir, fsdp=fsdp, bars=progress,
+                       echo=click.echo, tensorboard=tensorboard)
         return
     config = replace(base_config(**hyperparameters), optimizer=optimizer)
     seed_list = seeds_of(seeds, seed)
@@ -117,15 +112,8 @@ def train(ctx, optimizer, seed, seeds, data_dir, download, device, progress, out
     studies.check_options(config)
     train_data, test_data = load_data(data_dir, download, device)
     warn_batch(config, len(train_data))
-    out = claim_dir(out, "train")
-    with parallel.process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
-        parallel.check_batch(config.batch_size, processes)
-        paths = studies.train_seeds(config, seed_list, out, train_data, test_data, data_dir,
-                                    bars=progress, echo=click.echo, stop=stop, parallel=processes,
-                                    tensorboard=tensorboard)
-    if processes.is_main:
-        for path in paths:
-            click.echo(f"run written to {path}")
+    studies.train(config, seed_list, out, train_data, test_data, data_dir, fsdp=fsdp, bars=progress, echo=click.echo,
+                  tensorboard=tensorboard)
 
 
 @cli.command()

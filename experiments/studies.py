@@ -16,8 +16,8 @@ from . import aggregate, registry
 from .config import REPRODUCE_EPOCHS, REPRODUCE_WD, REPRODUCED_FIGURES, RunConfig, counted
 from .data import Split
 from .errors import UserError
-from .loop import StopRequest, train_run
-from .parallel import SINGLE, Parallel, from_main
+from .loop import StopRequest, stop_on_signals, train_run
+from .parallel import SINGLE, Parallel, check_batch, from_main, process_group
 from .runs import (FINISHED, FOLDER_RECORD, RunDir, check_resumable, claim_dir, free_path, fresh_dir, load_runs, run_metadata,
                    writable_dir, write_atomic)
 
@@ -230,6 +230,31 @@ def resume_run(path: Path, train_data: Split, test_data: Split, data_dir: Path, 
     check_resumable(run, data_dir, len(train_data))
     return train_run(run.config(), run, train_data, test_data, bars=bars, echo=echo, stop=stop, parallel=parallel,
                      events=tensorboard / path.name if tensorboard else None)
+
+
+def train(config: RunConfig, seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
+          fsdp: bool = False, bars: bool | None = None, echo: Echo = print, tensorboard: Path | None = None) -> None:
+    """`cli.py train`: one optimizer on each seed, a new run directory each
+    under `out`; started by torchrun, on all its processes (DDP, or FSDP2 with `fsdp`)."""
+    out = claim_dir(out, "train")
+    with process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
+        check_batch(config.batch_size, processes)
+        paths = train_seeds(config, seeds, out, train_data, test_data, data_dir, bars=bars, echo=echo, stop=stop,
+                            parallel=processes, tensorboard=tensorboard)
+    if processes.is_main:
+        for path in paths:
+            echo(f"run written to {path}")
+
+
+def resume(path: Path, train_data: Split, test_data: Split, data_dir: Path, *, fsdp: bool = False,
+           bars: bool | None = None, echo: Echo = print, tensorboard: Path | None = None) -> None:
+    """`cli.py train --resume`: the run at `path` continued from its last
+    checkpoint, on any number of processes (check_resume_options first)."""
+    with process_group(fsdp, train_data.images.device) as processes, stop_on_signals() as stop:
+        summary = resume_run(path, train_data, test_data, data_dir, bars=bars, echo=echo, stop=stop,
+                             parallel=processes, tensorboard=tensorboard)
+    if processes.is_main:
+        echo(f"{path}: {summary['status']}, final accuracy {100 * (summary['final_test_accuracy'] or 0):.2f}%")
 
 
 # The options of train that a resumed run takes from its config.json instead.
