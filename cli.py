@@ -22,7 +22,6 @@ from experiments import tensorboard as events
 from experiments.config import COMPARE_OPTIMIZERS, DEFAULTS, REPRODUCE_EPOCHS, REPRODUCE_OPTIMIZERS, parse_seeds
 from experiments.data import hold_out, load_mnist
 from experiments.errors import Interrupted, UserError
-from experiments.loop import stop_on_signals
 from experiments.runs import claim_dir, write_json
 from experiments.options import (
     POSITIVE,
@@ -146,9 +145,8 @@ def compare(ctx, optimizers, seed, seeds, data_dir, download, device, progress, 
     warn_batch(base, len(train_data))
     claim_dir(out, "compare")
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
-    with stop_on_signals() as stop:
-        table, _ = studies.compare(base, names, seed_list, out, train_data, test_data, data_dir, log_y=log_y,
-                                   bars=progress, echo=click.echo, stop=stop, tensorboard=tensorboard)
+    table, _ = studies.compare(base, names, seed_list, out, train_data, test_data, data_dir, log_y=log_y,
+                               bars=progress, echo=click.echo, tensorboard=tensorboard)
     click.echo(table)
     click.echo(f"runs, results.md and figure written to {out}")
 
@@ -176,9 +174,8 @@ def reproduce(ctx, optimizers, epochs, seeds, data_dir, download, device, progre
     train_data, test_data = load_data(data_dir, download, device)
     claim_dir(out, "reproduce")
     ctx.meta["resume_hint"] = f"the same command with --out {out} --resume"
-    with stop_on_signals() as stop:
-        text = studies.reproduce(names, seed_list, out, train_data, test_data, data_dir, epochs=epochs,
-                                 bars=progress, echo=click.echo, stop=stop)
+    text = studies.reproduce(names, seed_list, out, train_data, test_data, data_dir, epochs=epochs,
+                             bars=progress, echo=click.echo)
     click.echo(text)
     click.echo(f"figures and results.md written to {out}")
 

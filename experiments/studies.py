@@ -80,28 +80,29 @@ def check_same_settings(run: RunDir, config: RunConfig) -> None:
 
 def run_all(
     configs: list[RunConfig], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
-    name_of: Callable[[RunConfig], str], bars: bool | None, echo: Echo, stop: StopRequest | None,
-    tensorboard: Path | None = None,
+    name_of: Callable[[RunConfig], str], bars: bool | None, echo: Echo, tensorboard: Path | None = None,
 ) -> None:
     """Train each planned run in out/<name>, announcing "run k of n"; a run
-    that ended is skipped, one that has begun resumes from its checkpoint."""
+    that ended is skipped, one that has begun resumes from its checkpoint.
+    Ctrl-C stops the run under way after its batch (Interrupted)."""
     device = train_data.images.device
-    for k, config in enumerate(configs, 1):
-        path = out / name_of(config)
-        setting = (f"{config.optimizer}, seed {config.seed}: batch {config.batch_size}, lr {config.lr:g}, "
-                   f"wd {config.wd:g}, {counted(config.epochs, 'epoch')}")
-        if path.exists():
-            run = RunDir(path)
-            check_same_settings(run, config)
-            check_resumable(run, data_dir, len(train_data))
-            if run.status() in FINISHED:
-                echo(f"[run {k} of {len(configs)}] {setting}: {run.status()} before, skipped")
-                continue
-        else:
-            run = RunDir.create(path, run_metadata(config, device, data_dir, len(train_data)))
-        echo(f"[run {k} of {len(configs)}] {setting}")
-        train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop,
-                  events=tensorboard / path.name if tensorboard else None)
+    with stop_on_signals() as stop:
+        for k, config in enumerate(configs, 1):
+            path = out / name_of(config)
+            setting = (f"{config.optimizer}, seed {config.seed}: batch {config.batch_size}, lr {config.lr:g}, "
+                       f"wd {config.wd:g}, {counted(config.epochs, 'epoch')}")
+            if path.exists():
+                run = RunDir(path)
+                check_same_settings(run, config)
+                check_resumable(run, data_dir, len(train_data))
+                if run.status() in FINISHED:
+                    echo(f"[run {k} of {len(configs)}] {setting}: {run.status()} before, skipped")
+                    continue
+            else:
+                run = RunDir.create(path, run_metadata(config, device, data_dir, len(train_data)))
+            echo(f"[run {k} of {len(configs)}] {setting}")
+            train_run(config, run, train_data, test_data, bars=bars, echo=echo, stop=stop,
+                      events=tensorboard / path.name if tensorboard else None)
 
 
 def draw(runs: list[RunDir], figure: Path, title: str | None = None, log_y: bool = False,
@@ -150,19 +151,18 @@ def plot(run_dirs: list[Path], output: Path | None, title: str | None, log_y: bo
 def compare(
     base: RunConfig, optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split,
     data_dir: Path, *, log_y: bool = False, bars: bool | None = None, echo: Echo = print,
-    stop: StopRequest | None = None, tensorboard: Path | None = None,
+    tensorboard: Path | None = None,
 ) -> tuple[str, Path]:
     """Every optimizer with every seed at one setting, into out/<optimizer>_seed<N>;
     then the figure and results.md. Returns the table and the figure's path."""
     run_all(plan(base, optimizers, seeds), out, train_data, test_data, data_dir,
-            name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, stop=stop, tensorboard=tensorboard)
+            name_of=lambda c: f"{c.optimizer}_seed{c.seed}", bars=bars, echo=echo, tensorboard=tensorboard)
     return report(out, log_y=log_y, echo=echo)
 
 
 def reproduce(
     optimizers: list[str], seeds: list[int], out: Path, train_data: Split, test_data: Split, data_dir: Path, *,
     epochs: int = REPRODUCE_EPOCHS, bars: bool | None = None, echo: Echo = print,
-    stop: StopRequest | None = None,
 ) -> str:
     """Both figures of the original README (one compare each, into out/<name>),
     their PNGs beside results.md, which states each claim next to the measured
@@ -173,7 +173,7 @@ def reproduce(
         echo(f"== {figure['name']}: batch {figure['batch_size']}, lr {figure['lr']:g}")
         claim_dir(out / figure["name"], "reproduce")
         table, png = compare(base, optimizers, seeds, out / figure["name"], train_data, test_data, data_dir,
-                             bars=bars, echo=echo, stop=stop)
+                             bars=bars, echo=echo)
         shutil.copyfile(png, out / f"{figure['name']}.png")
         groups = aggregate.group_runs(load_runs([out / figure["name"]], warn=lambda line: None))
         title = figure_title(base.to_dict(), len(seeds))

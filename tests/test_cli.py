@@ -146,6 +146,36 @@ def test_compare_resume_skips_finished_runs_and_refuses_to_mix_studies(data_dir,
     assert other.exit_code == 1 and "batch_size 150, not 100" in error_line(other)
 
 
+def test_ctrl_c_stops_a_comparison_after_its_batch_and_resume_finishes_it(data_dir, tmp_path, monkeypatch):
+    """A real SIGINT in the second run's epoch: that run stops after its batch,
+    the first stays completed, and --resume trains only what is left."""
+    import signal
+
+    from experiments import loop
+
+    original, calls = loop.train_epoch, []
+
+    def ctrl_c_in_the_second_run(*args, **kwargs):
+        calls.append("epoch")
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+            calls.append("went on")  # the signal only asked the loop to stop: no KeyboardInterrupt mid-batch
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_epoch", ctrl_c_in_the_second_run)
+    out = tmp_path / "cmp"
+    args = ["compare", "--epochs", "1", "--batch-size", "100", "--seeds", "1", "--optimizers", "lamb,lamb16",
+            *offline(data_dir, out)]
+    stopped = invoke(*args)
+    assert stopped.exit_code == 130 and f"resume with: the same command with --out {out} --resume" in stopped.output
+    assert calls == ["epoch", "epoch", "went on"]
+    statuses = {p.name: json.loads((p / "summary.json").read_text())["status"] for p in run_dirs(out)}
+    assert statuses == {"lamb_seed1": "completed", "lamb16_seed1": "interrupted"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0 and resumed.output.count("completed before, skipped") == 1, resumed.output
+
+
 def test_repeated_optimizer_is_refused_before_training(data_dir, tmp_path):
     result = invoke("compare", "--optimizers", "lamb16,lamb16", *offline(data_dir, tmp_path / "cmp"))
     assert result.exit_code == 1 and "lists lamb16 more than once" in error_line(result)
