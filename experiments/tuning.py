@@ -397,15 +397,24 @@ def write_report(sweeps: list[Path], out: Path | None, target: float = DEFAULT_T
     return report(out, target, sweeps=sweeps) + f"\nresults.csv, results.md and figures written to {out}"
 
 
-def title_of(runs: list[Run], confirmations: list[Run], trials: int | None) -> str:
+def title_of(runs: list[Run], confirmations: list[Run], trials: int | None, planned: list[int] = (),
+             choices: int = 0) -> str:
+    """The sweep in a line; while its confirmation (`planned` seeds of each of
+    the `choices`) is under way, how far it has come, not a seed count that
+    some choices have not reached."""
     epochs = max(r.config["epochs"] for r in runs)
     seeds = sorted({r.config["seed"] for r in runs})
     tuned = (f"{trials} settings each on seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if trials
              else f"tuned on {counted(len(seeds), 'seed')}")
-    confirmed = len({r.config["seed"] for r in confirmations if r.status in FINISHED})  # seeds that ended a run
-    return (f"MNIST CNN, {counted(epochs, 'epoch')}, {tuned}"
-            + (f", confirmed on {confirmed} more" if confirmed else "")
-            + f", validation {runs[0].config['val_size']} images")
+    confirm_seeds = sorted(set(planned) | {r.config["seed"] for r in confirmations})
+    ended = sum(r.status in FINISHED for r in confirmations)
+    if not ended:
+        confirmed = ""
+    elif ended < len(confirm_seeds) * choices:
+        confirmed = f", confirmation under way ({ended} of {len(confirm_seeds) * choices} runs)"
+    else:
+        confirmed = f", confirmed on {len(confirm_seeds)} more"
+    return f"MNIST CNN, {counted(epochs, 'epoch')}, {tuned}{confirmed}, validation {runs[0].config['val_size']} images"
 
 
 def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps: list[Path] | None = None) -> str:
@@ -424,13 +433,14 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     confirmations = sweep_runs(sweeps, CONFIRM)
     stored = stored_sweeps(sweeps)
     trials = trials_of(stored)
-    title = title_of(runs, confirmations, trials)
     choices = choose(runs)
+    planned = planned_confirm_seeds(stored)
+    title = title_of(runs, confirmations, trials, planned, len(choices))
     judged = judge(choices, confirmations)
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
-    text = (f"## {title}\n\n" + confirmed_markdown(judged, target) + comparisons_markdown(judged) + "\n"
+    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned) + comparisons_markdown(judged) + "\n"
             + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
-            + "\n" + protocol_markdown(runs, confirmations, trials, planned_confirm_seeds(stored)))
+            + "\n" + protocol_markdown(runs, confirmations, trials, planned))
     figures = []
     if choices:
         drawn = ", each point a drawn setting (its other knobs vary)" if searched(runs) else ""

@@ -123,14 +123,18 @@ def reach(runs: list[Run], target: float) -> str:
     return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(runs)})"
 
 
-def confirmed_markdown(judged: dict[tuple[str, int], Judged], target: float) -> str:
+def confirmed_markdown(judged: dict[tuple[str, int], Judged], target: float, planned: list[int] = ()) -> str:
+    """The table of confirmed choices; `planned`: every confirmation seed, of
+    which a row counts those whose run has ended (its n)."""
     confirmed = {k: j for k, j in judged.items() if j.confirmed}
     if not confirmed:
         return ""
-    seeds = sorted({r.config["seed"] for j in confirmed.values() for r in j.runs})
+    seeds = sorted(set(planned) | {r.config["seed"] for j in confirmed.values() for r in j.runs})
+    under_way = any(len(j.runs) < len(seeds) for j in confirmed.values())
+    so_far = " (a row's n: those of its seeds whose run has ended so far)" if under_way else ""
     lines = ["### Confirmed on fresh seeds", "",
              f"Each optimizer's setting chosen by validation on the tuning seeds, trained again on seeds "
-             f"{', '.join(map(str, seeds))}, which took no part in choosing it: its test accuracy (mean, 95% "
+             f"{', '.join(map(str, seeds))}, which took no part in choosing it{so_far}: its test accuracy (mean, 95% "
              f"interval, seeds), and the median samples and seconds to {100 * target:g}% validation accuracy (seeds "
              "that got there).", "",
              "| optimizer | batch | chosen setting | test accuracy (95% CI) | to target | diverged |",

@@ -235,3 +235,9 @@ def test_a_report_during_confirmation_names_every_planned_seed_and_how_many_runs
     done = tuning.confirmation_line([run(s, "completed") for s in planned for _ in range(2)], planned, choices=2)
     assert "seeds 2, 3," in done and "Under way" not in done
     assert "none yet" in tuning.confirmation_line([], [], choices=2)
+    # The title counts the confirmation's runs while it is under way, not the seeds that some choices reached.
+    tuned = [SimpleNamespace(config=dict(seed=1, epochs=10, val_size=100), status="completed")]
+    partly = [run(2, "completed"), run(3, "completed"), run(2, "incomplete")]
+    assert "confirmation under way (2 of 4 runs)" in tuning.title_of(tuned, partly, 8, planned, choices=2)
+    every = [run(s, "completed") for s in planned for _ in range(2)]
+    assert "confirmed on 2 more" in tuning.title_of(tuned, every, 8, planned, choices=2)
