@@ -518,6 +518,34 @@ def requeue_abandoned(study, out: Path) -> None:
         enqueue(study, queue_attrs(trial))
 
 
+def stopped_points_first(study, out: Path) -> None:
+    """Points that a stop left part-trained (their run directory exists) move
+    to the head of the queue, so that a resumed sweep finishes what it had
+    begun before it starts anything new: queued again at the back, they would
+    leave a confirmation under way without the seeds it had nearly finished.
+    Only while no worker anywhere is running: Optuna takes queued trials oldest
+    first and cannot reorder them, so each is queued anew in the new order and
+    the old one taken off the queue (asked, then failed)."""
+    import optuna
+
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        return
+
+    def begun(trial) -> bool:
+        return "run" in trial.user_attrs and (out / folder_of(trial) / trial.user_attrs["run"]).exists()
+
+    order = sorted(waiting, key=lambda t: not begun(t))  # stable: each part keeps its order
+    if [t.number for t in order] == [t.number for t in waiting]:
+        return
+    for trial in order:
+        enqueue(study, queue_attrs(trial))
+    with warnings.catch_warnings():  # ask() warns that a heartbeat needs optimize(): this trial beats no heart
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        for _ in waiting:  # the oldest waiting trials: the old queue
+            study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+
+
 def remaining(study, out: Path) -> int:
     """Points still queued (after queueing again those whose worker died)."""
     import optuna
@@ -798,7 +826,7 @@ def run(sweep: Sweep, out: Path, storage: str | None, data_dir: Path, train: Spl
     """The sweep's queued points; then, with confirmation seeds, each chosen
     setting on them; with `retrain_chosen`, each chosen setting trained again
     on all the images."""
-    open_study(sweep, out, storage, echo=echo, pruning=prune)
+    stopped_points_first(open_study(sweep, out, storage, echo=echo, pruning=prune), out)
     take_points(sweep, out, storage, data_dir, train, test, workers=workers, prune=prune, echo=echo, bars=bars)
     if sweep.confirm_seeds and queue_confirmation(sweep, out, storage, echo):
         take_points(sweep, out, storage, data_dir, train, test, workers=workers, prune=prune, echo=echo, bars=bars)

@@ -91,8 +91,12 @@ def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path, capf
     assert sorted(statuses.values()) == ["completed", "completed", "interrupted"]
     stopped = next(name for name, status in statuses.items() if status == "interrupted")
 
+    # As `sweep` run again does: the part-trained point first, then the one not begun.
+    sweeps.stopped_points_first(sweeps.open_study(sweep, out, None, echo=lambda line: None), out)
     taken = sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None)
-    assert len(taken) == 2 and stopped in taken
+    assert len(taken) == 2 and taken[0] == stopped
+    completed = [t.user_attrs["run"] for t in queued_trials(out) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(completed) == sorted(trained_epochs(out))  # each of the 4 points completed once
     assert all(s == 2 for s in trained_epochs(out).values())
     kinds = [r["kind"] for r in read_records(out / "runs" / stopped / "metrics.jsonl")[0]]
     assert kinds.count("resumed") == 1
