@@ -438,7 +438,7 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     title = title_of(runs, confirmations, trials, planned, len(choices))
     judged = judge(choices, confirmations)
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
-    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned) + comparisons_markdown(judged) + "\n"
+    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned) + comparisons_markdown(judged, planned=len(planned)) + "\n"
             + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
             + "\n" + protocol_markdown(runs, confirmations, trials, planned))
     figures = []

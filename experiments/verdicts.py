@@ -88,8 +88,9 @@ def signed(points: float) -> str:
     return f"{100 * points:+.2f}"
 
 
-def difference_cells(test: PairedTest | None, with_tests: bool) -> list[str]:
-    """Difference, 95% CI, and (with_tests) p, Holm's p, the smallest detectable difference, the verdict."""
+def difference_cells(test: PairedTest | None, with_tests: bool, planned: int = 0) -> list[str]:
+    """Difference, 95% CI, and (with_tests) p, Holm's p, the smallest detectable
+    difference, the verdict: of the seeds so far where fewer than the `planned` ones pair."""
     if test is None:
         return ["-"] * (6 if with_tests else 2)
     d = test.diff
@@ -100,7 +101,7 @@ def difference_cells(test: PairedTest | None, with_tests: bool) -> list[str]:
         cells += ["-" if test.p is None else f"{test.p:.3g}",
                   "-" if test.p_corrected is None else f"{test.p_corrected:.3g}",
                   "-" if test.detectable is None else f"{100 * test.detectable:.2f}",
-                  f"**{test.verdict}**"]
+                  f"**{test.verdict}**" if d.n >= planned else f"{test.verdict}, so far ({d.n} of {planned} seeds)"]
     return cells
 
 
@@ -172,8 +173,10 @@ def across_batches(judged: dict[tuple[str, int], Judged]) -> tuple[int, int, dic
     return small, large, dict(zip(optimizers, family))
 
 
-def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOCUS) -> str:
-    """How sure: the focus optimizer against each peer, and what the largest batch costs each optimizer."""
+def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOCUS, planned: int = 0) -> str:
+    """How sure: the focus optimizer against each peer, and what the largest
+    batch costs each optimizer. `planned`: the confirmation seeds, of which a
+    comparison on fewer (confirmation under way) is only so far."""
     confirmed = all(j.confirmed for j in judged.values())
     if confirmed:
         columns = "| difference (points) | 95% CI | p | p, Holm | detectable | verdict |"
@@ -182,6 +185,9 @@ def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOC
                "t-test, its p corrected by Holm's method for the comparisons of the table's family; higher or "
                "lower only where the corrected p is below 0.05; detectable: the smallest difference these seeds "
                "find with 80% power at the family's strictest level")
+        if planned:
+            how += (f"; a verdict on fewer seeds than the {planned} planned is only so far: the sweep's verdict is "
+                    "the one on all of them (stopping at the first verdict that pleases would let luck decide)")
     else:
         columns, rule = "| difference (points) | 95% CI |", "|---|---|"
         how = ("on the seeds that chose each setting: their luck stays in these differences (a winner's curse), "
@@ -194,8 +200,8 @@ def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOC
                   f"| batch | against {columns}", f"|---|---{rule}"]
         for batch_size, tests in peers.items():
             for other, test in tests.items():
-                lines.append(f"| {batch_size} | {label(other)} | " + " | ".join(difference_cells(test, confirmed))
-                             + " |")
+                lines.append(f"| {batch_size} | {label(other)} | "
+                             + " | ".join(difference_cells(test, confirmed, planned)) + " |")
     scaling = across_batches(judged)
     if scaling:
         small, large, tests = scaling
@@ -203,5 +209,5 @@ def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOC
                   f"Each optimizer's test accuracy at batch {large} minus at batch {small}, each tuned, {how}.", "",
                   f"| optimizer {columns}", f"|---{rule}"]
         for optimizer, test in tests.items():
-            lines.append(f"| {label(optimizer)} | " + " | ".join(difference_cells(test, confirmed)) + " |")
+            lines.append(f"| {label(optimizer)} | " + " | ".join(difference_cells(test, confirmed, planned)) + " |")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -327,6 +327,12 @@ def test_verdicts_come_from_the_confirmation_seeds_alone_paired_and_corrected_fo
     assert float(cells[4]) == pytest.approx(p, rel=5e-3) and float(cells[5]) == pytest.approx(2 * p, rel=5e-3)
     assert cells[7] == "**higher**" and float(cells[6]) > 0.2  # 3 seeds detect no difference under 0.2 points
     assert "| 128 | SGD (momentum 0.9) |" in text and "**no difference detected**" in text
+    # With 8 seeds planned, 3 ended: the same test, a verdict only so far.
+    interim = verdicts.comparisons_markdown(judged, planned=8)
+    row = next(line for line in interim.splitlines() if line.startswith("| 128 | AdamW |"))
+    assert row.rstrip(" |").endswith("| higher, so far (3 of 8 seeds)") and "**" not in row
+    assert "fewer seeds than the 8 planned is only so far" in interim
+    assert "**higher**" in verdicts.comparisons_markdown(judged, planned=3)
     # The tuning seed takes no part: a confirmation run of seed 1 would not be counted.
     again = verdicts.judge(tuning.choose(tuning_runs), confirmations + runs_of("adamw", 128, [0.5]))
     assert [r.config["seed"] for r in again[("adamw", 128)].runs] == [2, 3, 4]
