@@ -12,7 +12,6 @@ A `Parallel` with one process makes every function here a no-op.
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from lamb16._common import is_dtensor  # the library's test, which imports no DTensor module
 
 from .errors import UserError
 
@@ -169,13 +170,6 @@ def shard_rows(tensor: Tensor, parallel: Parallel) -> Tensor:
 
 
 # ------------------------------------------------------------ checkpoints ----
-
-
-def is_dtensor(value: Any) -> bool:
-    # A DTensor exists only once its module is imported; importing it for every
-    # command would cost each process a second or more (it brings torch._dynamo).
-    dtensors = sys.modules.get("torch.distributed.tensor")
-    return dtensors is not None and isinstance(value, dtensors.DTensor)
 
 
 def whole(value: Any) -> Any:

@@ -136,18 +136,23 @@ def edge_point(choice: Choice, runs: list[Run]) -> float | None:
     return None
 
 
-def confirmation_line(confirmations: list[Run], planned: list[int], choices: int) -> str:
-    """The confirmation seeds (planned, or else those run) and, while some of
-    the `choices` x seeds runs are still to end, how many have."""
+def confirmation_progress(confirmations: list[Run], planned: list[int], choices: int) -> tuple[list[int], int, int]:
+    """The confirmation seeds (planned, or else those run), how many of its
+    runs have ended, and how many it has: each of the `choices` on every seed."""
     seeds = sorted(set(planned) | {r.config["seed"] for r in confirmations})
+    return seeds, sum(r.status in FINISHED for r in confirmations), len(seeds) * choices
+
+
+def confirmation_line(confirmations: list[Run], planned: list[int], choices: int) -> str:
+    """The confirmation seeds and, while some of its runs are still to end, how many have."""
+    seeds, ended, total = confirmation_progress(confirmations, planned, choices)
     if not seeds:
         return "- Confirmation: none yet (`sweep ... --confirm-seeds 8` adds it); without it no difference gets a verdict."
     line = (f"- Confirmation: each choice trained again on seeds {', '.join(map(str, seeds))}, which took no part in "
             "choosing it; every verdict comes from them alone.")
-    ended = sum(r.status in FINISHED for r in confirmations)
-    if ended < len(seeds) * choices:
-        line += (f" Under way: {ended} of its {len(seeds) * choices} runs ended; until they all have, a comparison "
-                 "without both sides' runs gives no verdict.")
+    if ended < total:
+        line += (f" Under way: {ended} of its {total} runs ended; until they all have, a verdict holds only for the "
+                 "seeds that both sides have ended so far.")
     return line
 
 
@@ -406,12 +411,11 @@ def title_of(runs: list[Run], confirmations: list[Run], trials: int | None, plan
     seeds = sorted({r.config["seed"] for r in runs})
     tuned = (f"{trials} settings each on seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}" if trials
              else f"tuned on {counted(len(seeds), 'seed')}")
-    confirm_seeds = sorted(set(planned) | {r.config["seed"] for r in confirmations})
-    ended = sum(r.status in FINISHED for r in confirmations)
+    confirm_seeds, ended, total = confirmation_progress(confirmations, planned, choices)
     if not ended:
         confirmed = ""
-    elif ended < len(confirm_seeds) * choices:
-        confirmed = f", confirmation under way ({ended} of {len(confirm_seeds) * choices} runs)"
+    elif ended < total:
+        confirmed = f", confirmation under way ({ended} of {total} runs)"
     else:
         confirmed = f", confirmed on {len(confirm_seeds)} more"
     return f"MNIST CNN, {counted(epochs, 'epoch')}, {tuned}{confirmed}, validation {runs[0].config['val_size']} images"
@@ -438,8 +442,8 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     title = title_of(runs, confirmations, trials, planned, len(choices))
     judged = judge(choices, confirmations)
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
-    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned) + comparisons_markdown(judged, planned=len(planned)) + "\n"
-            + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
+    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned)
+            + comparisons_markdown(judged, planned=len(planned)) + "\n" + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
             + "\n" + protocol_markdown(runs, confirmations, trials, planned))
     figures = []
     if choices:
