@@ -338,6 +338,23 @@ def test_verdicts_come_from_the_confirmation_seeds_alone_paired_and_corrected_fo
     assert [r.config["seed"] for r in again[("adamw", 128)].runs] == [2, 3, 4]
 
 
+@pytest.mark.parametrize("seeds", [2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("level", [0.05, 0.0125, 0.01])
+def test_the_smallest_detectable_difference_is_found_with_the_power_it_claims(seeds, level):
+    """Paired t-tests of `seeds` at `level`, on simulated differences whose
+    true mean is the detectable difference, reject 80% of the time."""
+    import numpy as np
+
+    from experiments.stats import smallest_detectable
+
+    std = 0.002
+    detectable = smallest_detectable(std, seeds, level)
+    assert detectable is not None
+    diffs = np.random.default_rng(seeds).normal(detectable, std, size=(20_000, seeds))
+    rejected = scipy.stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < level
+    assert rejected.mean() == pytest.approx(0.8, abs=0.012)  # 4 standard errors of 20,000 draws
+
+
 def test_confirmation_runs_still_training_judge_nothing_until_they_end():
     tuning_runs = [fake_run("lamb16", 0.01, 1, 0.9, 0.99), fake_run("adamw", 0.01, 1, 0.9, 0.95)]
     training = [fake_run(o, 0.01, 2, 0.9, 0.5, "interrupted") for o in ("lamb16", "adamw")]
