@@ -20,10 +20,10 @@ from plots import Band, Series, batch_figure, lr_figure
 
 from . import registry
 from .aggregate import cell
-from .stats import Stat, stat
 from .config import RunConfig, counted
 from .errors import UserError
 from .runs import FINISHED, Run, claim_dir, load_runs, write_atomic
+from .stats import Stat, stat
 
 Echo = Callable[[str], None]
 DEFAULT_TARGET = 0.98
@@ -426,7 +426,12 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     and out/confirm, or of several `sweeps` together (written to out); returns
     the report's text."""
     from .sweep import CONFIRM, TUNING
-    from .verdicts import comparisons_markdown, confirmed_markdown, judge
+    from .verdicts import (
+        comparisons_markdown,
+        confirmed_markdown,
+        glance_markdown,
+        judge,
+    )
 
     sweeps = sweeps or [out]
     runs = sweep_runs(sweeps, TUNING)
@@ -442,9 +447,10 @@ def report(out: Path, target: float = DEFAULT_TARGET, echo: Echo = print, sweeps
     title = title_of(runs, confirmations, trials, planned, len(choices))
     judged = judge(choices, confirmations)
     write_atomic(out / "results.csv", csv_text(runs, target, confirmations).encode())
-    text = (f"## {title}\n\n" + confirmed_markdown(judged, target, planned)
-            + comparisons_markdown(judged, planned=len(planned)) + "\n" + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained")) + "\n" + edges_markdown(choices, runs)
-            + "\n" + protocol_markdown(runs, confirmations, trials, planned))
+    text = (f"## {title}\n\n" + glance_markdown(judged, target, len(planned))
+            + confirmed_markdown(judged, target, planned) + comparisons_markdown(judged, planned=len(planned))
+            + "\n" + tuning_markdown(choices, runs, sweep_runs(sweeps, "retrained"))
+            + "\n" + edges_markdown(choices, runs) + "\n" + protocol_markdown(runs, confirmations, trials, planned))
     figures = []
     if choices:
         drawn = ", each point a drawn setting (its other knobs vary)" if searched(runs) else ""

@@ -112,16 +112,24 @@ def setting_text(config: RunConfig) -> str:
     return ", ".join(parts + [f"warmup {config.warmup:g}"])
 
 
-def reach(runs: list[Run], target: float) -> str:
-    """Median samples and seconds to `target` validation accuracy over the seeds that got there."""
+def reached(runs: list[Run], target: float) -> tuple[float, float, int] | None:
+    """Median samples and seconds to `target` validation accuracy over the
+    seeds that got there, and how many did; None where none did."""
     from .tuning import to_target
 
     hits = [h for h in (to_target(r, target) for r in runs) if h is not None]
     if not hits:
+        return None
+    return statistics.median(h[0] for h in hits), statistics.median(h[1] for h in hits), len(hits)
+
+
+def reach(runs: list[Run], target: float) -> str:
+    """"150k samples, 92 s (3/3)": `reached` as a table cell."""
+    hit = reached(runs, target)
+    if hit is None:
         return f"not reached (0/{len(runs)})"
-    samples = statistics.median(h[0] for h in hits)
-    seconds = statistics.median(h[1] for h in hits)
-    return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({len(hits)}/{len(runs)})"
+    samples, seconds, count = hit
+    return f"{samples / 1e3:.0f}k samples, {seconds:.0f} s ({count}/{len(runs)})"
 
 
 def confirmed_markdown(judged: dict[tuple[str, int], Judged], target: float, planned: list[int] = ()) -> str:
@@ -211,3 +219,73 @@ def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOC
         for optimizer, test in tests.items():
             lines.append(f"| {label(optimizer)} | " + " | ".join(difference_cells(test, confirmed, planned)) + " |")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def glance_cell(j: Judged, target: float) -> str:
+    """"99.35% (99.30-99.40), 150k, 80 s": test accuracy and its interval,
+    median samples and seconds to the target (or "not reached")."""
+    test = accuracy_cell(j.test).split(", n=")[0]
+    hit = reached(j.runs, target)
+    return f"{test}, " + ("not reached" if hit is None else f"{hit[0] / 1e3:.0f}k, {hit[1]:.0f} s")
+
+
+def verdict_cell(test: PairedTest | None) -> str:
+    """"+0.81, higher (p 0.04)": the difference, the verdict, Holm's p."""
+    if test is None:
+        return "-"
+    if test.p is None:
+        return f"{signed(test.diff.mean)}, one seed"
+    word = {"higher": "higher", "lower": "lower"}.get(test.verdict, "none")
+    p = test.p_corrected if test.p_corrected is not None else test.p
+    return f"{signed(test.diff.mean)}, {word} (p {p:.2g})"
+
+
+def standing(peers: dict[int, dict[str, PairedTest | None]], focus: str = FOCUS) -> str:
+    """Where the focus optimizer wins, ties and loses, in a sentence."""
+    said = []
+    for word in ("higher", "lower"):
+        parts = [f"{', '.join(label(o) for o, t in tests.items() if t is not None and t.verdict == word)} at batch {b}"
+                 for b, tests in peers.items() if any(t is not None and t.verdict == word for t in tests.values())]
+        said.append(f"{word} than {'; '.join(parts)}" if parts else f"{word} than no peer")
+    tests = [t for family in peers.values() for t in family.values() if t is not None and t.p is not None]
+    ties = [t for t in tests if t.verdict == "no difference detected"]
+    detectable = [t.detectable for t in ties if t.detectable is not None]
+    could = (f" (where these seeds could detect {100 * min(detectable):.1f}-{100 * max(detectable):.1f} points)"
+             if detectable else "")
+    return (f"{label(focus)} is {said[0]}, and {said[1]}; no difference is detected in the other "
+            f"{len(ties)} of {len(tests)} comparisons{could}.")
+
+
+def glance_markdown(judged: dict[tuple[str, int], Judged], target: float, planned: int = 0,
+                    focus: str = FOCUS) -> str:
+    """The answer first: each optimizer's confirmed test accuracy and time to
+    the target per batch size, the focus optimizer minus each peer with its
+    corrected verdict, and where it wins, ties and loses. Empty before any
+    confirmation run has ended (the tuning seeds give no verdicts)."""
+    if not judged or not all(j.confirmed for j in judged.values()):
+        return ""
+    batch_sizes = sorted({b for _, b in judged})
+    ended = sorted({len(j.runs) for j in judged.values()})
+    under_way = ended[0] < planned
+    counts = f"{ended[0]}" if len(ended) == 1 else f"{ended[0]} to {ended[-1]}"
+    so_far = (f" **Interim: the confirmation is under way ({counts} of each choice's {planned} seeds ended), and "
+              "every verdict holds only for the seeds both sides have ended so far.**" if under_way else "")
+    lines = ["### At a glance", "",
+             f"Test accuracy on the confirmation seeds (mean, 95% interval), and the median samples and seconds "
+             f"to {100 * target:g}% validation accuracy.{so_far}", "",
+             "| optimizer | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |",
+             "|---" * (len(batch_sizes) + 1) + "|"]
+    for optimizer in in_registry_order({o for o, _ in judged}):
+        name = f"**{label(optimizer)}**" if optimizer == focus else label(optimizer)
+        cells = [glance_cell(judged[(optimizer, b)], target) if (optimizer, b) in judged else "-" for b in batch_sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    peers = against_peers(judged, focus)
+    if peers:
+        others = in_registry_order({o for family in peers.values() for o in family})
+        lines += ["", f"{label(focus)} minus each peer in points, paired by seed, with Holm's p over the peers of "
+                  "a batch size (none: no difference detected):", "",
+                  "| batch | " + " | ".join(label(o) for o in others) + " |", "|---" * (len(others) + 1) + "|"]
+        lines += [f"| {b} | " + " | ".join(verdict_cell(family.get(o)) for o in others) + " |"
+                  for b, family in peers.items()]
+        lines += ["", ("So far: " if under_way else "") + standing(peers, focus)]
+    return "\n".join(lines) + "\n\n"

@@ -94,6 +94,9 @@ def test_a_search_sweep_tunes_every_optimizer_with_the_same_budget_and_confirms_
     assert [p["seed"] for p in queued] == [2, 2, 3, 3]
     assert {p["optimizer"] for p in queued[:2]} == {"sgd", "lamb16"}
 
+    sections = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("### ")]
+    assert sections[:2] == ["### At a glance", "### Confirmed on fresh seeds"]  # the answer first
+
     again = sweep(data_dir, out, *SEARCH, "--confirm-seeds", "2")  # resumed: nothing left to train
     assert again.exit_code == 0 and "epoch  1/1" not in again.output
     assert all(n == 1 for n in epochs_trained(out / "confirm").values())

@@ -338,6 +338,39 @@ def test_verdicts_come_from_the_confirmation_seeds_alone_paired_and_corrected_fo
     assert [r.config["seed"] for r in again[("adamw", 128)].runs] == [2, 3, 4]
 
 
+def test_the_report_answers_first_which_optimizer_is_better_at_which_batch_and_how_sure():
+    """At a glance: per batch size each optimizer's confirmed accuracy and its
+    time to the target, LAMB16 minus each peer with Holm's verdict, and a
+    sentence of where it wins, ties and loses; interim while seeds are missing;
+    nothing from tuning seeds alone."""
+    def runs_of(optimizer, batch_size, tests, first_seed=2):
+        return [replace_batch(fake_run(optimizer, 0.01, seed, test, test), batch_size)
+                for seed, test in enumerate(tests, start=first_seed)]
+
+    tuning_runs = [r for o in ("lamb16", "adamw", "sgd") for b in (128, 4096) for r in runs_of(o, b, [0.9], 1)]
+    confirmations = (runs_of("lamb16", 128, [0.990, 0.991, 0.989]) + runs_of("adamw", 128, [0.991, 0.989, 0.990])
+                     + runs_of("sgd", 128, [0.990, 0.990, 0.991]) + runs_of("lamb16", 4096, [0.985, 0.986, 0.984])
+                     + runs_of("adamw", 4096, [0.960, 0.962, 0.959]) + runs_of("sgd", 4096, [0.990, 0.992, 0.991]))
+    judged = verdicts.judge(tuning.choose(tuning_runs), confirmations)
+    text = verdicts.glance_markdown(judged, 0.98, planned=3)
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["LAMB16"].startswith("| **LAMB16** | 99.00% (98.75-99.25), 1k, 2 s | 98.50% (98.25-98.75), 1k, 2 s |")
+    low, high = scipy.stats.t.interval(0.95, 2, loc=0.9603333, scale=scipy.stats.sem([0.960, 0.962, 0.959]))
+    assert f"96.03% ({100 * low:.2f}-{100 * high:.2f}), not reached |" in rows["AdamW"]  # validation below 98%
+    lamb16 = [0.985, 0.986, 0.984]
+    p_adamw = scipy.stats.ttest_rel(lamb16, [0.960, 0.962, 0.959]).pvalue
+    p_sgd = scipy.stats.ttest_rel(lamb16, [0.990, 0.992, 0.991]).pvalue
+    assert p_adamw < p_sgd < 0.025  # Holm over the 2 peers: the smaller p doubled, the larger kept
+    assert rows["4096"] == f"| 4096 | +2.47, higher (p {2 * p_adamw:.2g}) | -0.60, lower (p {p_sgd:.2g}) |"
+    assert rows["128"].startswith("| 128 | +0.00, none (p 1) | -0.03, none (p ")
+    assert ("LAMB16 is higher than AdamW at batch 4096, and lower than SGD (momentum 0.9) at batch 4096; no "
+            "difference is detected in the other 2 of 4 comparisons") in text
+    assert "Interim" not in text and "So far" not in text
+    interim = verdicts.glance_markdown(judged, 0.98, planned=8)
+    assert "under way (3 of each choice's 8 seeds ended)" in interim and "So far: LAMB16 is higher" in interim
+    assert verdicts.glance_markdown(verdicts.judge(tuning.choose(tuning_runs), []), 0.98, planned=8) == ""
+
+
 @pytest.mark.parametrize("seeds", [2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("level", [0.05, 0.0125, 0.01])
 def test_the_smallest_detectable_difference_is_found_with_the_power_it_claims(seeds, level):
