@@ -3,6 +3,7 @@ pooled, no command writing into a folder another made, figures whose legends
 fit and whose panels show what decides, and the smaller answers users asked for."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -195,6 +196,24 @@ def test_a_searchs_crowded_learning_rates_get_tick_labels_that_do_not_overlap(tm
                     and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]), key=lambda b: b.x0)
     plt.close(fig)
     assert len(boxes) >= 2 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_optimizers_at_the_same_batch_size_stand_side_by_side_with_the_ticks_at_the_batch_size():
+    """Six optimizers at batch 512 and 2048: each drawn beside the others, none
+    hiding another's point or bar, the group centred on the batch size it names."""
+    band = Band([512, 2048], [0.99, 0.98], [0.985, 0.975], [0.995, 0.985])
+    series = [Series(n, dict(color=c, linestyle="none", marker="o"), band)
+              for n, c in zip("abcdef", ("red", "green", "blue", "black", "orange", "purple"))]
+    fig, ax = plt.subplots()
+    log_x_panel(ax, series, "", "batch size", dodge=0.025)
+    drawn = [list(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == 2]
+    ticks = list(ax.get_xticks())
+    plt.close(fig)
+    assert ticks == [512, 2048] and len(drawn) == 6
+    for column, batch_size in enumerate((512, 2048)):
+        xs = sorted(x[column] for x in drawn)
+        assert len(set(xs)) == 6 and all(b / a > 1.05 for a, b in zip(xs, xs[1:]))  # apart
+        assert xs[-1] / xs[0] < 1.5 and math.isclose(math.sqrt(xs[0] * xs[-1]), batch_size)  # centred, near
 
 
 # ------------------------------------------------------ smaller answers
