@@ -525,9 +525,11 @@ def stopped_points_first(study, out: Path) -> None:
     leave a confirmation under way without the seeds it had nearly finished.
     Only while no worker anywhere is running: Optuna takes queued trials oldest
     first and cannot reorder them, so each is queued anew in the new order and
-    the old one taken off the queue (asked, then failed)."""
+    the old one taken off the queue (asked, then failed). A point whose worker
+    died (killed, or the machine stopped) counts as stopped: queued again first."""
     import optuna
 
+    requeue_abandoned(study, out)
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         return

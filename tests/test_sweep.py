@@ -103,6 +103,30 @@ def test_a_sweep_stopped_halfway_finishes_only_the_rest(data_dir, tmp_path, capf
     assert sweeps.work(sweep, out, None, data_dir, train, test, echo=lambda line: None) == []
 
 
+def test_a_point_whose_worker_was_killed_goes_first_when_the_sweep_is_run_again(tmp_path):
+    """A worker killed inside a point (kill -9, the machine stopped) leaves its
+    trial running, its lock let go and its run directory part-trained: run
+    again, the sweep queues that point ahead of the ones not begun."""
+    out = tmp_path / "sweep"
+    sweep = sweeps.Sweep(optimizers=("adamw", "lamb16"), lrs=(0.005, 0.02), batch_sizes=(64,), epochs=2,
+                         val_size=VAL)
+    study = sweeps.open_study(sweep, out, None, echo=lambda line: None)
+    queued = [t.user_attrs["run"] for t in queued_trials(out)]
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        killed = study.ask()  # as the worker took it
+    name = killed.user_attrs["run"]
+    assert name == queued[0]
+    sweeps.lock_path(out, name, killed.number).parent.mkdir(parents=True, exist_ok=True)
+    sweeps.lock_path(out, name, killed.number).touch()  # its worker gone: nobody holds the lock
+    (out / "runs" / name).mkdir(parents=True)
+
+    sweeps.stopped_points_first(sweeps.open_study(sweep, out, None, echo=lambda line: None), out)
+    trials = queued_trials(out)
+    waiting = [t.user_attrs["run"] for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert waiting == [name] + queued[1:]  # the killed point first, the rest in their order
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
 def test_two_workers_split_the_grid_and_never_run_a_point_twice(data_dir, tmp_path, capfd):
     out = tmp_path / "sweep"
     args = sweep_args(data_dir, out, "--workers", "2")
