@@ -74,14 +74,17 @@ def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def accuracy_cell(s: Stat | None) -> str:
-    """"99.12% (99.05-99.19), n=8": the mean and its 95% interval; one seed without one."""
-    if s is None:
-        return "-"
+def mean_and_interval(s: Stat) -> str:
+    """"99.12% (99.05-99.19)": the mean and its 95% interval (one seed: the mean alone)."""
     interval = s.interval()
     if interval is None:
-        return f"{percent(s.mean)}, n=1"
-    return f"{percent(s.mean)} ({100 * interval[0]:.2f}-{100 * interval[1]:.2f}), n={s.n}"
+        return percent(s.mean)
+    return f"{percent(s.mean)} ({100 * interval[0]:.2f}-{100 * interval[1]:.2f})"
+
+
+def accuracy_cell(s: Stat | None) -> str:
+    """"99.12% (99.05-99.19), n=8"."""
+    return "-" if s is None else f"{mean_and_interval(s)}, n={s.n}"
 
 
 def signed(points: float) -> str:
@@ -224,9 +227,10 @@ def comparisons_markdown(judged: dict[tuple[str, int], Judged], focus: str = FOC
 def glance_cell(j: Judged, target: float) -> str:
     """"99.35% (99.30-99.40), 150k, 80 s": test accuracy and its interval,
     median samples and seconds to the target (or "not reached")."""
-    test = accuracy_cell(j.test).split(", n=")[0]
+    if j.test is None:
+        return "-"
     hit = reached(j.runs, target)
-    return f"{test}, " + ("not reached" if hit is None else f"{hit[0] / 1e3:.0f}k, {hit[1]:.0f} s")
+    return f"{mean_and_interval(j.test)}, " + ("not reached" if hit is None else f"{hit[0] / 1e3:.0f}k, {hit[1]:.0f} s")
 
 
 def verdict_cell(test: PairedTest | None) -> str:
@@ -235,7 +239,7 @@ def verdict_cell(test: PairedTest | None) -> str:
         return "-"
     if test.p is None:
         return f"{signed(test.diff.mean)}, one seed"
-    word = {"higher": "higher", "lower": "lower"}.get(test.verdict, "none")
+    word = test.verdict if test.verdict in ("higher", "lower") else "none"
     p = test.p_corrected if test.p_corrected is not None else test.p
     return f"{signed(test.diff.mean)}, {word} (p {p:.2g})"
 
@@ -244,9 +248,11 @@ def standing(peers: dict[int, dict[str, PairedTest | None]], focus: str = FOCUS)
     """Where the focus optimizer wins, ties and loses, in a sentence."""
     said = []
     for word in ("higher", "lower"):
-        parts = [f"{', '.join(label(o) for o, t in tests.items() if t is not None and t.verdict == word)} at batch {b}"
-                 for b, tests in peers.items() if any(t is not None and t.verdict == word for t in tests.values())]
-        said.append(f"{word} than {'; '.join(parts)}" if parts else f"{word} than no peer")
+        parts = []
+        for batch_size, tests in peers.items():
+            if names := [label(o) for o, t in tests.items() if t is not None and t.verdict == word]:
+                parts.append(f"{', '.join(names)} at batch {batch_size}")
+        said.append(f"{word} than {'; '.join(parts) if parts else 'no peer'}")
     tests = [t for family in peers.values() for t in family.values() if t is not None and t.p is not None]
     ties = [t for t in tests if t.verdict == "no difference detected"]
     detectable = [t.detectable for t in ties if t.detectable is not None]

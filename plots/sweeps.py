@@ -8,7 +8,7 @@ size. This module only draws: the experiments compute the series."""
 
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .figures import OFF_SCALE_NOTE, Band, draw_band, figure_legend, mark_outside, pyplot
@@ -50,8 +50,7 @@ def dodged(series: list[Series], decades: float) -> list[Series]:
     axis) from its neighbour's, the group centred on the true x, so that the
     points and bars of optimizers at the same x do not hide one another."""
     middle = (len(series) - 1) / 2
-    return [Series(s.label, s.style, Band([x * 10 ** (decades * (k - middle)) for x in s.band.x], s.band.mean,
-                                          s.band.low, s.band.high))
+    return [replace(s, band=replace(s.band, x=[x * 10 ** (decades * (k - middle)) for x in s.band.x]))
             for k, s in enumerate(series)]
 
 
