@@ -256,8 +256,9 @@ def standing(peers: dict[int, dict[str, PairedTest | None]], focus: str = FOCUS)
     tests = [t for family in peers.values() for t in family.values() if t is not None and t.p is not None]
     ties = [t for t in tests if t.verdict == "no difference detected"]
     detectable = [t.detectable for t in ties if t.detectable is not None]
-    could = (f" (where these seeds could detect {100 * min(detectable):.1f}-{100 * max(detectable):.1f} points)"
-             if detectable else "")
+    # Two decimals, as the detectable column of the peers' table gives them.
+    low, high = (f"{100 * d:.2f}" for d in (min(detectable, default=0), max(detectable, default=0)))
+    could = f" (where these seeds could detect {low if low == high else f'{low}-{high}'} points)" if detectable else ""
     return (f"{label(focus)} is {said[0]}, and {said[1]}; no difference is detected in the other "
             f"{len(ties)} of {len(tests)} comparisons{could}.")
 

@@ -389,6 +389,8 @@ def test_the_report_answers_first_which_optimizer_is_better_at_which_batch_and_h
     assert rows["128"].startswith("| 128 | +0.00, none (p 1) | -0.03, none (p ")
     assert ("LAMB16 is higher than AdamW at batch 4096, and lower than SGD (momentum 0.9) at batch 4096; no "
             "difference is detected in the other 2 of 4 comparisons") in text
+    detectable = sorted(t.detectable for t in verdicts.against_peers(judged)[128].values())
+    assert f"(where these seeds could detect {100 * detectable[0]:.2f}-{100 * detectable[1]:.2f} points)" in text
     assert "Interim" not in text and "So far" not in text
     interim = verdicts.glance_markdown(judged, 0.98, planned=8)
     assert "under way (3 of each choice's 8 seeds ended)" in interim and "So far: LAMB16 is higher" in interim
