@@ -255,10 +255,12 @@ def standing(peers: dict[int, dict[str, PairedTest | None]], focus: str = FOCUS)
         said.append(f"{word} than {'; '.join(parts) if parts else 'no peer'}")
     tests = [t for family in peers.values() for t in family.values() if t is not None and t.p is not None]
     ties = [t for t in tests if t.verdict == "no difference detected"]
-    detectable = [t.detectable for t in ties if t.detectable is not None]
     # Two decimals, as the detectable column of the peers' table gives them.
-    low, high = (f"{100 * d:.2f}" for d in (min(detectable, default=0), max(detectable, default=0)))
-    could = f" (where these seeds could detect {low if low == high else f'{low}-{high}'} points)" if detectable else ""
+    detectable = sorted({f"{100 * t.detectable:.2f}" for t in ties if t.detectable is not None}, key=float)
+    could = ""
+    if detectable:
+        span = detectable[0] if len(detectable) == 1 else f"{detectable[0]}-{detectable[-1]}"
+        could = f" (where these seeds could detect {span} points)"
     return (f"{label(focus)} is {said[0]}, and {said[1]}; no difference is detected in the other "
             f"{len(ties)} of {len(tests)} comparisons{could}.")
 
